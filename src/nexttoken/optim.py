@@ -1,0 +1,180 @@
+"""AdamW with the Golden Rule of weight decay, its audit, and the learning-rate schedule.
+
+The rule: decoupled weight decay pulls the weights of matmul layers (``nn.Linear`` and
+Linear-like modules such as Hugging Face's ``Conv1D``) towards zero, and nothing else.
+Biases, norms of any class, embeddings (and any weight tied to one, such as a tied output head)
+and every parameter whose role cannot be told get ``weight_decay=0``: shrinking a norm's gain or
+an embedding row towards zero is not regularization, it is damage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DECAY = "matmul weight"
+BIAS = "bias"
+NORM = "norm"
+EMBEDDING = "embedding"
+TIED = "tied to embedding"
+UNCLASSIFIED = "unclassified (no decay)"
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
+if hasattr(nn, "RMSNorm"):
+    _NORM_TYPES = (*_NORM_TYPES, nn.RMSNorm)
+_EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
+_MATMUL_TYPES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # Models bring their own norms (LlamaRMSNorm, T5LayerNorm, FooRMSNorm): recognise them by name too.
+    return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
+
+
+def _is_matmul(module: nn.Module) -> bool:
+    # Hugging Face's Conv1D is a Linear with a transposed weight; match it by name so that
+    # transformers stays an optional import here.
+    return isinstance(module, _MATMUL_TYPES) or type(module).__name__ == "Conv1D"
+
+
+@dataclass(frozen=True)
+class ParamRecord:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    decay: bool
+    reason: str
+    module_type: str
+
+
+@dataclass(frozen=True)
+class DecayAudit:
+    records: list[ParamRecord]
+
+    @property
+    def unclassified(self) -> list[str]:
+        return [r.name for r in self.records if r.reason == UNCLASSIFIED]
+
+    def count(self, decay: bool) -> int:
+        return sum(r.numel for r in self.records if r.decay == decay)
+
+    def summary(self) -> str:
+        decayed = [r for r in self.records if r.decay]
+        kept = [r for r in self.records if not r.decay]
+        line = (
+            f"weight decay on {len(decayed)} tensors ({self.count(True):,} params, matmul weights); "
+            f"none on {len(kept)} tensors ({self.count(False):,} params: "
+        )
+        reasons = sorted({r.reason for r in kept})
+        line += ", ".join(f"{sum(r.reason == x for r in kept)} {x}" for x in reasons) + ")"
+        if self.unclassified:
+            line += f"; could not classify: {', '.join(self.unclassified)}"
+        return line
+
+    def table(self) -> str:
+        width = max([len(r.name) for r in self.records] + [9])
+        rows = [f"{'parameter':<{width}}  {'shape':<16} {'count':>12}  decay  reason"]
+        for r in self.records:
+            shape = "x".join(map(str, r.shape)) or "scalar"
+            rows.append(
+                f"{r.name:<{width}}  {shape:<16} {r.numel:>12,}  {'yes' if r.decay else 'no':<5}  "
+                f"{r.reason} ({r.module_type})"
+            )
+        return "\n".join(rows)
+
+
+def decay_audit(model: nn.Module) -> DecayAudit:
+    """One record per trainable parameter (shared parameters once): does it decay, and why."""
+    embedding_weights = {
+        id(m.weight): name for name, m in model.named_modules() if isinstance(m, _EMBEDDING_TYPES)
+    }
+    owner: dict[int, tuple[nn.Module, str]] = {}
+    for module in model.modules():
+        for attr, param in module.named_parameters(recurse=False):
+            owner.setdefault(id(param), (module, attr))
+
+    records = []
+    for name, param in model.named_parameters():  # deduplicates tied parameters
+        if not param.requires_grad:
+            continue
+        module, attr = owner[id(param)]
+        if id(param) in embedding_weights:
+            # The first owner may be the tied output head; an embedding anywhere wins.
+            reason = EMBEDDING if isinstance(module, _EMBEDDING_TYPES) else TIED
+        elif _is_norm(module):
+            reason = NORM
+        elif attr == "bias" or name.endswith(".bias"):
+            reason = BIAS
+        elif _is_matmul(module) and attr == "weight":
+            reason = DECAY
+        else:
+            reason = UNCLASSIFIED
+        records.append(
+            ParamRecord(
+                name=name,
+                shape=tuple(param.shape),
+                numel=param.numel(),
+                decay=reason == DECAY,
+                reason=reason,
+                module_type=type(module).__name__,
+            )
+        )
+    return DecayAudit(records)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """torch optimizer groups: matmul weights with ``weight_decay``, everything else with 0."""
+    params = dict(model.named_parameters())
+    audit = decay_audit(model)
+    decay = [params[r.name] for r in audit.records if r.decay]
+    no_decay = [params[r.name] for r in audit.records if not r.decay]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine down to ``min_lr_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if max_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    return all(p.device.type in ("cpu", "cuda", "mps") and p.is_floating_point() for p in params)
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float = 3e-4,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    warmup_steps: int = 100,
+    max_steps: int = 10_000,
+    min_lr: float | None = None,
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the Golden Rule groups (fused kernel where torch has one) + warmup/cosine."""
+    groups = [g for g in param_groups(model, weight_decay) if g["params"]]
+    all_params = [p for g in groups for p in g["params"]]
+    if not all_params:
+        raise ValueError("the model has no trainable parameters")
+    # Fused AdamW is several times faster than foreach on CPU too; foreach is the fallback.
+    kind = {"fused": True} if _fused_supported(all_params) else {"foreach": True}
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kind)
+    min_lr_ratio = (lr / 10 if min_lr is None else min_lr) / lr if lr > 0 else 0.0
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine(
+            step, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio
+        ),
+    )
+    return optimizer, schedule

@@ -1,0 +1,199 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nexttoken.optim import (
+    BIAS,
+    DECAY,
+    EMBEDDING,
+    NORM,
+    UNCLASSIFIED,
+    build_optimizer,
+    decay_audit,
+    param_groups,
+    warmup_cosine,
+)
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(3 * d, d, bias=False)
+        self.ln_2 = nn.LayerNorm(d, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+
+class TinyNanoGPT(nn.Module):
+    """nanoGPT's shape: token + position embeddings, blocks, final norm, tied head."""
+
+    def __init__(self, vocab=50, d=8):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(16, d)
+        self.blocks = nn.ModuleList([TinyBlock(d) for _ in range(2)])
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+
+def assert_each_trainable_param_once(model, groups):
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped})
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in grouped} == trainable
+
+
+def expected_rule(name: str, decay_names: set[str]) -> bool:
+    return name in decay_names
+
+
+def test_nanogpt_with_tied_embeddings():
+    model = TinyNanoGPT()
+    groups = param_groups(model, 0.1)
+    assert_each_trainable_param_once(model, groups)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    # Tied head: one tensor, an embedding, never decayed.
+    assert id(model.lm_head.weight) not in decayed
+    assert id(model.wte.weight) not in decayed and id(model.wpe.weight) not in decayed
+    for block in model.blocks:
+        assert id(block.attn.weight) in decayed and id(block.proj.weight) in decayed
+        assert id(block.mlp[0].weight) in decayed and id(block.mlp[2].weight) in decayed
+        assert id(block.attn.bias) not in decayed and id(block.mlp[0].bias) not in decayed
+        assert id(block.ln_1.weight) not in decayed and id(block.ln_1.bias) not in decayed
+        assert id(block.ln_2.weight) not in decayed
+    audit = decay_audit(model)
+    assert [r.name for r in audit.records if r.name.startswith("lm_head")] == []
+    reasons = {r.name: r.reason for r in audit.records}
+    assert reasons["wte.weight"] == EMBEDDING
+    assert reasons["blocks.0.ln_1.weight"] == NORM
+    assert reasons["blocks.0.attn.bias"] == BIAS
+    assert reasons["blocks.1.mlp.2.weight"] == DECAY
+    assert audit.unclassified == []
+    assert sum(r.numel for r in audit.records) == sum(p.numel() for p in model.parameters())
+
+
+def test_tied_head_registered_before_embedding_is_still_an_embedding():
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 10, bias=False)
+            self.emb = nn.Embedding(10, 4)
+            self.head.weight = self.emb.weight
+
+    groups = param_groups(HeadFirst(), 0.1)
+    assert groups[0]["params"] == [] and len(groups[1]["params"]) == 1
+
+
+def test_hf_gpt2_every_parameter_where_the_rule_says():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=64, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config)
+    groups = param_groups(model, 0.05)
+    assert_each_trainable_param_once(model, groups)
+    decayed = {id(p) for p in groups[0]["params"]}
+    for name, p in model.named_parameters():
+        # The matmuls of GPT-2 are Conv1D (c_attn, c_proj, c_fc); their weights and only those decay.
+        should = name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+        assert (id(p) in decayed) == should, name
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert id(model.lm_head.weight) not in decayed
+    assert decay_audit(model).unclassified == []
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_hf_llama_every_parameter_where_the_rule_says(tied):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+        tie_word_embeddings=tied,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    groups = param_groups(model, 0.1)
+    assert_each_trainable_param_once(model, groups)
+    decayed = {id(p) for p in groups[0]["params"]}
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for name, p in model.named_parameters():
+        should = name.endswith(tuple(f"{x}.weight" for x in projections)) or (
+            name == "lm_head.weight" and not tied
+        )
+        assert (id(p) in decayed) == should, name
+    reasons = {r.name: r for r in decay_audit(model).records}
+    assert reasons["model.norm.weight"].reason == NORM
+    assert reasons["model.norm.weight"].module_type == "LlamaRMSNorm"
+    assert reasons["model.embed_tokens.weight"].reason == EMBEDDING
+
+
+def test_custom_norm_frozen_and_unclassified_parameters():
+    class FooRMSNorm(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(d))
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = FooRMSNorm(4)
+            self.proj = nn.Linear(4, 4)
+            self.frozen = nn.Linear(4, 4)
+            self.frozen.requires_grad_(False)
+            self.scale = nn.Parameter(torch.ones(4))
+
+    model = Odd()
+    groups = param_groups(model, 0.1)
+    assert_each_trainable_param_once(model, groups)
+    assert groups[0]["params"] == [model.proj.weight]
+    audit = decay_audit(model)
+    assert audit.unclassified == ["scale"]
+    assert {r.name: r.reason for r in audit.records}["norm.weight"] == NORM
+    assert "frozen.weight" not in {r.name for r in audit.records}
+    assert "could not classify: scale" in audit.summary()
+    assert "proj.weight" in audit.table() and "FooRMSNorm" in audit.table()
+
+
+def test_decoupled_decay_shrinks_only_the_decay_group():
+    model = TinyNanoGPT()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr, wd = 0.5, 0.1
+    optimizer, _ = build_optimizer(model, lr=lr, weight_decay=wd, warmup_steps=0)
+    # Zero gradients: Adam's update m/(sqrt(v)+eps) is exactly 0, so only the decoupled decay acts:
+    # p <- p * (1 - lr * wd) for the decay group, unchanged for the rest.
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    assert decayed
+    for name, p in model.named_parameters():
+        if id(p) in decayed:
+            torch.testing.assert_close(p.detach(), before[name] * (1 - lr * wd))
+        else:
+            assert torch.equal(p.detach(), before[name]), name
+
+
+def test_build_optimizer_uses_fused_adamw_and_schedule():
+    model = TinyNanoGPT()
+    optimizer, schedule = build_optimizer(model, lr=1e-3, warmup_steps=10, max_steps=110, min_lr=1e-4)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["fused"] is True
+    lrs = []
+    for _ in range(111):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx(1e-4)  # warmup step 1 of 10
+    assert lrs[9] == pytest.approx(1e-3)  # peak after warmup
+    assert lrs[60] == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # half-way down the cosine
+    assert lrs[110] == pytest.approx(1e-4)  # floor at min_lr
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_warmup_cosine_formula():
+    assert warmup_cosine(0, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) == pytest.approx(0.25)
+    mid = warmup_cosine(12, warmup_steps=4, max_steps=20, min_lr_ratio=0.1)
+    assert mid == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert warmup_cosine(1000, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) == pytest.approx(0.1)
