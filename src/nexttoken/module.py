@@ -1,0 +1,262 @@
+"""CausalLMModule: the LightningModule that trains and validates any causal LM with nexttoken's
+loss, scoreboard and optimizer.
+
+The training gradient is exact: whatever the padding, the gradient-accumulation window and the
+number of processes, the step uses the gradient of the window's *token* mean,
+``Σ nll / Σ scored tokens`` over every micro-batch of the window on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from nexttoken.loss import count_scored, fused_next_token_loss, next_token_loss
+from nexttoken.metrics import NextTokenMetrics
+from nexttoken.optim import build_optimizer, decay_audit
+
+# The fused linear+cross-entropy path pays once the vocabulary is much wider than the model
+# (the logits dominate memory); below that the plain matmul is cheaper (benchmarks/loss_memory.py).
+FUSED_LOSS_MIN_VOCAB_RATIO = 8
+
+
+def is_hf_model(spec: str) -> bool:
+    return spec.endswith(".gguf") or Path(spec).is_dir()
+
+
+class CausalLMModule(L.LightningModule):
+    """Next-token training of nexttoken's GPT (``model`` = a preset name) or a Hugging Face causal
+    LM (``model`` = a local folder or .gguf file).
+
+    Args:
+        model: a GPT preset (``tiny``, ``mini``, ``small``, ...) or a local HF model folder / GGUF file.
+        vocab_size: set from the data's tokenizer when left out.
+        block_size, n_layer, n_head, n_embd, dropout, bias: override the preset's shape.
+        lr, weight_decay, betas, warmup_steps, min_lr: AdamW and its warmup + cosine schedule;
+            ``max_steps`` of the schedule is the trainer's number of optimizer steps.
+        fused_loss: ``auto`` (fused where the vocabulary is ≥ 8x the width), ``on`` or ``off``.
+        compile: ``torch.compile`` the model.
+        trust_remote_code: allow a HF model folder's own code to run (off unless you ask).
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        vocab_size: int | None = None,
+        block_size: int | None = None,
+        n_layer: int | None = None,
+        n_head: int | None = None,
+        n_embd: int | None = None,
+        dropout: float = 0.0,
+        bias: bool = False,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 50,
+        min_lr: float | None = None,
+        fused_loss: str = "auto",
+        compile: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if fused_loss not in ("auto", "on", "off"):
+            raise ValueError(f"fused_loss must be auto, on or off, got {fused_loss!r}")
+        self.save_hyperparameters()
+        self.model: nn.Module | None = None
+        self.tokenizer = None
+        self.val_metrics = NextTokenMetrics()
+        self._window_nll = torch.zeros((), dtype=torch.float64)
+        self._window_tokens = torch.zeros((), dtype=torch.int64)
+        self._step_started: float | None = None
+        self._loss_scale: int | None = None
+
+    # ----------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        """Build the network once the data (and so the vocabulary) is known."""
+        if self.model is not None:
+            return
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        if self.tokenizer is None and datamodule is not None:
+            self.tokenizer = datamodule.tokenizer
+        if self.hparams.vocab_size is None:
+            if self.tokenizer is None:
+                raise ValueError("vocab_size is unknown: pass it, or train with a TextDataModule")
+            self.hparams.vocab_size = self.tokenizer.vocab_size
+        self.model = self._build_network()
+        if self.hparams.compile:
+            self.model.compile()
+
+    def _build_network(self) -> nn.Module:
+        hp = self.hparams
+        if is_hf_model(hp.model):
+            from nexttoken.models.hf import load_hf_causal_lm
+
+            network, _ = load_hf_causal_lm(hp.model, trust_remote_code=hp.trust_remote_code)
+            return network
+        from nexttoken.models.gpt import GPT, GPTConfig
+
+        overrides = {
+            k: hp[k] for k in ("block_size", "n_layer", "n_head", "n_embd") if hp[k] is not None
+        }
+        config = GPTConfig.from_preset(hp.model, hp.vocab_size, dropout=hp.dropout, bias=hp.bias, **overrides)
+        self.hparams.block_size = config.block_size
+        return GPT(config)
+
+    @property
+    def uses_fused_loss(self) -> bool:
+        mode = self.hparams.fused_loss
+        if mode != "auto":
+            return mode == "on"
+        head = self.model.lm_head
+        return head.weight.shape[0] >= FUSED_LOSS_MIN_VOCAB_RATIO * head.weight.shape[1]
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids)
+
+    def nll_sum(self, input_ids: Tensor, targets: Tensor) -> Tensor:
+        """Σ -log Q(target) over the scored positions of a batch, in fp32."""
+        if self.uses_fused_loss:
+            head = self.model.lm_head
+            return fused_next_token_loss(
+                self.model.hidden(input_ids), head.weight, targets, bias=head.bias, reduction="sum"
+            )
+        return next_token_loss(self.model(input_ids), targets, reduction="sum")
+
+    # ----------------------------------------------------------------- training
+    def on_train_start(self) -> None:
+        audit = decay_audit(self.model)
+        self.print(f"model: {self.model_summary_line()}")
+        self.print(f"weight decay: {audit.summary()}")
+
+    def model_summary_line(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        return f"{self.hparams.model} ({n / 1e6:.2f}M parameters, vocab {self.hparams.vocab_size})"
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        input_ids, targets = batch
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+        nll = self.nll_sum(input_ids, targets)
+        tokens = count_scored(targets)
+        self._window_nll = self._window_nll.to(nll.device) + nll.detach().double()
+        self._window_tokens = self._window_tokens.to(tokens.device) + tokens
+        # Scale by a constant (the tokens the first micro-batch held, fixed for the run);
+        # on_before_optimizer_step turns the accumulated gradient into that of the window's true
+        # token mean, so no look-ahead is needed and short or padded micro-batches weigh right.
+        return nll / self._loss_scale
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averaged over
+        # ranks, so the gradient is Σ∇nll / (N · W · capacity). Make it Σ∇nll / Σtokens (all ranks).
+        window_tokens = self._window_tokens.clone()
+        window_nll = self._window_nll.clone()
+        if self.trainer.world_size > 1:
+            window_tokens = self.trainer.strategy.reduce(window_tokens.double(), reduce_op="sum")
+            window_nll = self.trainer.strategy.reduce(window_nll, reduce_op="sum")
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size * self._loss_scale
+        factor = scale / window_tokens.clamp(min=1)
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor.to(p.grad.dtype))
+        loss = (window_nll / window_tokens.clamp(min=1)).float()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/perplexity", loss.exp(), prog_bar=False)
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        self._window_nll = torch.zeros_like(self._window_nll)
+        self._window_tokens = torch.zeros_like(self._window_tokens)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._loss_scale is None:
+            self._loss_scale = batch[1].numel()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._step_started is None:
+            return
+        seconds = time.perf_counter() - self._step_started
+        self._step_started = None
+        tokens = batch[1].numel() * self.trainer.world_size
+        self.log("train/tokens_per_sec", tokens / max(seconds, 1e-9), prog_bar=True)
+
+    # ----------------------------------------------------------------- validation
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        input_ids, targets, n_bytes = batch
+        self.val_metrics.update(self.nll_sum(input_ids, targets), count_scored(targets), n_bytes.sum())
+
+    def on_validation_epoch_end(self) -> None:
+        if int(self.val_metrics.tokens) == 0 and self.trainer.world_size == 1:
+            return
+        # compute() sums the three states over every process, then divides once.
+        results = self.val_metrics.compute()
+        self.val_metrics.reset()
+        for name, value in results.items():
+            self.log(f"val/{name}", value.float(), prog_bar=name in ("loss", "perplexity"))
+        self.last_validation = {k: float(v) for k, v in results.items()}
+
+    # ----------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        hp = self.hparams
+        total = self.trainer.estimated_stepping_batches
+        max_steps = int(total) if math.isfinite(total) else 100_000
+        optimizer, schedule = build_optimizer(
+            self.model,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            betas=tuple(hp.betas),
+            warmup_steps=min(hp.warmup_steps, max(max_steps // 10, 1)),
+            max_steps=max_steps,
+            min_lr=hp.min_lr,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A checkpoint carries its tokenizer, so it can be evaluated or sampled on its own.
+        if self.tokenizer is not None:
+            checkpoint["tokenizer"] = self.tokenizer.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "tokenizer" in checkpoint and self.tokenizer is None:
+            from nexttoken.data.tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_dict(checkpoint["tokenizer"])
+
+    # ----------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate_text(
+        self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
+        seed: int | None = 0,
+    ) -> str:
+        tok = self.tokenizer
+        ids = tok.encode(prompt) if prompt else []
+        ids = [tok.eos_id, *ids]  # documents start after an end-of-document token, as in training
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            idx, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=tok.eos_id, generator=generator
+        )
+        self.model.train(was_training)
+        new = [t for t in out[0, len(ids):].tolist() if t != tok.eos_id]
+        return prompt + tok.decode(new)
+
+
+def load_module(path: str | Path, map_location: str = "cpu") -> CausalLMModule:
+    """Load a nexttoken checkpoint for evaluation or sampling (no pickled code runs)."""
+    module = CausalLMModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    module.eval()
+    return module
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu"):
+    """``(network, tokenizer)`` of a nexttoken checkpoint: what ``nexttoken eval`` scores."""
+    module = load_module(path, map_location)
+    return module.model, module.tokenizer
