@@ -1,0 +1,115 @@
+"""The ``nexttoken`` command.
+
+``fit`` and ``validate`` are LightningCLI subcommands, so every Trainer flag and YAML config
+works as Lightning users expect (``--print_config``, ``--config``, ``--trainer.max_steps`` ...).
+``eval``, ``inspect``, ``generate`` and ``export`` are plain commands around a trained model.
+Bad input ends in one line on stderr and exit status 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+OVERVIEW = """\
+usage: nexttoken COMMAND [options]        (no command: `nexttoken fit` on the built-in corpus)
+
+Train and evaluate causal language models, with a scoreboard you can trust.
+
+commands:
+  fit        train a model on text (LightningCLI: every --trainer.* flag works; see `nexttoken fit --help`)
+  validate   score a checkpoint on the validation split of the data (`--ckpt_path`)
+  eval       perplexity / bits per byte of any causal LM on any text, sliding windows
+  inspect    per-token surprisal of a text as an HTML page, and the most surprising tokens
+  generate   sample text from a checkpoint
+  export     write a checkpoint as a Hugging Face folder (config, safetensors, tokenizer)
+
+global options:
+  --debug    show the full traceback on errors
+  --version  print the version
+"""
+
+LIGHTNING_COMMANDS = ("fit", "validate")
+
+
+def _tool_commands() -> dict:
+    from nexttoken import evaluate, inspect
+
+    return {
+        "eval": (evaluate.add_eval_arguments, evaluate.run_eval, "score a causal LM on text"),
+        "inspect": (inspect.add_inspect_arguments, inspect.run_inspect, "per-token surprisal as HTML"),
+        "generate": (add_generate_arguments, run_generate, "sample text from a checkpoint"),
+    }
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a nexttoken checkpoint (.ckpt)")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from nexttoken.module import load_module
+
+    module = load_module(args.checkpoint)
+    if args.max_new_tokens < 0:
+        from nexttoken.errors import UserError
+
+        raise UserError("--max-new-tokens must be >= 0")
+    text = module.generate_text(
+        args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k or None, seed=args.seed,
+    )
+    print(text)
+    return 0
+
+
+def _run_tool(name: str, argv: list[str]) -> int:
+    add_arguments, run, description = _tool_commands()[name]
+    parser = argparse.ArgumentParser(prog=f"nexttoken {name}", description=description)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def main(args: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0].startswith("--") and argv[0] not in ("--help", "-h", "--version"):
+        argv = ["fit", *argv]
+    command = argv[0]
+    if command in ("--help", "-h", "help"):
+        print(OVERVIEW)
+        return 0
+    if command == "--version":
+        from nexttoken import __version__
+
+        print(f"nexttoken {__version__}")
+        return 0
+    try:
+        if command in LIGHTNING_COMMANDS:
+            from nexttoken.training import run_lightning_cli
+
+            run_lightning_cli(argv)
+            return 0
+        if command in _tool_commands():
+            return _run_tool(command, argv[1:])
+        print(f"error: unknown command {command!r}; run `nexttoken --help` for the list", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - the one place errors become messages
+        from nexttoken.errors import UserError
+
+        if debug:
+            traceback.print_exc()
+        if isinstance(error, (UserError, FileNotFoundError, PermissionError)):
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+        if not debug:
+            print(f"error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+                  "(run again with --debug for the traceback)", file=sys.stderr)
+        return 1

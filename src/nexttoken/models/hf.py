@@ -1,0 +1,197 @@
+"""Adapter for Hugging Face causal LMs: a local model folder or a single ``.gguf`` file.
+
+Nothing is ever fetched from the Hub: every load is ``local_files_only=True``, and a model's own
+Python code (``trust_remote_code``) runs only when the user asks for it.
+
+``HFCausalLM`` gives a Hugging Face ``AutoModelForCausalLM`` the same face as nexttoken's GPT:
+``forward(input_ids) -> logits``, ``hidden(input_ids)`` plus ``lm_head`` for the fused loss, and
+``max_context``. It calls the model WITHOUT ``labels``: Hugging Face shifts labels inside the model,
+while nexttoken's targets are already shifted (ARCHITECTURE.md, "One shift, in one place").
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from nexttoken.errors import UserError
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model*.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "spiece.model")
+GGUF_MAGIC = b"GGUF"
+# Config fields of models whose logits are NOT a plain ``lm_head(hidden)``: softcapping or scaling.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``None`` -> float32; a torch dtype or one of the names in ``DTYPES``."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of: float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal LM behind nexttoken's model interface.
+
+    Attributes:
+        model: the wrapped ``PreTrainedModel`` itself (its real modules, e.g. ``LlamaRMSNorm`` or
+            ``Conv1D``, are what the optimizer's parameter groups and the decay audit see).
+        name: where it was loaded from (for printing).
+    """
+
+    def __init__(self, model: nn.Module, name: str | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def max_context(self) -> int | None:
+        """The longest input the model accepts (``max_position_embeddings`` / ``n_positions``)."""
+        config = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The output projection (an ``nn.Linear``, possibly tied to the input embedding)."""
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise TypeError(f"{type(self.model).__name__} has no output embeddings (not a causal LM head)")
+        return head
+
+    @property
+    def logits_are_linear(self) -> bool:
+        """True when ``lm_head(hidden(x))`` equals ``forward(x)`` (no logit softcapping or scaling),
+        i.e. when the fused linear+cross-entropy loss may replace the plain one."""
+        config = self.model.config
+        for key in _LOGIT_POSTPROCESSING:
+            value = getattr(config, key, None)
+            if value is not None and value != 1 and value != 1.0:
+                return False
+        return isinstance(self.model.get_output_embeddings(), nn.Linear)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, logits_to_keep: int = 0) -> Tensor:
+        """Logits ``(B, T, V)`` for every input position (no labels, no shift, no KV cache).
+
+        ``logits_to_keep=k > 0`` returns only the last ``k`` positions' logits ``(B, k, V)``; the
+        others are never projected onto the vocabulary (what sliding-window evaluation needs).
+        """
+        kwargs = {}
+        if logits_to_keep and self._keeps_logits:
+            kwargs["logits_to_keep"] = logits_to_keep
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        logits = out.logits
+        if logits_to_keep and logits.size(1) != logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return logits
+
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Final hidden states ``(B, T, C)`` (after the last norm): ``lm_head(hidden)`` are the logits
+        whenever :attr:`logits_are_linear`."""
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+# --------------------------------------------------------------------------- loading
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
+def _check_folder(folder: Path) -> None:
+    """Say exactly which of config.json / weights / tokenizer a model folder is missing."""
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        missing.append("weights (*.safetensors or pytorch_model*.bin)")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        missing.append("tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    if missing:
+        raise UserError(
+            f"{folder} is not a complete Hugging Face model folder: missing {', '.join(missing)}; "
+            "save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)"
+        )
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{folder / 'config.json'} is not valid JSON ({_first_line(e)}); re-save the model") from None
+    if not isinstance(config, dict) or ("model_type" not in config and "architectures" not in config):
+        raise UserError(
+            f"{folder / 'config.json'} does not describe a model (no model_type); point at a model folder"
+        )
+
+
+def _check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a real .gguf model")
+
+
+def load_hf_causal_lm(
+    path: str | Path, *, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+) -> tuple[HFCausalLM, object]:
+    """``(HFCausalLM, tokenizer)`` from a local model folder (config.json + weights + tokenizer) or a
+    ``.gguf`` file (dequantized; the tokenizer comes from the same file). Never touches the Hub.
+
+    ``dtype``: ``None`` (float32), a torch dtype, or ``"float32"``/``"bfloat16"``/``"float16"``.
+    Raises :class:`UserError` for a missing path, an incomplete folder (naming what is missing), or
+    something that is not a causal LM.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).expanduser()
+    torch_dtype = resolve_dtype(dtype)
+    if not path.exists():
+        raise UserError(f"model path not found: {path}; pass a local model folder or a .gguf file")
+    if path.is_dir():
+        _check_folder(path)
+        source, extra = str(path), {}
+    elif path.suffix.lower() == ".gguf":
+        _check_gguf(path)
+        source, extra = str(path.parent), {"gguf_file": path.name}
+    else:
+        raise UserError(
+            f"{path} is neither a Hugging Face model folder nor a .gguf file; "
+            "pass a folder with config.json and weights, or a .gguf file"
+        )
+    common = dict(local_files_only=True, trust_remote_code=trust_remote_code, **extra)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **common)
+    except (ValueError, OSError, KeyError, TypeError, RuntimeError, ImportError) as e:
+        message = _first_line(e)
+        if "trust_remote_code" in str(e) and not trust_remote_code:
+            raise UserError(
+                f"{path} needs its own Python code to load; if you trust it, pass --trust-remote-code"
+            ) from None
+        raise UserError(f"could not load a causal language model from {path}: {message}") from None
+    model = model.to(torch_dtype)
+    model.eval()
+    if model.get_output_embeddings() is None:
+        raise UserError(f"{path} has no language-model head ({type(model).__name__}); use a causal LM")
+    return HFCausalLM(model, name=str(path)), tokenizer
