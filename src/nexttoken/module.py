@@ -193,10 +193,12 @@ class CausalLMModule(L.LightningModule):
             return
         # compute() sums the three states over every process, then divides once.
         results = self.val_metrics.compute()
+        scored = {"tokens": int(self.val_metrics.tokens), "bytes": int(self.val_metrics.bytes)}
         self.val_metrics.reset()
         for name, value in results.items():
             self.log(f"val/{name}", value.float(), prog_bar=name in ("loss", "perplexity"))
-        self.last_validation = {k: float(v) for k, v in results.items()}
+        self.last_validation = {**{k: float(v) for k, v in results.items()}, **scored}
+        self.last_validation_step = self.trainer.global_step
 
     # ----------------------------------------------------------------- optimizer
     def configure_optimizers(self):
