@@ -34,12 +34,13 @@ LIGHTNING_COMMANDS = ("fit", "validate")
 
 
 def _tool_commands() -> dict:
-    from nexttoken import evaluate, inspect
+    from nexttoken import evaluate, export, inspect
 
     return {
         "eval": (evaluate.add_eval_arguments, evaluate.run_eval, "score a causal LM on text"),
         "inspect": (inspect.add_inspect_arguments, inspect.run_inspect, "per-token surprisal as HTML"),
         "generate": (add_generate_arguments, run_generate, "sample text from a checkpoint"),
+        "export": (export.add_export_arguments, export.run_export, "write a checkpoint as a Hugging Face folder"),
     }
 
 
