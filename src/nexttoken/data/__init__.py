@@ -1,0 +1,38 @@
+"""Data: corpus files -> tokenizer -> cached token streams -> next-token blocks.
+
+``TextDataModule`` is imported lazily (it pulls in Lightning); the rest is light.
+"""
+
+from nexttoken.data.corpus import (
+    DataError,
+    DataWarning,
+    Document,
+    default_corpus,
+    find_documents,
+    load_documents,
+    read_document,
+    split_documents,
+)
+from nexttoken.data.tokenizers import Tokenizer, build_tokenizer
+
+__all__ = [
+    "DataError",
+    "DataWarning",
+    "Document",
+    "TextDataModule",
+    "Tokenizer",
+    "build_tokenizer",
+    "default_corpus",
+    "find_documents",
+    "load_documents",
+    "read_document",
+    "split_documents",
+]
+
+
+def __getattr__(name: str):
+    if name == "TextDataModule":
+        from nexttoken.data.datamodule import TextDataModule
+
+        return TextDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,128 @@
+"""Pure functions from documents to blocks of ``(input_ids, targets)``, and which blocks each rank reads.
+
+The one shift of the whole project happens here: a block of ``T + 1`` consecutive stream tokens
+gives ``input_ids = block[:-1]`` and ``targets = block[1:]``. Nothing downstream shifts again.
+
+Stream layout: ``EOS doc0 EOS doc1 ... EOS docN``. The EOS *before* each document means the first
+real token of every document is a scored target (predicted from "a document starts here"), and no
+document is ever read as the continuation of the previous one without a separator in between.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from nexttoken.loss import IGNORE_INDEX
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id: half the disk and page cache of uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 - 1 else np.uint32)
+
+
+def concat_documents(token_lists: Sequence[Sequence[int]], eos_id: int, dtype=np.int64) -> np.ndarray:
+    """One stream: an EOS before each document's tokens."""
+    lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+    stream = np.empty(int(lengths.sum()) + len(token_lists), dtype=dtype)
+    starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64)
+    for start, tokens in zip(starts, token_lists, strict=True):
+        stream[start] = eos_id
+        stream[start + 1 : start + 1 + len(tokens)] = tokens
+    return stream
+
+
+def concat_byte_counts(byte_lists: Sequence[Sequence[int]], dtype=np.int64) -> np.ndarray:
+    """Per-token byte counts aligned with :func:`concat_documents`' stream (each EOS covers 0 bytes)."""
+    return concat_documents(byte_lists, 0, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- training blocks
+def num_train_blocks(num_tokens: int, block_size: int) -> int:
+    """Whole blocks of ``block_size + 1`` tokens, stepping by ``block_size`` (adjacent blocks share
+    one token, so every stream position after the first is a target exactly once)."""
+    return max(0, (num_tokens - 1) // block_size)
+
+
+def train_block(stream: np.ndarray, index: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, targets)`` of training block ``index`` as int64; every position is scored."""
+    if not 0 <= index < num_train_blocks(len(stream), block_size):
+        raise IndexError(f"training block {index} out of range for {len(stream)} tokens")
+    block = np.asarray(stream[index * block_size : index * block_size + block_size + 1], dtype=np.int64)
+    return block[:-1], block[1:]
+
+
+# --------------------------------------------------------------------------- validation blocks
+def num_val_blocks(num_tokens: int, block_size: int) -> int:
+    """Blocks that cover every target position ``1 .. num_tokens - 1`` once (the last may be partial)."""
+    return math.ceil(max(num_tokens - 1, 0) / block_size)
+
+
+def val_block(
+    stream: np.ndarray, index: int, block_size: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, targets)`` of validation block ``index``: targets are stream positions
+    ``index*T + 1 .. index*T + T``; past the end, inputs hold ``pad_id`` and targets ``IGNORE_INDEX``."""
+    if not 0 <= index < num_val_blocks(len(stream), block_size):
+        raise IndexError(f"validation block {index} out of range for {len(stream)} tokens")
+    start = index * block_size
+    stop = min(start + block_size + 1, len(stream))
+    block = np.asarray(stream[start:stop], dtype=np.int64)
+    input_ids = np.full(block_size, pad_id, dtype=np.int64)
+    targets = np.full(block_size, IGNORE_INDEX, dtype=np.int64)
+    input_ids[: len(block) - 1] = block[:-1]
+    targets[: len(block) - 1] = block[1:]
+    return input_ids, targets
+
+
+def val_block_bytes(byte_counts: np.ndarray, block_size: int) -> np.ndarray:
+    """Bytes covered by each validation block's scored targets (stream positions ``index*T+1 ..``)."""
+    n_blocks = num_val_blocks(len(byte_counts), block_size)
+    if n_blocks == 0:
+        return np.zeros(0, dtype=np.int64)
+    targets = np.asarray(byte_counts[1:], dtype=np.int64)
+    return np.add.reduceat(targets, np.arange(n_blocks) * block_size)
+
+
+# --------------------------------------------------------------------------- who reads what
+def train_batches(
+    num_blocks: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> np.ndarray:
+    """Block indices of every training batch of one epoch for one rank, shape ``(batches, rows)``.
+
+    One seeded permutation per epoch (the same on every rank) is dealt out round-robin, so ranks
+    read disjoint blocks; each rank gets the same count so no rank waits on another. Rows are
+    ``batch_size`` (fewer only when a rank has fewer blocks than that). Leftovers are skipped this
+    epoch; the next epoch's permutation differs, so no block is skipped every time.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    per_rank = num_blocks // world_size
+    if per_rank == 0:
+        raise ValueError(f"{num_blocks} training blocks cannot be shared by {world_size} ranks")
+    permutation = np.random.default_rng([seed, epoch]).permutation(num_blocks)
+    mine = permutation[: per_rank * world_size].reshape(per_rank, world_size)[:, rank]
+    rows = min(batch_size, per_rank)
+    n_batches = per_rank // rows
+    return mine[: n_batches * rows].reshape(n_batches, rows)
+
+
+def val_batches(num_blocks: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:
+    """Block indices of each validation batch for one rank: every block on exactly one rank, once.
+
+    A rank reads a contiguous share of the blocks (no padding or repeated samples, unlike
+    DistributedSampler). Every rank runs the same number of batches wherever it has enough blocks
+    (so per-step collectives cannot hang), with rows spread evenly and never above ``batch_size``.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    start = rank * num_blocks // world_size
+    stop = (rank + 1) * num_blocks // world_size
+    n_mine = stop - start
+    n_batches = min(math.ceil(math.ceil(num_blocks / world_size) / batch_size), n_mine)
+    edges = [start + i * n_mine // n_batches for i in range(n_batches + 1)] if n_batches else [start]
+    return [range(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]

@@ -1,0 +1,315 @@
+"""Tokenizers: one class over a Hugging Face ``tokenizers.Tokenizer``, whatever its kind.
+
+Every kind is a standard ``tokenizer.json``, so what we train here loads in ``transformers``
+(``PreTrainedTokenizerFast`` / ``AutoTokenizer``), and a checkpoint can carry its tokenizer as a
+string. Kinds:
+
+- ``bytes``: UTF-8 bytes, token id == byte value, plus ``<|endoftext|>`` (vocabulary 257).
+  Built as a byte-level BPE with no merges, so it behaves like every other kind.
+- ``bpe``: byte-level BPE trained here on the training split (every byte stays representable).
+- a path: a local Hugging Face tokenizer folder (with ``tokenizer.json``) or file.
+
+Text is encoded without adding special tokens, and special-token strings that occur in the text
+(a literal ``<|endoftext|>`` in a document) are encoded as plain text: document boundaries come
+only from the packer, never from the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from nexttoken.data.corpus import DataError, content_digest
+
+EOS_TOKEN = "<|endoftext|>"
+BUILTIN_KINDS = ("bytes", "bpe")
+# End-of-document and beginning-of-document tokens of common local tokenizers, in order of preference.
+_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
+_BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")
+_DICT_FORMAT = 1
+
+
+def _gpt2_byte_alphabet() -> list[str]:
+    """The printable character GPT-2's byte-level scheme uses for each byte value 0..255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {}
+    shifted = 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + shifted)
+            shifted += 1
+    return [chars[b] for b in range(256)]
+
+
+def _byte_level(model: models.Model, split_words: bool = True) -> HFTokenizer:
+    tok = HFTokenizer(model)
+    # No prefix space: a document's first word is encoded as written, and decoding is lossless.
+    # Splitting into words (GPT-2's regex) only matters to merges; without merges it is wasted time.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _char_to_byte_offsets(text: str) -> np.ndarray:
+    """``offsets[c]`` = UTF-8 byte offset of character ``c``; ``offsets[len(text)]`` = total bytes."""
+    if text.isascii():
+        return np.arange(len(text) + 1, dtype=np.int64)
+    code_points = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+    widths = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+    offsets = np.zeros(len(text) + 1, dtype=np.int64)
+    np.cumsum(widths, out=offsets[1:])
+    return offsets
+
+
+def token_byte_counts(text: str, offsets: Sequence[tuple[int, int]], special: Sequence[int]) -> np.ndarray:
+    """Bytes of ``text`` each token covers, from character ``offsets``; they sum to the text's bytes.
+
+    A token is credited with the bytes from the end of what earlier tokens covered to its own end,
+    so a gap (a stripped space, a normalized-away character) goes to the token that follows it, and
+    several tokens of one character (byte fallback) credit it once. Special tokens cover nothing.
+    Bytes after the last token's end go to the last non-special token.
+    """
+    n = len(offsets)
+    char_to_byte = _char_to_byte_offsets(text)
+    total = int(char_to_byte[-1])
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends_chars = np.asarray(offsets, dtype=np.int64).reshape(n, 2)[:, 1]
+    ends = char_to_byte[np.clip(ends_chars, 0, len(text))]
+    is_special = np.asarray(special, dtype=bool)
+    ends[is_special] = 0
+    covered = np.maximum.accumulate(ends)
+    counts = np.diff(covered, prepend=0)
+    content = np.flatnonzero(~is_special)
+    if len(content):
+        counts[content[-1]] += total - covered[-1]
+    return counts
+
+
+class Tokenizer:
+    """A tokenizer of any kind, with the handful of operations training and evaluation need.
+
+    Attributes:
+        kind: ``"bytes"``, ``"bpe"`` or ``"hf"`` (a local Hugging Face tokenizer).
+        vocab_size: number of token ids, special tokens included.
+        eos_id: the end-of-document token; ``bos_id``: beginning-of-document token or None.
+    """
+
+    def __init__(
+        self, tokenizer_json: str, *, kind: str, eos_token: str, bos_token: str | None = None
+    ) -> None:
+        self.kind = kind
+        self.eos_token = eos_token
+        self.bos_token = bos_token
+        # The JSON as given is what we store and save; the working copy below is adjusted for data.
+        self._json = tokenizer_json
+        self._hf = HFTokenizer.from_str(tokenizer_json)
+        # A local tokenizer.json may truncate or pad (to a model's context): never cut documents.
+        self._hf.no_truncation()
+        self._hf.no_padding()
+        self._hf.encode_special_tokens = True
+        # One more than the largest id (not the token count): ids of added tokens may leave holes,
+        # and an embedding table must still hold every id.
+        self.vocab_size: int = max(self._hf.get_vocab(with_added_tokens=True).values()) + 1
+        self.eos_id: int = self._token_id(eos_token)
+        self.bos_id: int | None = self._token_id(bos_token) if bos_token is not None else None
+
+    def _token_id(self, token: str) -> int:
+        token_id = self._hf.token_to_id(token)
+        if token_id is None:
+            raise DataError(f"the tokenizer has no token {token!r}; use a tokenizer that defines it")
+        return token_id
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eos={self.eos_token!r})"
+
+    @property
+    def fingerprint(self) -> str:
+        """A sha256 naming exactly this tokenizer (for cache keys)."""
+        identity = json.dumps([self.kind, self.eos_token, self.bos_token, self._json])
+        return hashlib.sha256(identity.encode()).hexdigest()
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, text: str) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Many texts at once, in parallel (the fast batch encoder: no offsets are computed)."""
+        return [enc.ids for enc in self._hf.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def encode_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
+        """``(ids, nbytes)``: ``nbytes[i]`` = UTF-8 bytes of ``text`` token ``i`` covers; they sum to
+        ``len(text.encode())`` whenever the text yields at least one token."""
+        ids, counts = self.encode_batch_with_bytes([text])[0]
+        return ids.tolist(), counts.tolist()
+
+    def encode_batch_with_bytes(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`encode_with_bytes` for many texts, in parallel, as int64 numpy arrays."""
+        encodings = self._hf.encode_batch(list(texts), add_special_tokens=False)
+        return [
+            (
+                np.asarray(enc.ids, dtype=np.int64),
+                token_byte_counts(text, enc.offsets, enc.special_tokens_mask),
+            )
+            for text, enc in zip(texts, encodings, strict=True)
+        ]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ storage
+    def to_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild this tokenizer, as JSON-friendly values (stored in checkpoints)."""
+        return {
+            "format": _DICT_FORMAT,
+            "kind": self.kind,
+            "eos_token": self.eos_token,
+            "bos_token": self.bos_token,
+            "tokenizer_json": self._json,
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> Tokenizer:
+        if state.get("format") != _DICT_FORMAT or "tokenizer_json" not in state:
+            raise DataError("this stored tokenizer is from another version of nexttoken; re-save it")
+        return cls(
+            state["tokenizer_json"], kind=state["kind"], eos_token=state["eos_token"], bos_token=state["bos_token"]
+        )
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` and a minimal ``tokenizer_config.json`` (transformers-loadable)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_text_atomically(directory / "tokenizer.json", self._json)
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token}
+        if self.bos_token is not None:
+            config["bos_token"] = self.bos_token
+        config["clean_up_tokenization_spaces"] = False
+        _write_text_atomically(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        return directory
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    # A crash mid-write must never leave a truncated file where a reader (or a cache lookup) sees it.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- building
+def bytes_tokenizer() -> Tokenizer:
+    """UTF-8 bytes: token id == byte value, ``<|endoftext|>`` = 256."""
+    vocab = {char: byte for byte, char in enumerate(_gpt2_byte_alphabet())}
+    tok = _byte_level(models.BPE(vocab=vocab, merges=[]), split_words=False)
+    tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True)])
+    return Tokenizer(tok.to_str(), kind="bytes", eos_token=EOS_TOKEN)
+
+
+def train_bpe(training_texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE with ``vocab_size`` ids (fewer if the text runs out of pairs to merge)."""
+    if vocab_size < 257:
+        raise DataError(f"vocab_size must be at least 257 (256 bytes + {EOS_TOKEN}), got {vocab_size}")
+    texts = list(training_texts)
+    if not any(texts):
+        raise DataError("cannot train a BPE tokenizer on no text; give the training split some text")
+    tok = _byte_level(models.BPE())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte representable
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return Tokenizer(tok.to_str(), kind="bpe", eos_token=EOS_TOKEN)
+
+
+def _config_token(config: dict, key: str) -> str | None:
+    value = config.get(key)
+    if isinstance(value, dict):  # transformers writes AddedToken as {"content": ...}
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def load_local_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A local Hugging Face tokenizer: a folder with ``tokenizer.json`` (and maybe a
+    ``tokenizer_config.json`` naming its eos/bos tokens), or a ``tokenizer.json`` file."""
+    path = Path(path).expanduser()
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(
+            f"tokenizer {str(path)!r} is not 'bytes', 'bpe', or a local tokenizer.json file or folder "
+            "holding one; check --data.tokenizer"
+        )
+    try:
+        tokenizer_json = file.read_text(encoding="utf-8")
+        hf = HFTokenizer.from_str(tokenizer_json)
+    except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
+        raise DataError(f"{file} is not a readable tokenizer.json ({e}); check --data.tokenizer") from None
+    config_file = file.parent / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    vocab = hf.get_vocab(with_added_tokens=True)
+
+    def pick(key: str, candidates: Sequence[str]) -> str | None:
+        named = _config_token(config, key)
+        if named is not None and named in vocab:
+            return named
+        return next((c for c in candidates if c in vocab), None)
+
+    eos = pick("eos_token", _EOS_CANDIDATES)
+    if eos is None:
+        raise DataError(
+            f"tokenizer {file} has no end-of-document token (no eos_token in tokenizer_config.json and none of "
+            f"{', '.join(_EOS_CANDIDATES)}); add one, or use --data.tokenizer bpe"
+        )
+    return Tokenizer(tokenizer_json, kind="hf", eos_token=eos, bos_token=pick("bos_token", _BOS_CANDIDATES))
+
+
+def _bpe_cache_file(cache_dir: Path, training_texts: list[str], vocab_size: int) -> Path:
+    key = json.dumps(
+        {
+            "kind": "bpe",
+            "vocab_size": vocab_size,
+            "content": content_digest(training_texts),
+            # A different library version may train differently: don't reuse across versions.
+            "tokenizers": tokenizers.__version__,
+        },
+        sort_keys=True,
+    )
+    return Path(cache_dir) / f"bpe-{vocab_size}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
+
+def build_tokenizer(
+    kind: str,
+    training_texts: Iterable[str] | None = None,
+    vocab_size: int = 4096,
+    cache_dir: Path | None = None,
+) -> Tokenizer:
+    """Build or load a tokenizer: ``"bytes"``, ``"bpe"`` (trained on ``training_texts``, cached in
+    ``cache_dir`` by content, vocabulary size and kind), or a path to a local HF tokenizer."""
+    if kind == "bytes":
+        return bytes_tokenizer()
+    if kind == "bpe":
+        if training_texts is None:
+            raise DataError("the bpe tokenizer is trained on the corpus: pass training_texts")
+        texts = list(training_texts)
+        if cache_dir is None:
+            return train_bpe(texts, vocab_size)
+        cached = _bpe_cache_file(Path(cache_dir), texts, vocab_size)
+        if cached.is_file():
+            return Tokenizer.from_dict(json.loads(cached.read_text(encoding="utf-8")))
+        tokenizer = train_bpe(texts, vocab_size)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _write_text_atomically(cached, json.dumps(tokenizer.to_dict()))
+        return tokenizer
+    return load_local_tokenizer(kind)

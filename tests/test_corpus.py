@@ -1,0 +1,181 @@
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from nexttoken.data.corpus import (
+    DataError,
+    DataWarning,
+    Document,
+    default_corpus,
+    find_documents,
+    load_documents,
+    read_document,
+    split_documents,
+    split_text,
+)
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_bytes(content.encode("utf-8"))
+    return path
+
+
+def make_corpus(root: Path, n: int = 20) -> list[Path]:
+    return [write(root / f"sub{i % 3}" / f"doc{i:02d}.txt", f"document {i}\n" * (i + 1)) for i in range(n)]
+
+
+def test_default_corpus_is_the_stdlib_source():
+    files = default_corpus()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    assert len(files) > 300
+    relative = [f.relative_to(stdlib).as_posix() for f in files]
+    assert relative == sorted(relative)  # deterministic order
+    assert "os.py" in relative and "json/decoder.py" in relative
+    for rel in relative:
+        parts = rel.split("/")[:-1]
+        assert not {"site-packages", "test", "tests", "idlelib", "lib2to3"} & set(parts), rel
+        assert rel.endswith(".py")
+    assert all(f.stat().st_size > 0 for f in files)
+    json_only = default_corpus(include=["json/*"], exclude=["*/tool.py"])
+    assert [f.relative_to(stdlib).as_posix() for f in json_only] == [
+        r for r in relative if r.startswith("json/") and r != "json/tool.py"
+    ]
+
+
+def test_find_documents_recurses_sorts_and_dedupes(tmp_path):
+    files = make_corpus(tmp_path / "c", 5)
+    write(tmp_path / "c" / ".hidden" / "x.txt", "tooling")
+    found = find_documents([tmp_path / "c", files[3], str(tmp_path / "c" / "sub0")])
+    assert found == sorted(f.resolve() for f in files)
+    assert find_documents(str(files[0])) == [files[0].resolve()]
+
+
+def test_find_documents_include_exclude(tmp_path):
+    write(tmp_path / "a.py", "x = 1\n")
+    write(tmp_path / "pkg" / "b.py", "y = 2\n")
+    write(tmp_path / "pkg" / "test_b.py", "assert y\n")
+    write(tmp_path / "notes.md", "# notes\n")
+    names = lambda found: sorted(p.relative_to(tmp_path.resolve()).as_posix() for p in found)  # noqa: E731
+    assert names(find_documents([tmp_path], include=["*.py"])) == ["a.py", "pkg/b.py", "pkg/test_b.py"]
+    assert names(find_documents([tmp_path], include=["*.py"], exclude=["test_*"])) == ["a.py", "pkg/b.py"]
+    assert names(find_documents([tmp_path], exclude=["pkg/*"])) == ["a.py", "notes.md"]
+    with pytest.raises(DataError, match="holds no text files matching include"):
+        find_documents([tmp_path], include=["*.rs"])
+
+
+def test_find_documents_errors(tmp_path):
+    with pytest.raises(DataError, match="corpus path not found: .*missing"):
+        find_documents([tmp_path / "missing"])
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(DataError, match="holds no text files"):
+        find_documents([tmp_path / "empty_dir"])
+    with pytest.raises(DataError, match="no corpus paths given"):
+        find_documents([])
+
+
+def test_binary_file_is_skipped_with_a_warning(tmp_path):
+    text = write(tmp_path / "a.txt", "hello\n")
+    binary = write(tmp_path / "blob.bin", b"\x00\x01\x02" * 10)
+    with pytest.warns(DataWarning, match="skipping binary file .*blob.bin"):
+        assert find_documents([tmp_path]) == [text.resolve()]
+    with pytest.raises(DataError, match="is a binary file"), pytest.warns(DataWarning):
+        find_documents([binary])
+
+
+def test_read_document_keeps_exact_bytes(tmp_path):
+    content = "a\r\nb\n\ufeffc 👍"
+    path = write(tmp_path / "x.txt", content)
+    assert read_document(path) == content
+    assert read_document(path).encode() == path.read_bytes()
+
+
+def test_invalid_utf8_names_file_offset_and_flag(tmp_path):
+    path = write(tmp_path / "bad.txt", b"good text \xff\xfe more")
+    with pytest.raises(DataError, match=r"bad.txt is not valid UTF-8 \(byte offset 10.*replace_invalid_utf8"):
+        read_document(path)
+    with pytest.warns(DataWarning, match="byte offset 10"):
+        assert read_document(path, errors="replace") == "good text \ufffd\ufffd more"
+
+
+def test_empty_files_are_skipped_but_an_all_empty_corpus_is_an_error(tmp_path):
+    full = write(tmp_path / "full.txt", "text\n")
+    empty = write(tmp_path / "empty.txt", "")
+    with pytest.warns(DataWarning, match="skipping empty file .*empty.txt"):
+        docs = load_documents([full, empty])
+    assert docs == [Document("full.txt", "text\n")]
+    with pytest.raises(DataError, match="every document in the corpus is empty"), pytest.warns(DataWarning):
+        load_documents([empty])
+
+
+def test_split_is_stable_and_by_relative_path(tmp_path):
+    train_a, val_a = split_documents(find_documents([make_corpus(tmp_path / "one", 40)[0].parent.parent]), 0.2)
+    # Same files under another root (another machine): the same split.
+    train_b, val_b = split_documents(find_documents([make_corpus(tmp_path / "two" / "deeper", 40)[0].parent.parent]), 0.2)
+    assert [d.name for d in val_a] == [d.name for d in val_b]
+    assert [d.name for d in train_a] == [d.name for d in train_b]
+    assert {d.name for d in train_a}.isdisjoint(d.name for d in val_a)
+    assert len(train_a) + len(val_a) == 40
+    # Pinned: a salted hash() (or any per-process choice) would give another set in another process.
+    assert sorted(d.name for d in val_a) == ["sub1/doc31.txt", "sub2/doc26.txt", "sub2/doc32.txt"]
+
+
+def test_split_adding_a_file_moves_no_other_file(tmp_path):
+    files = make_corpus(tmp_path, 30)
+    _, val = split_documents(files, 0.3)
+    write(tmp_path / "sub0" / "zz_new.txt", "new\n")
+    _, val_more = split_documents(find_documents([tmp_path]), 0.3)
+    assert {d.name for d in val} <= {d.name for d in val_more}
+
+
+def test_split_keeps_at_least_one_document_each_way(tmp_path):
+    files = make_corpus(tmp_path, 3)
+    train, val = split_documents(files, 0.0001)
+    assert len(val) == 1 and len(train) == 2
+    train, val = split_documents(files, 0.9999)
+    assert len(train) == 1 and len(val) == 2
+
+
+def test_explicit_val_path_is_the_val_set(tmp_path):
+    files = make_corpus(tmp_path / "train", 4)
+    held = write(tmp_path / "val" / "held.txt", "held out\n")
+    train, val = split_documents(files + [held], 0.5, val_paths=[held])
+    assert [d.text for d in val] == ["held out\n"]
+    assert len(train) == 4
+    with pytest.raises(DataError, match="also in --data.val_path"):
+        split_documents([held], 0.5, val_paths=[held])
+
+
+def test_bad_val_fraction(tmp_path):
+    files = make_corpus(tmp_path, 3)
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(DataError, match="val_fraction must be between 0 and 1"):
+            split_documents(files, bad)
+
+
+def test_one_file_is_split_by_bytes_at_a_newline(tmp_path):
+    lines = [f"line {i} ünïcødé 👍\n" for i in range(100)]
+    path = write(tmp_path / "book.txt", "".join(lines))
+    train, val = split_documents([path], 0.1)
+    assert len(train) == len(val) == 1
+    assert train[0].text + val[0].text == "".join(lines)
+    assert train[0].text.endswith("\n")
+    total = len(path.read_bytes())
+    assert abs(len(val[0].text.encode()) - 0.1 * total) < 0.05 * total
+    assert train[0].name != val[0].name
+
+
+def test_split_text_without_newlines_cuts_at_a_character_boundary():
+    text = "é" * 101  # two bytes per character, no newline anywhere
+    for fraction in (0.01, 0.1, 0.333, 0.5, 0.9):
+        train, val = split_text(Document("x", text), fraction)
+        assert train.text + val.text == text and train.text and val.text
+
+
+def test_one_tiny_file_cannot_be_split(tmp_path):
+    with pytest.raises(DataError, match="too short"):
+        split_documents([write(tmp_path / "a.txt", "x")], 0.1)
