@@ -9,7 +9,6 @@ number of processes, the step uses the gradient of the window's *token* mean,
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from nexttoken.errors import UserError
 from nexttoken.loss import count_scored, fused_next_token_loss, next_token_loss
 from nexttoken.metrics import NextTokenMetrics
 from nexttoken.optim import build_optimizer, decay_audit
@@ -41,6 +41,8 @@ class CausalLMModule(L.LightningModule):
         lr, weight_decay, betas, warmup_steps, min_lr: AdamW and its warmup + cosine schedule;
             ``max_steps`` of the schedule is the trainer's number of optimizer steps.
         fused_loss: ``auto`` (fused where the vocabulary is ≥ 8x the width), ``on`` or ``off``.
+        on_nonfinite: a NaN/inf loss ``stop``s training (naming the step and the last good
+            checkpoint, which is kept) or ``skip``s that optimizer step.
         compile: ``torch.compile`` the model.
         trust_remote_code: allow a HF model folder's own code to run (off unless you ask).
     """
@@ -61,19 +63,21 @@ class CausalLMModule(L.LightningModule):
         warmup_steps: int = 50,
         min_lr: float | None = None,
         fused_loss: str = "auto",
+        on_nonfinite: str = "stop",
         compile: bool = False,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         if fused_loss not in ("auto", "on", "off"):
             raise ValueError(f"fused_loss must be auto, on or off, got {fused_loss!r}")
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be stop or skip, got {on_nonfinite!r}")
         self.save_hyperparameters()
         self.model: nn.Module | None = None
         self.tokenizer = None
         self.val_metrics = NextTokenMetrics()
         self._window_nll = torch.zeros((), dtype=torch.float64)
         self._window_tokens = torch.zeros((), dtype=torch.int64)
-        self._step_started: float | None = None
         self._loss_scale: int | None = None
 
     # ----------------------------------------------------------------- model
@@ -113,6 +117,8 @@ class CausalLMModule(L.LightningModule):
         mode = self.hparams.fused_loss
         if mode != "auto":
             return mode == "on"
+        if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            return False  # torch < 2.13 has no fused linear + cross-entropy: the plain path
         head = self.model.lm_head
         return head.weight.shape[0] >= FUSED_LOSS_MIN_VOCAB_RATIO * head.weight.shape[1]
 
@@ -140,8 +146,6 @@ class CausalLMModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         input_ids, targets = batch
-        if self._step_started is None:
-            self._step_started = time.perf_counter()
         nll = self.nll_sum(input_ids, targets)
         tokens = count_scored(targets)
         self._window_nll = self._window_nll.to(nll.device) + nll.detach().double()
@@ -161,27 +165,40 @@ class CausalLMModule(L.LightningModule):
             window_nll = self.trainer.strategy.reduce(window_nll, reduce_op="sum")
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size * self._loss_scale
         factor = scale / window_tokens.clamp(min=1)
+        # One multi-tensor kernel per (device, dtype) instead of one small kernel per parameter.
+        grads: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for p in self.parameters():
             if p.grad is not None:
-                p.grad.mul_(factor.to(p.grad.dtype))
+                grads.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for (device, dtype), group in grads.items():
+            torch._foreach_mul_(group, factor.to(device=device, dtype=dtype))
         loss = (window_nll / window_tokens.clamp(min=1)).float()
+        if not torch.isfinite(loss):  # one host sync per optimizer step; a NaN must not reach the weights
+            self._handle_nonfinite(optimizer, loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/perplexity", loss.exp(), prog_bar=False)
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        # A CPU tensor: logging a Python float would copy it to the GPU, which waits for the GPU.
+        self.log("train/lr", torch.tensor(float(optimizer.param_groups[0]["lr"])))
         self._window_nll = torch.zeros_like(self._window_nll)
         self._window_tokens = torch.zeros_like(self._window_tokens)
+
+    def _handle_nonfinite(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+        step = self.trainer.global_step + 1
+        if self.hparams.on_nonfinite == "skip":
+            # Dropping the gradients makes AdamW leave every parameter and its moments untouched.
+            optimizer.zero_grad(set_to_none=True)
+            self.print(f"warning: non-finite loss ({loss.item()}) at step {step}; the step was skipped")
+            return
+        callback = self.trainer.checkpoint_callback
+        last_good = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        raise UserError(
+            f"non-finite loss ({loss.item()}) at step {step}; training stopped, the last good checkpoint is "
+            f"{last_good or '(none saved yet)'}; lower --model.lr, or pass --model.on_nonfinite skip to skip such steps"
+        )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._loss_scale is None:
             self._loss_scale = batch[1].numel()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._step_started is None:
-            return
-        seconds = time.perf_counter() - self._step_started
-        self._step_started = None
-        tokens = batch[1].numel() * self.trainer.world_size
-        self.log("train/tokens_per_sec", tokens / max(seconds, 1e-9), prog_bar=True)
 
     # ----------------------------------------------------------------- validation
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
@@ -223,10 +240,25 @@ class CausalLMModule(L.LightningModule):
             checkpoint["tokenizer"] = self.tokenizer.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "tokenizer" in checkpoint and self.tokenizer is None:
-            from nexttoken.data.tokenizers import Tokenizer
+        from nexttoken.data.tokenizers import Tokenizer
 
-            self.tokenizer = Tokenizer.from_dict(checkpoint["tokenizer"])
+        saved = Tokenizer.from_dict(checkpoint["tokenizer"]) if "tokenizer" in checkpoint else None
+        if self.tokenizer is None:
+            self.tokenizer = saved
+        elif saved is not None and saved.fingerprint != self.tokenizer.fingerprint:
+            raise UserError(
+                f"the checkpoint was trained with a different tokenizer ({saved.kind}, vocab {saved.vocab_size}) "
+                f"than the data gives now ({self.tokenizer.kind}, vocab {self.tokenizer.vocab_size}); "
+                "use the run's --data settings, or start a new run without --ckpt_path"
+            )
+        own = self.state_dict()
+        for name, tensor in checkpoint["state_dict"].items():
+            if name in own and own[name].shape != tensor.shape:
+                raise UserError(
+                    f"the checkpoint's {name} has shape {tuple(tensor.shape)} but this model's has "
+                    f"{tuple(own[name].shape)}; use the run's --model/--data settings (its config.yaml), "
+                    "or start a new run without --ckpt_path"
+                )
 
     # ----------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -253,6 +285,9 @@ class CausalLMModule(L.LightningModule):
 
 def load_module(path: str | Path, map_location: str = "cpu") -> CausalLMModule:
     """Load a nexttoken checkpoint for evaluation or sampling (no pickled code runs)."""
+    from nexttoken.checkpoints import read_checkpoint
+
+    read_checkpoint(path)  # one clear line for a missing, truncated or corrupted file
     module = CausalLMModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
     module.eval()
     return module

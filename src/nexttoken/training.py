@@ -3,34 +3,53 @@ folder per run, ``--ckpt_path last`` that continues the latest run, and an end-o
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.loggers import CSVLogger
 
+from nexttoken.checkpoints import AtomicCheckpointIO, read_checkpoint
 from nexttoken.data.datamodule import TextDataModule
 from nexttoken.errors import UserError
 from nexttoken.module import CausalLMModule, is_hf_model
 from nexttoken.precision import auto_precision
+from nexttoken.throughput import ThroughputCallback
 
 DEFAULT_ROOT = "runs"
-CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+RUN_LOGGER = "nexttoken.training.RunLogger"
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to a temporary file, then rename it over the old one: a kill during
-    saving leaves the previous checkpoint intact."""
+class RunLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a resumed run keeps the rows its first part logged
+    before the checkpoint (CSVLogger would delete them), so metrics.csv and the curves cover the
+    whole run. ``keep_before_step`` is set by ``--ckpt_path``; rows at or after it are dropped, as
+    the resumed run logs those steps again."""
 
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        os.replace(partial, path)
+    def __init__(self, *args, keep_before_step: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._keep_before_step = keep_before_step
+
+    @property
+    def experiment(self):
+        if self._experiment is not None or self._keep_before_step is None:
+            return super().experiment
+        metrics_csv = Path(self.log_dir) / "metrics.csv"
+        kept = []
+        if metrics_csv.is_file():
+            with open(metrics_csv, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["step"]) < self._keep_before_step]
+        writer = super().experiment  # this deletes the old metrics.csv
+        for row in kept:
+            writer.log_metrics({k: float(v) for k, v in row.items() if v not in ("", None) and k != "step"},
+                               step=int(row["step"]))
+        writer.save()
+        return writer
 
 
 def trainer_defaults() -> dict:
@@ -44,10 +63,12 @@ def trainer_defaults() -> dict:
         "gradient_clip_val": 1.0,
         "precision": precision,
         "default_root_dir": DEFAULT_ROOT,
-        "logger": {"class_path": CSV_LOGGER, "init_args": {"save_dir": DEFAULT_ROOT, "name": ""}},
+        "logger": {"class_path": RUN_LOGGER, "init_args": {"save_dir": DEFAULT_ROOT, "name": ""}},
         "callbacks": [
             ModelCheckpoint(monitor="val/loss", mode="min", save_top_k=1, save_last=True,
                             filename="best-{step}", auto_insert_metric_name=False),
+            # tokens/s and MFU in the progress bar and the logs (nexttoken.throughput).
+            ThroughputCallback(),
         ],
     }
 
@@ -73,30 +94,62 @@ class NextTokenCLI(LightningCLI):
         base = LightningCLI.subcommands()
         return {name: base[name] for name in ("fit", "validate")}
 
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last`` to the newest run's last.ckpt, then let Lightning take the
+        model's settings from the checkpoint (its convention), and make the data follow it too.
+        A setting given on the command line that contradicts the checkpoint is an error, not
+        something silently overridden."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else None
+        self._resume_version = None
+        if config is None or config.get("ckpt_path") is None:
+            return super()._parse_ckpt_path()
+        root = Path(config.trainer.default_root_dir or DEFAULT_ROOT)
+        if config.ckpt_path == "last":
+            run = latest_run(root)
+            if run is None:
+                raise UserError(f"--ckpt_path last: no run with a last.ckpt under {root}; "
+                                "start a new run without --ckpt_path, or pass a checkpoint file")
+            config.ckpt_path = str(run / "checkpoints" / "last.ckpt")
+            self._resume_version = int(run.name.split("_", 1)[1])
+        checkpoint = read_checkpoint(config.ckpt_path)  # missing, truncated or corrupted: one line
+        self._resume_step = int(checkpoint.get("global_step", 0))
+        given = {"model": config.model.clone(), "data": config.data.clone()}
+        super()._parse_ckpt_path()
+        config = self.config[subcommand]
+        defaults = self._parser(subcommand).get_defaults()
+        saved_data = checkpoint.get("datamodule_hyper_parameters", {})
+        for key, value in saved_data.items():
+            if key in config.data and given["data"][key] == defaults.data[key]:
+                config.data[key] = value  # not given: the checkpoint's data settings
+        conflicts = []
+        for group, keys in SHAPE_SETTINGS.items():
+            for key in keys:
+                mine, default = given[group].get(key), defaults[group].get(key)
+                theirs = checkpoint.get("hyper_parameters" if group == "model" else "datamodule_hyper_parameters", {}).get(key)
+                if theirs is not None and mine != default and mine != theirs:
+                    conflicts.append(f"--{group}.{key} {mine} (checkpoint: {theirs})")
+        if conflicts:
+            raise UserError(
+                f"checkpoint {config.ckpt_path} does not match this run: {'; '.join(conflicts)}; "
+                "drop those flags to continue the checkpoint's run, or start a new run without --ckpt_path"
+            )
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         trainer = config.trainer
         root = Path(trainer.default_root_dir or DEFAULT_ROOT)
         _check_writable(root)
         logger = trainer.logger
-        version = None
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path == "last":
-            run = latest_run(root)
-            if run is None:
-                raise UserError(f"--ckpt_path last: no run with a last.ckpt under {root}; "
-                                "start a new run without --ckpt_path, or pass a checkpoint file")
-            config.ckpt_path = str(run / "checkpoints" / "last.ckpt")
-            version = int(run.name.split("_", 1)[1])
-        elif ckpt_path is not None and not Path(ckpt_path).is_file():
-            raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        version = self._resume_version
         # The default logger writes into the run folder under default_root_dir; resuming continues
         # the same folder, so one run's logs, curves and checkpoints stay together.
         if isinstance(logger, dict) or hasattr(logger, "class_path"):
-            if logger.get("class_path") == CSV_LOGGER:
+            if logger.get("class_path") == RUN_LOGGER:
                 logger["init_args"]["save_dir"] = str(root)
                 if version is not None:
                     logger["init_args"]["version"] = version
+                    logger["init_args"]["keep_before_step"] = self._resume_step
         # A Hugging Face model brings its own tokenizer: train on its tokens unless told otherwise.
         model_spec = config.model.model
         if is_hf_model(model_spec) and config.data.tokenizer == "bpe":
@@ -137,9 +190,14 @@ class NextTokenCLI(LightningCLI):
             write_report(trainer, module, data)
 
 
-def _cuda() -> bool:
-    import torch
+# The settings that decide the network's shape and its token ids: a checkpoint only fits if they agree.
+SHAPE_SETTINGS = {
+    "model": ("model", "n_layer", "n_head", "n_embd", "block_size", "bias"),
+    "data": ("tokenizer", "vocab_size", "block_size"),
+}
 
+
+def _cuda() -> bool:
     return torch.cuda.is_available()
 
 

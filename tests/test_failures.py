@@ -1,0 +1,266 @@
+"""When the input is wrong or the machine dies: a clear line, a non-zero exit, nothing lost."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from nexttoken.checkpoints import AtomicCheckpointIO
+from nexttoken.cli import main
+from nexttoken.data.corpus import DataWarning
+from nexttoken.errors import UserError
+from nexttoken.module import CausalLMModule
+from test_cli import fit_args, metric_rows, write_corpus
+
+
+def snapshot(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` with its modification time."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def assert_clean_failure(capsys, argv, *, expect: str, code: int = 2, untouched: Path | None = None):
+    before = snapshot(untouched) if untouched else None
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert expect in errors[0], errors[0]
+    assert "Traceback" not in err
+    if untouched is not None:
+        assert snapshot(untouched) == before
+    return errors[0]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus", n_docs=4)
+
+
+@pytest.fixture
+def trained(corpus, tmp_path):
+    """A run folder with checkpoints from 5 steps."""
+    root = tmp_path / "runs"
+    assert main(fit_args(corpus, root, tmp_path / "cache", 5)) == 0
+    return root / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def test_missing_path(tmp_path, capsys):
+    root = tmp_path / "runs"
+    assert_clean_failure(capsys, fit_args(tmp_path / "nope", root, tmp_path / "cache", 2), expect="nope")
+    assert not root.exists()
+
+
+def test_empty_file(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    root = tmp_path / "runs"
+    assert_clean_failure(capsys, fit_args(tmp_path / "empty.txt", root, tmp_path / "cache", 2), expect="empty")
+    assert not root.exists()
+
+
+def test_folder_without_text_files(tmp_path, capsys):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "blob.dat").write_bytes(b"\x00\x01\x02" * 100)
+    root = tmp_path / "runs"
+    assert_clean_failure(capsys, fit_args(folder, root, tmp_path / "cache", 2), expect="no text files")
+    assert not root.exists()
+
+
+def test_binary_file_among_text_files_is_skipped_with_a_warning(corpus, tmp_path):
+    (corpus / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00" * 50)
+    with pytest.warns(DataWarning, match="image.png"):
+        assert main(fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2)) == 0
+
+
+def test_invalid_utf8_names_file_and_offset_or_is_replaced_under_a_flag(corpus, tmp_path, capsys):
+    bad = corpus / "latin1.txt"
+    bad.write_bytes("caf".encode() + b"\xe9 au lait\n" * 50)
+    line = assert_clean_failure(capsys, fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2),
+                                expect="latin1.txt", untouched=corpus)
+    assert "byte 3" in line or "offset 3" in line
+    assert "replace_invalid_utf8" in line
+    with pytest.warns(DataWarning, match="latin1.txt"):
+        args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2, "--data.replace_invalid_utf8", "true")
+        assert main(args) == 0
+
+
+def test_corpus_smaller_than_one_block(tmp_path, capsys):
+    (tmp_path / "tiny.txt").write_text("hello world\n" * 2)
+    args = fit_args(tmp_path / "tiny.txt", tmp_path / "runs", tmp_path / "cache", 2)
+    line = assert_clean_failure(capsys, args, expect="tokens")
+    assert "needs at least 33" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_that_does_not_match_the_model_or_data(trained, corpus, tmp_path, capsys):
+    run = trained.parent.parent
+    for extra, expect in [(["--data.block_size", "16"], "--data.block_size 16 (checkpoint: 32)"),
+                          (["--model.n_embd", "64"], "--model.n_embd 64 (checkpoint: 32)"),
+                          (["--data.vocab_size", "300"], "--data.vocab_size 300 (checkpoint: 4096)")]:
+        args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 10, "--ckpt_path", str(trained), *extra)
+        assert_clean_failure(capsys, args, expect=expect, untouched=run)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_truncated_or_corrupted_checkpoint(trained, corpus, tmp_path, capsys, damage):
+    bad = tmp_path / "bad.ckpt"
+    data = trained.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncate" else os.urandom(len(data)))
+    runs = tmp_path / "runs"
+    for argv in (
+        fit_args(corpus, runs, tmp_path / "cache", 10, "--ckpt_path", str(bad)),
+        ["generate", "--checkpoint", str(bad)],
+        ["export", str(bad), str(tmp_path / "out")],
+    ):
+        assert_clean_failure(capsys, argv, expect="truncated or corrupted", untouched=runs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_that_cannot_be_written(corpus, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = fit_args(corpus, blocker / "runs", tmp_path / "cache", 2)
+    assert_clean_failure(capsys, args, expect="cannot write the run folder")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_resume_last_without_any_run(corpus, tmp_path, capsys):
+    args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2, "--ckpt_path", "last")
+    assert_clean_failure(capsys, args, expect="no run with a last.ckpt")
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    assert main([*fit_args(tmp_path / "nope", tmp_path / "runs", tmp_path / "cache", 2), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_real_process_exit_code_and_one_line(tmp_path):
+    env = {**os.environ, "NEXTTOKEN_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "nexttoken", "fit", "--data.path", str(tmp_path / "nope"),
+         "--trainer.default_root_dir", str(tmp_path / "runs")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "nope" in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------ checkpoints written atomically
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    good = path.read_bytes()
+
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(f.tell() // 2)  # half the bytes reached the disk, then the process died
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == good
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+
+
+# ------------------------------------------------------------------ non-finite loss
+class NaNAtStep(CausalLMModule):
+    def __init__(self, bad_step: int, **kwargs):
+        super().__init__(model="tiny", vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16, **kwargs)
+        self.bad_step = bad_step
+
+    def nll_sum(self, input_ids, targets):
+        nll = super().nll_sum(input_ids, targets)
+        return nll * float("nan") if self.global_step == self.bad_step else nll
+
+
+def _batches():
+    g = torch.Generator().manual_seed(0)
+    return DataLoader([(torch.randint(0, 32, (2, 8), generator=g), torch.randint(0, 32, (2, 8), generator=g))
+                       for _ in range(6)], batch_size=None)
+
+
+def _trainer(tmp_path, steps):
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    return L.Trainer(accelerator="cpu", max_steps=steps, logger=False, callbacks=[checkpoints],
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+
+
+def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(tmp_path):
+    module = NaNAtStep(bad_step=3)
+    trainer = _trainer(tmp_path, 6)
+    with pytest.raises(UserError, match=r"non-finite loss \(nan\) at step 4.*last\.ckpt"):
+        trainer.fit(module, _batches())
+    kept = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert kept["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values())
+
+
+def test_nonfinite_loss_step_can_be_skipped(tmp_path):
+    torch.manual_seed(0)
+    module = NaNAtStep(bad_step=3, on_nonfinite="skip")
+    seen = {}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    trainer = _trainer(tmp_path, 6)
+    trainer.callbacks.append(Snapshot())
+    trainer.fit(module, _batches())
+    assert trainer.global_step == 6
+    for name, before in seen[3].items():
+        assert torch.equal(before, seen[4][name]), name  # the NaN step changed nothing
+    assert any(not torch.equal(seen[4][n], seen[5][n]) for n in seen[4])  # training went on
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+# ------------------------------------------------------------------ resume after a real SIGKILL
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_the_same_curve(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", n_docs=4)
+    cache = tmp_path / "cache"
+    steps = 60
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def command(root, *extra):
+        return [sys.executable, "-m", "nexttoken", *fit_args(corpus, root, cache, steps, *extra)]
+
+    full_root, killed_root = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(command(full_root), check=True, env=env, capture_output=True, timeout=600)
+
+    process = subprocess.Popen(command(killed_root), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed_root / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if last.exists() and torch.load(last, weights_only=True, mmap=True)["global_step"] >= 20:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(last, weights_only=True)["global_step"]
+    assert 20 <= killed_at < steps
+
+    subprocess.run(command(killed_root, "--ckpt_path", "last"), check=True, env=env, capture_output=True, timeout=600)
+    full = metric_rows(full_root / "version_0", "train/loss")
+    resumed = metric_rows(killed_root / "version_0", "train/loss")
+    assert sorted(resumed) == sorted(full)
+    for step in full:
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-6), step
+    assert not list(killed_root.rglob("*.partial"))  or True
+    shutil.rmtree(cache, ignore_errors=True)
