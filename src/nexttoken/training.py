@@ -186,8 +186,9 @@ class NextTokenCLI(LightningCLI):
         last = getattr(module, "last_validation_step", None)
         if last != trainer.global_step or not getattr(module, "last_validation", None):
             trainer.validate(module, datamodule=data, verbose=False)
+        run_dir = Path(trainer.logger.log_dir if trainer.logger else trainer.default_root_dir)
         if trainer.is_global_zero:
-            write_report(trainer, module, data)
+            write_report(trainer, module, data, run_dir)
 
 
 # The settings that decide the network's shape and its token ids: a checkpoint only fits if they agree.
@@ -206,10 +207,9 @@ def _print_rank_zero(trainer: L.Trainer, message: str) -> None:
         print(message, flush=True)
 
 
-def write_report(trainer: L.Trainer, module: CausalLMModule, data: TextDataModule) -> None:
+def write_report(trainer: L.Trainer, module: CausalLMModule, data: TextDataModule, run_dir: Path) -> None:
     from nexttoken.report import compressor_bits_per_byte, format_report, plot_curves
 
-    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
     validation = module.last_validation
     compressors = compressor_bits_per_byte(data.val_text_bytes())
     text = format_report(validation, compressors, module.hparams.vocab_size)
@@ -237,12 +237,21 @@ def write_report(trainer: L.Trainer, module: CausalLMModule, data: TextDataModul
     }, indent=2) + "\n")
 
 
+# Lightning advice that does not apply here: validation numbers are already summed over processes
+# by NextTokenMetrics (so every rank logs the same value), and our IterableDatasets' lengths are exact.
+QUIET = (".*sync_dist=True.*", ".*IterableDataset.*has `__len__` defined.*")
+
+
 def run_lightning_cli(argv: list[str]) -> NextTokenCLI:
     import sys
+    import warnings
 
     saved, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "nexttoken", *argv]
     try:
-        return _make_cli()
+        with warnings.catch_warnings():
+            for message in QUIET:
+                warnings.filterwarnings("ignore", message=message)
+            return _make_cli()
     finally:
         sys.argv = saved
 

@@ -1,0 +1,53 @@
+"""Run by tests/test_distributed.py: one optimizer step under Lightning's DDP on CPU (gloo), two
+ranks whose micro-batches hold very different numbers of ignored positions, plain SGD with lr=1
+so the parameter change is minus the gradient. Rank 0 saves that change to argv[1]."""
+
+import sys
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from nexttoken.module import CausalLMModule
+
+V, T = 32, 8
+
+
+def rank_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two micro-batches per rank; the test rebuilds the same tensors for its reference."""
+    g = torch.Generator().manual_seed(100 + rank)
+    batches = []
+    for ignored in ((0, 2), (11, 15))[rank]:
+        input_ids = torch.randint(0, V, (2, T), generator=g)
+        targets = torch.randint(0, V, (2, T), generator=g)
+        targets.view(-1)[:ignored] = -100
+        batches.append((input_ids, targets))
+    return batches
+
+
+class SGDModule(CausalLMModule):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    def train_dataloader(self):
+        return DataLoader(rank_batches(self.global_rank), batch_size=None)
+
+
+def make_module() -> SGDModule:
+    torch.manual_seed(0)
+    module = SGDModule(model="tiny", vocab_size=V, block_size=T, n_layer=1, n_head=2, n_embd=16)
+    module.configure_model()
+    return module
+
+
+if __name__ == "__main__":
+    module = make_module()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=1, accumulate_grad_batches=2,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module)
+    if trainer.global_rank == 0:
+        torch.save({n: before[n] - p.detach() for n, p in module.named_parameters()}, sys.argv[1])
