@@ -102,7 +102,7 @@ class CausalLMModule(L.LightningModule):
             from nexttoken.models.hf import load_hf_causal_lm
 
             network, _ = load_hf_causal_lm(hp.model, trust_remote_code=hp.trust_remote_code)
-            return network
+            return network.train()  # loaded for inference (eval mode); Lightning keeps modes as it finds them
         from nexttoken.models.gpt import GPT, GPTConfig
 
         overrides = {
@@ -266,19 +266,32 @@ class CausalLMModule(L.LightningModule):
         self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
         seed: int | None = 0,
     ) -> str:
+        """Sample a continuation of ``prompt`` (reproducible for a given ``seed``)."""
         tok = self.tokenizer
         ids = tok.encode(prompt) if prompt else []
-        ids = [tok.eos_id, *ids]  # documents start after an end-of-document token, as in training
+        if tok.bos_id is not None and tok.kind == "hf":
+            ids = [tok.bos_id, *ids]  # a pretrained model's own convention
+        else:
+            ids = [tok.eos_id, *ids]  # our documents start after an end-of-document token
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        generator = None
         if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        was_training = self.model.training
-        self.model.eval()
-        out = self.model.generate(
-            idx, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=tok.eos_id, generator=generator
-        )
-        self.model.train(was_training)
+            torch.manual_seed(seed)
+        from nexttoken.models.gpt import GPT
+
+        if isinstance(self.model, GPT):
+            generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+            out = self.model.generate(
+                idx, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=tok.eos_id, generator=generator
+            )
+        else:  # a Hugging Face model samples with its own generate()
+            was_training = self.model.training
+            self.model.eval()
+            out = self.model.model.generate(
+                idx, attention_mask=torch.ones_like(idx), max_new_tokens=max_new_tokens,
+                do_sample=temperature > 0, temperature=temperature or None, top_k=top_k,
+                eos_token_id=tok.eos_id, pad_token_id=tok.eos_id,
+            )
+            self.model.train(was_training)
         new = [t for t in out[0, len(ids):].tolist() if t != tok.eos_id]
         return prompt + tok.decode(new)
 

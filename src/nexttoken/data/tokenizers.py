@@ -245,6 +245,8 @@ def load_local_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A local Hugging Face tokenizer: a folder with ``tokenizer.json`` (and maybe a
     ``tokenizer_config.json`` naming its eos/bos tokens), or a ``tokenizer.json`` file."""
     path = Path(path).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return _gguf_tokenizer(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise DataError(
@@ -273,6 +275,19 @@ def load_local_tokenizer(path: str | os.PathLike) -> Tokenizer:
             f"{', '.join(_EOS_CANDIDATES)}); add one, or use --data.tokenizer bpe"
         )
     return Tokenizer(tokenizer_json, kind="hf", eos_token=eos, bos_token=pick("bos_token", _BOS_CANDIDATES))
+
+
+def _gguf_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer stored inside a GGUF model file, read through transformers' GGUF support."""
+    from transformers import AutoTokenizer
+
+    try:
+        fast = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except Exception as e:  # transformers raises many kinds here; all mean "not readable"
+        raise DataError(f"could not read a tokenizer from {path} ({e}); check --data.tokenizer") from None
+    if fast.eos_token is None:
+        raise DataError(f"the tokenizer in {path} has no end-of-document token; use --data.tokenizer bpe")
+    return Tokenizer(fast.backend_tokenizer.to_str(), kind="hf", eos_token=fast.eos_token, bos_token=fast.bos_token)
 
 
 def _bpe_cache_file(cache_dir: Path, training_texts: list[str], vocab_size: int) -> Path:
