@@ -1,7 +1,6 @@
 """When the input is wrong or the machine dies: a clear line, a non-zero exit, nothing lost."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -82,7 +81,7 @@ def test_binary_file_among_text_files_is_skipped_with_a_warning(corpus, tmp_path
 
 def test_invalid_utf8_names_file_and_offset_or_is_replaced_under_a_flag(corpus, tmp_path, capsys):
     bad = corpus / "latin1.txt"
-    bad.write_bytes("caf".encode() + b"\xe9 au lait\n" * 50)
+    bad.write_bytes(b"caf" + b"\xe9 au lait\n" * 50)
     line = assert_clean_failure(capsys, fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2),
                                 expect="latin1.txt", untouched=corpus)
     assert "byte 3" in line or "offset 3" in line
@@ -262,5 +261,3 @@ def test_resume_after_sigkill_continues_the_same_curve(tmp_path):
     assert sorted(resumed) == sorted(full)
     for step in full:
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-6), step
-    assert not list(killed_root.rglob("*.partial"))  or True
-    shutil.rmtree(cache, ignore_errors=True)

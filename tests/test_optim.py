@@ -9,7 +9,6 @@ from nexttoken.optim import (
     DECAY,
     EMBEDDING,
     NORM,
-    UNCLASSIFIED,
     build_optimizer,
     decay_audit,
     param_groups,
@@ -45,10 +44,6 @@ def assert_each_trainable_param_once(model, groups):
     assert len(grouped) == len({id(p) for p in grouped})
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for p in grouped} == trainable
-
-
-def expected_rule(name: str, decay_names: set[str]) -> bool:
-    return name in decay_names
 
 
 def test_nanogpt_with_tied_embeddings():
