@@ -20,11 +20,21 @@ from torch import Tensor, nn
 
 from nexttoken.errors import UserError
 
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model*.bin.index.json")
+WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "pytorch_model*.bin",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "spiece.model")
 GGUF_MAGIC = b"GGUF"
 # Config fields of models whose logits are NOT a plain ``lm_head(hidden)``: softcapping or scaling.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_LOGIT_POSTPROCESSING = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+)
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -60,6 +70,7 @@ class HFCausalLM(nn.Module):
         self.model = model
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.train(model.training)  # mirror the wrapped model's mode (a new nn.Module says "training")
 
     @property
     def config(self):
@@ -94,7 +105,9 @@ class HFCausalLM(nn.Module):
                 return False
         return isinstance(self.model.get_output_embeddings(), nn.Linear)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, logits_to_keep: int = 0) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, logits_to_keep: int = 0
+    ) -> Tensor:
         """Logits ``(B, T, V)`` for every input position (no labels, no shift, no KV cache).
 
         ``logits_to_keep=k > 0`` returns only the last ``k`` positions' logits ``(B, k, V)``; the
@@ -139,7 +152,9 @@ def _check_folder(folder: Path) -> None:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{folder / 'config.json'} is not valid JSON ({_first_line(e)}); re-save the model") from None
+        raise UserError(
+            f"{folder / 'config.json'} is not valid JSON ({_first_line(e)}); re-save the model"
+        ) from None
     if not isinstance(config, dict) or ("model_type" not in config and "architectures" not in config):
         raise UserError(
             f"{folder / 'config.json'} does not describe a model (no model_type); point at a model folder"
@@ -149,7 +164,9 @@ def _check_folder(folder: Path) -> None:
 def _check_gguf(path: Path) -> None:
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
-            raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a real .gguf model")
+            raise UserError(
+                f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a real .gguf model"
+            )
 
 
 def load_hf_causal_lm(
@@ -191,7 +208,6 @@ def load_hf_causal_lm(
             ) from None
         raise UserError(f"could not load a causal language model from {path}: {message}") from None
     model = model.to(torch_dtype)
-    model.eval()
     if model.get_output_embeddings() is None:
         raise UserError(f"{path} has no language-model head ({type(model).__name__}); use a causal LM")
-    return HFCausalLM(model, name=str(path)), tokenizer
+    return HFCausalLM(model, name=str(path)).eval(), tokenizer
