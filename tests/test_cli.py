@@ -1,6 +1,7 @@
 """`nexttoken fit / validate / generate / export` end to end, in-process, in seconds."""
 
 import csv
+import json
 import random
 from pathlib import Path
 
@@ -71,8 +72,6 @@ def test_fit_end_to_end_writes_checkpoints_logs_curves_report(corpus, tmp_path, 
         assert text in out, text
     # The report's numbers are the final validation, built from the three sums.
     report = (run / "report.json").read_text()
-    import json
-
     numbers = json.loads(report)["validation"]
     assert numbers["perplexity"] == pytest.approx(torch.tensor(numbers["loss"]).exp().item(), rel=1e-6)
     assert numbers["bits_per_byte"] * numbers["bytes"] == pytest.approx(
@@ -145,6 +144,16 @@ def test_generate_and_export_from_checkpoint(corpus, tmp_path, capsys):
     module = load_module(ckpt)
     x = torch.tensor([module.tokenizer.encode("The queen of the river")])
     torch.testing.assert_close(hf(x).logits, module.model(x), rtol=1e-5, atol=1e-5)
+    # nexttoken eval gives the checkpoint and its export the same numbers.
+    text = tmp_path / "text.txt"
+    text.write_text("The queen of the river was the light of the castle.\n" * 4)
+    numbers = {}
+    for model in (ckpt, out_dir):
+        capsys.readouterr()
+        assert main(["eval", str(model), str(text), "--context", "32", "--stride", "16", "--json", "--no-progress"]) == 0
+        numbers[model] = json.loads(capsys.readouterr().out)
+    assert numbers[ckpt]["tokens"] == numbers[out_dir]["tokens"] == len(text.read_bytes())
+    assert numbers[out_dir]["perplexity"] == pytest.approx(numbers[ckpt]["perplexity"], rel=1e-5)
     # A second export into the same folder clobbers nothing.
     before = {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()}
     assert main(["export", str(ckpt), str(out_dir)]) == 2

@@ -59,6 +59,27 @@ def gpt_to_gpt2(network, tokenizer):
     return hf.eval()
 
 
+def _start_documents_with_eos(folder: Path, tokenizer) -> None:
+    """nexttoken trains on ``EOS doc0 EOS doc1 ...``: make the exported tokenizer put that EOS in
+    front of every text it encodes (as its BOS), so transformers users, and ``nexttoken eval``, feed
+    the model what it was trained on and score each document's first token."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+
+    eos = tokenizer.eos_token
+    hf_tokenizer = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    hf_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{eos} $A", pair=f"{eos} $A {eos} $B", special_tokens=[(eos, tokenizer.eos_id)]
+    )
+    hf_tokenizer.save(str(folder / "tokenizer.json"))
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["bos_token"] = eos
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from nexttoken.models.gpt import GPT
     from nexttoken.module import load_module
@@ -79,6 +100,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     try:
         hf.save_pretrained(staging, safe_serialization=True)
         module.tokenizer.save(staging)
+        if module.tokenizer.kind in ("bytes", "bpe"):
+            _start_documents_with_eos(staging, module.tokenizer)
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)

@@ -115,6 +115,8 @@ class CausalLMModule(L.LightningModule):
     @property
     def uses_fused_loss(self) -> bool:
         mode = self.hparams.fused_loss
+        if not getattr(self.model, "logits_are_linear", True):
+            return False  # softcapped or scaled logits (some HF models) are not hidden @ W.T
         if mode != "auto":
             return mode == "on"
         if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
@@ -195,6 +197,24 @@ class CausalLMModule(L.LightningModule):
             f"non-finite loss ({loss.item()}) at step {step}; training stopped, the last good checkpoint is "
             f"{last_good or '(none saved yet)'}; lower --model.lr, or pass --model.on_nonfinite skip to skip such steps"
         )
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Lightning refuses to clip under mixed precision when the optimizer unscales gradients
+        # itself (fused AdamW, which build_optimizer picks), because with fp16's loss scaler the
+        # gradients would still be scaled here. bf16-mixed has no scaler: the gradients are the
+        # true ones, so clip them exactly as Lightning would. (16-mixed keeps Lightning's check.)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if gradient_clip_val and scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._loss_scale is None:
