@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -30,11 +32,23 @@ def test_cuda_capability_rule(monkeypatch, capability, expected):
     assert f"{capability[0]}.{capability[1]}" in reason
 
 
-def test_reads_real_cpu_flags():
-    flags = precision.cpu_bf16_flags()
-    assert flags <= {"avx512_bf16", "amx_bf16"}
+def test_parses_cpuinfo_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n\n"
+                       "processor\t: 1\nflags\t\t: fpu\n")
+    assert precision.cpu_bf16_flags(cpuinfo) == {"avx512_bf16", "amx_bf16"}
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx512f avx2\n")
+    assert precision.cpu_bf16_flags(cpuinfo) == set()
+    assert precision.cpu_bf16_flags(tmp_path / "absent") == set()
+
+
+def test_reads_this_machines_flags():
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    first = next((line for line in lines if line.startswith("flags")), "flags :")
+    expected = set(first.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"}
+    assert precision.cpu_bf16_flags() == expected
     choice, _ = precision.auto_precision("cpu")
-    assert choice == ("bf16-mixed" if flags else "32-true")
+    assert choice == ("bf16-mixed" if expected else "32-true")
 
 
 class Recorder(L.LightningModule):

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 
-def cpu_bf16_flags() -> set[str]:
+def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
     """The CPU's native bf16 features, from /proc/cpuinfo (Linux x86); empty where unknown."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path(cpuinfo).read_text()
     except OSError:
         return set()
     flags: set[str] = set()
