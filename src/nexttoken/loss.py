@@ -56,6 +56,24 @@ def next_token_loss(
     return _reduce(nll, targets != ignore_index, reduction)
 
 
+# How the fused path chunks on a CPU. torch's automatic choice is tuned for GPUs; on a CPU it takes
+# ~64-row chunks for GPT-2's head (8192 x 768 -> 50257), and each chunk then re-reads and re-writes the
+# whole (V, C) weight gradient for a thin matmul: 1.45x the CPU time of the plain path. Chunks of
+# >= 1024 rows cost ~0.85x the plain path's time at 7% of its peak memory there; for small heads
+# (vocab 4096, width 128-192) even 1024-row chunks are slow (up to 1.7x), while one chunk of up to
+# 2**25 logits (128 MB in fp32) is faster than plain (benchmarks/loss_memory.py, README there).
+# GPUs keep torch's choice.
+CPU_CHUNK_MIN_ROWS = 1024
+CPU_CHUNK_MAX_LOGITS = 2**25
+
+
+def _fused_options(rows: int, classes: int, device: torch.device) -> torch.nn.LinearCrossEntropyOptions:
+    if device.type != "cpu":
+        return torch.nn.LinearCrossEntropyOptions()
+    chunk = max(CPU_CHUNK_MIN_ROWS, 1 << max(0, (CPU_CHUNK_MAX_LOGITS // max(classes, 1)).bit_length() - 1))
+    return torch.nn.LinearCrossEntropyOptions(batch_chunk_size=max(1, min(rows, chunk)), chunking_method=None)
+
+
 def fused_next_token_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -81,7 +99,7 @@ def fused_next_token_loss(
             linear_bias=None if bias is None else bias.float(),
             ignore_index=ignore_index,
             reduction="sum" if reduction != "none" else "none",
-            options=torch.nn.LinearCrossEntropyOptions(),
+            options=_fused_options(flat_targets.numel(), weight.shape[0], hidden.device),
         )
     if reduction == "none":
         return nll.view(targets.shape)

@@ -1,0 +1,435 @@
+"""GPU check: GPT-2 124M training through nexttoken on one CUDA GPU, in a few minutes.
+
+    python benchmarks/gpu_check.py                       # on an H100/H200: ~2-4 min
+    python benchmarks/gpu_check.py --batch 8 --steps 15  # lighter
+    python benchmarks/gpu_check.py --dry-run             # the same code on the CPU, tiny model (~1 min)
+
+Sections (each fails soft: an error is recorded in the summary and the next section runs):
+
+1. environment: torch/lightning versions, GPU name and count, whether torch has the fused
+   ``F.linear_cross_entropy`` (torch >= 2.13) that nexttoken's fused loss uses.
+2. auto_precision: what ``nexttoken.precision.auto_precision`` picks on this GPU (expected: bf16-mixed).
+3. matmul peak: measured bf16 (and fp32) matmul FLOP/s, next to the datasheet's dense bf16 peak.
+4. training step, GPT-2 124M (preset ``gpt2``, vocab 50257, block 1024), random tokens, through the
+   production path: ``CausalLMModule`` + ``lightning.Trainer`` with ``nexttoken fit``'s trainer
+   defaults (progress bar, logging, gradient clipping, throughput callback; checkpointing off).
+   ``bf16-mixed`` vs ``32-true``: tokens/s (synchronized, over the timed steps), peak memory
+   (``torch.cuda.max_memory_allocated``), MFU against the datasheet bf16 peak and the measured peak.
+   bf16-mixed is also run with ``fused_loss=off`` (plain logits) where the fused loss exists.
+5. the same bf16-mixed step as a plain PyTorch loop (same model, loss, AdamW, autocast, clipping):
+   Lightning's overhead on a fast GPU step.
+6. loss memory: fused vs plain next-token loss, hidden 768, vocab 50257, 8192 tokens, in fp32 and
+   with bf16 inputs (nexttoken upcasts them to fp32; "native" is torch's op on the bf16 inputs with fp32
+   accumulation): peak memory over the inputs and time.
+7. multi-GPU smoke (DDP, 2 steps): only with more than one GPU; skipped otherwise.
+
+The last line is a JSON summary of every number (and every error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+try:  # run from a checkout without installing: use its src/
+    import nexttoken  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch
+
+SUMMARY: dict = {"sections": {}}
+
+
+def section(name: str):
+    """Decorator: run a section, record its result or its error, never raise."""
+
+    def wrap(fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            print(f"\n== {name}", flush=True)
+            try:
+                result = fn(*args, **kwargs)
+                SUMMARY["sections"][name] = {"ok": True, **(result or {})}
+            except Exception as error:  # noqa: BLE001 - fail soft, report, go on
+                traceback.print_exc()
+                SUMMARY["sections"][name] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+                result = None
+            finally:
+                SUMMARY["sections"].setdefault(name, {})["seconds"] = round(time.perf_counter() - start, 1)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            return result
+
+        return run
+
+    return wrap
+
+
+def has_fused_loss() -> bool:
+    import torch.nn.functional as F
+
+    return hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device, baseline: int = 0) -> float | None:
+    if device.type != "cuda":
+        return None
+    return round((torch.cuda.max_memory_allocated(device) - baseline) / 2**30, 3)
+
+
+# --------------------------------------------------------------------------- sections
+@section("environment")
+def environment(args, device):
+    import lightning
+
+    info = {
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(device),
+        "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "fused_loss_available": has_fused_loss(),
+    }
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        info["memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    print(json.dumps(info))
+    return info
+
+
+@section("auto_precision")
+def check_auto_precision(args, device):
+    from nexttoken.precision import auto_precision
+
+    precision, reason = auto_precision(device)
+    expected = "bf16-mixed" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else None
+    print(f"auto_precision: {precision} ({reason})")
+    ok = expected is None or precision == expected
+    if not ok:
+        raise AssertionError(f"auto_precision picked {precision}, expected {expected}")
+    return {"precision": precision, "reason": reason, "expected": expected}
+
+
+@section("matmul_peak")
+def matmul_peak(args, device):
+    from nexttoken.throughput import datasheet_peak, measure_matmul_peak
+
+    size = 256 if args.tiny else 8192
+    out = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        flops = measure_matmul_peak(device, dtype, size=size, repeats=5)
+        out[f"measured_{name}_tflops"] = round(flops / 1e12, 2)
+    if device.type == "cuda":
+        sheet = datasheet_peak(torch.cuda.get_device_name(device), torch.bfloat16)
+        out["datasheet_bf16_tflops"] = sheet / 1e12 if sheet else None
+        out["fp32_matmul_precision"] = torch.get_float32_matmul_precision()
+    print(json.dumps(out))
+    return out
+
+
+def model_shape(args) -> dict:
+    if args.tiny:
+        return {"preset": "tiny", "vocab": 512, "block": 64}
+    return {"preset": "gpt2", "vocab": 50257, "block": 1024}
+
+
+def random_batches(n: int, batch: int, block: int, vocab: int) -> list:
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, vocab, (n, batch, block + 1), generator=g)
+    return [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in blocks]
+
+
+def trainer_settings() -> dict:
+    """nexttoken fit's trainer defaults; a copy of the speed-relevant ones if the CLI can't load."""
+    try:
+        from nexttoken.training import trainer_defaults
+
+        defaults = trainer_defaults()
+        callbacks = [c for c in defaults.get("callbacks", []) if type(c).__name__ != "ModelCheckpoint"]
+        return {"log_every_n_steps": defaults.get("log_every_n_steps", 10),
+                "gradient_clip_val": defaults.get("gradient_clip_val", 1.0), "callbacks": callbacks,
+                "source": "nexttoken.training.trainer_defaults"}
+    except Exception as error:  # noqa: BLE001
+        from nexttoken.throughput import ThroughputCallback
+
+        return {"log_every_n_steps": 10, "gradient_clip_val": 1.0, "callbacks": [ThroughputCallback()],
+                "source": f"fallback copy ({type(error).__name__}: {error})"}
+
+
+def lightning_run(args, device, precision: str, fused_loss: str) -> dict:
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    from nexttoken.module import CausalLMModule
+    from nexttoken.throughput import datasheet_peak, model_flops_per_token
+
+    shape = model_shape(args)
+    total = args.warmup + args.steps
+    batches = random_batches(total, args.batch, shape["block"], shape["vocab"])
+
+    class Timer(L.Callback):
+        """Synchronized clock at the end of the warm-up and of the last step: honest tokens/s."""
+
+        start = end = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx + 1 == args.warmup:
+                sync(device)
+                self.start = time.perf_counter()
+            elif batch_idx + 1 == total:
+                sync(device)
+                self.end = time.perf_counter()
+
+    module = CausalLMModule(model=shape["preset"], vocab_size=shape["vocab"], block_size=shape["block"],
+                            fused_loss=fused_loss, compile=args.compile)
+    settings = trainer_settings()
+    timer = Timer()
+    reset_peak(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(
+            accelerator=device.type, devices=1, precision=precision, max_steps=total,
+            default_root_dir=tmp, logger=CSVLogger(tmp, name=""), enable_checkpointing=False,
+            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+            log_every_n_steps=settings["log_every_n_steps"], gradient_clip_val=settings["gradient_clip_val"],
+            callbacks=[*settings["callbacks"], timer],
+        )
+        sink = io.StringIO()
+        with warnings.catch_warnings(), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, pin_memory=device.type == "cuda"))
+    seconds = timer.end - timer.start
+    tokens = args.steps * args.batch * shape["block"]
+    tps = tokens / seconds
+    fpt = model_flops_per_token(module.model, shape["block"])
+    out = {
+        "precision": precision, "fused_loss": module.uses_fused_loss, "tokens_per_sec": round(tps),
+        "step_ms": round(1000 * seconds / args.steps, 2), "peak_mem_gib": peak_gib(device),
+        "flops_per_token": fpt, "trainer_defaults": settings["source"], "final_loss": float(trainer.callback_metrics.get("train/loss", math.nan)),
+    }
+    if device.type == "cuda":
+        sheet = datasheet_peak(torch.cuda.get_device_name(device), torch.bfloat16)
+        if sheet:
+            out["mfu_vs_datasheet_bf16"] = round(tps * fpt / sheet, 4)
+    measured = SUMMARY["sections"].get("matmul_peak", {})
+    key = "measured_bf16_tflops" if "bf16" in precision else "measured_fp32_tflops"
+    if measured.get(key):
+        out["mfu_vs_measured_peak"] = round(tps * fpt / (measured[key] * 1e12), 4)
+    print(json.dumps(out), flush=True)
+    del module, trainer
+    return out
+
+
+@section("train_step")
+def train_step(args, device):
+    fused = "auto" if has_fused_loss() else "off"
+    results = {}
+    runs = [("bf16-mixed", fused), ("32-true", fused)]
+    if fused == "auto" and not args.tiny:
+        runs.insert(1, ("bf16-mixed", "off"))
+    if device.type == "cpu":
+        runs = [("32-true", fused), ("bf16-mixed", fused)]
+    for precision, fused_loss in runs:
+        name = f"{precision}/fused_loss={fused_loss}"
+        try:
+            results[name] = lightning_run(args, device, precision, fused_loss)
+        except Exception as error:  # noqa: BLE001 - one failed run must not hide the others
+            traceback.print_exc()
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+    bf16 = results.get(f"bf16-mixed/fused_loss={fused}", {})
+    fp32 = results.get(f"32-true/fused_loss={fused}", {})
+    if bf16.get("tokens_per_sec") and fp32.get("tokens_per_sec"):
+        results["speed_ratio_bf16_over_fp32"] = round(bf16["tokens_per_sec"] / fp32["tokens_per_sec"], 3)
+    if bf16.get("peak_mem_gib") and fp32.get("peak_mem_gib"):
+        results["memory_ratio_bf16_over_fp32"] = round(bf16["peak_mem_gib"] / fp32["peak_mem_gib"], 3)
+    return results
+
+
+@section("plain_loop")
+def plain_loop(args, device):
+    """The bf16-mixed step without Lightning: same model, loss choice, AdamW, clipping."""
+    from nexttoken.loss import fused_next_token_loss, next_token_loss
+    from nexttoken.models.gpt import GPT, GPTConfig
+    from nexttoken.optim import build_optimizer
+
+    shape = model_shape(args)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset(shape["preset"], shape["vocab"], block_size=shape["block"])).to(device)
+    optimizer, schedule = build_optimizer(model, lr=3e-4, warmup_steps=10, max_steps=1000)
+    use_fused = has_fused_loss() and shape["vocab"] >= 8 * model.config.n_embd
+    total = args.warmup + args.steps
+    batches = random_batches(total, args.batch, shape["block"], shape["vocab"])
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    start = None
+    for i, (x, y) in enumerate(batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            if use_fused:
+                loss = fused_next_token_loss(model.hidden(x), model.lm_head.weight, y)
+            else:
+                loss = next_token_loss(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i + 1 == args.warmup:
+            sync(device)
+            start = time.perf_counter()
+    sync(device)
+    seconds = time.perf_counter() - start
+    tps = args.steps * args.batch * shape["block"] / seconds
+    out = {"tokens_per_sec": round(tps), "step_ms": round(1000 * seconds / args.steps, 2),
+           "fused_loss": use_fused, "dtype": str(dtype)}
+    lightning_bf16 = SUMMARY["sections"].get("train_step", {})
+    key = f"bf16-mixed/fused_loss={'auto' if has_fused_loss() else 'off'}" if device.type == "cuda" else None
+    ref = lightning_bf16.get(key, {}) if key else {}
+    if ref.get("tokens_per_sec"):
+        out["lightning_over_plain"] = round(ref["tokens_per_sec"] / tps, 3)
+    print(json.dumps(out))
+    return out
+
+
+def loss_variants(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> dict:
+    import torch.nn.functional as F
+
+    from nexttoken.loss import fused_next_token_loss, next_token_loss
+
+    variants = {"plain": lambda: next_token_loss(h @ w.T, y, reduction="sum")}
+    if has_fused_loss():
+        variants["fused"] = lambda: fused_next_token_loss(h, w, y, reduction="sum")
+        if h.dtype != torch.float32:
+            # torch's op on the bf16 inputs themselves (bf16 matmuls, fp32 accumulation): what the
+            # fused path would cost without nexttoken's upcast of hidden and weight to fp32.
+            options = torch.nn.LinearCrossEntropyOptions()
+            variants["fused_native"] = lambda: F.linear_cross_entropy(h, w, y, reduction="sum", options=options)
+    return variants
+
+
+@section("loss_memory")
+def loss_memory(args, device):
+    tokens, hidden_size, vocab = (512, 64, 2048) if args.tiny else (8192, 768, 50257)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(tokens, hidden_size, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        w = (torch.randn(vocab, hidden_size, generator=g) * 0.02).to(device=device, dtype=dtype).requires_grad_()
+        y = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+        for name, fn in loss_variants(h, w, y).items():
+            times = []
+            for rep in range(4):
+                h.grad = w.grad = None
+                reset_peak(device)
+                base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+                sync(device)
+                t = time.perf_counter()
+                fn().backward()
+                sync(device)
+                times.append(time.perf_counter() - t)
+                if rep == 0:
+                    peak = peak_gib(device, base)
+            key = f"{str(dtype).replace('torch.', '')}/{name}"
+            results[key] = {"peak_gib": peak, "ms": round(1000 * sorted(times[1:])[len(times[1:]) // 2], 2)}
+            print(key, json.dumps(results[key]), flush=True)
+        del h, w, y
+    for dt in ("float32", "bfloat16"):
+        p, f = results.get(f"{dt}/plain", {}), results.get(f"{dt}/fused", {})
+        if p.get("peak_gib") and f.get("peak_gib"):
+            results[f"{dt}_memory_ratio_fused_over_plain"] = round(f["peak_gib"] / p["peak_gib"], 3)
+        if p.get("ms") and f.get("ms"):
+            results[f"{dt}_time_ratio_fused_over_plain"] = round(f["ms"] / p["ms"], 3)
+    return results
+
+
+@section("multi_gpu")
+def multi_gpu(args, device):
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n < 2:
+        print(f"{n} GPU(s): skipped")
+        return {"skipped": f"{n} GPU(s)"}
+    import subprocess
+
+    code = (
+        "import sys, torch, lightning as L\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'src')!r})\n"
+        "from torch.utils.data import DataLoader\n"
+        "from nexttoken.module import CausalLMModule\n"
+        "b=[(torch.randint(0,512,(2,64)),torch.randint(0,512,(2,64))) for _ in range(4)]\n"
+        "m=CausalLMModule(model='tiny',vocab_size=512,block_size=64)\n"
+        "t=L.Trainer(accelerator='gpu',devices=2,strategy='ddp',max_steps=2,logger=False,"
+        "enable_checkpointing=False,enable_progress_bar=False,limit_val_batches=0,precision='bf16-mixed')\n"
+        "t.fit(m,train_dataloaders=DataLoader(b,batch_size=None))\n"
+        "print('ddp ok', t.global_step)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    print(out.stdout[-2000:], out.stderr[-2000:])
+    if out.returncode != 0:
+        raise RuntimeError(f"DDP smoke failed (exit {out.returncode})")
+    return {"ddp": "ok"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model and shapes (CPU logic check)")
+    parser.add_argument("--dry-run", action="store_true", help="= --device cpu --tiny")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 16; tiny 4)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; tiny 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; tiny 2)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model in the Lightning runs")
+    parser.add_argument("--skip", default="", help="comma list of sections to skip")
+    args = parser.parse_args()
+    if args.dry_run:
+        args.device, args.tiny = "cpu", True
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and not args.tiny:
+        print("no CUDA device: running the tiny CPU variant (--tiny)")
+        args.tiny = True
+    args.batch = args.batch or (4 if args.tiny else 16)
+    args.steps = args.steps or (3 if args.tiny else 20)
+    args.warmup = args.warmup or (2 if args.tiny else 5)
+    os.environ.setdefault("NEXTTOKEN_CACHE", tempfile.mkdtemp(prefix="nexttoken-gpu-check-"))
+    SUMMARY["args"] = {k: v for k, v in vars(args).items()}
+    started = time.perf_counter()
+    skip = set(filter(None, args.skip.split(",")))
+    for fn, name in ((environment, "environment"), (check_auto_precision, "auto_precision"),
+                     (matmul_peak, "matmul_peak"), (train_step, "train_step"), (plain_loop, "plain_loop"),
+                     (loss_memory, "loss_memory"), (multi_gpu, "multi_gpu")):
+        if name in skip:
+            SUMMARY["sections"][name] = {"skipped": "--skip"}
+            continue
+        fn(args, device)
+    SUMMARY["seconds"] = round(time.perf_counter() - started, 1)
+    SUMMARY["ok"] = all(s.get("ok", True) for s in SUMMARY["sections"].values())
+    print("\nGPU_CHECK_SUMMARY " + json.dumps(SUMMARY, default=str))
+    ratio = SUMMARY["sections"].get("train_step", {}).get("speed_ratio_bf16_over_fp32")
+    verdict = "MISS" if ratio is None or ratio <= 1.0 else "PASS"
+    print(f"gpu_check bf16-mixed/32-true tokens_per_sec: ratio={ratio if ratio is not None else float('nan'):.3f} "
+          f"goal>1.0 {verdict}")
+
+
+if __name__ == "__main__":
+    main()
