@@ -217,8 +217,8 @@ def lightning_run(args, device, precision: str, fused_loss: str) -> dict:
             log_every_n_steps=settings["log_every_n_steps"], gradient_clip_val=settings["gradient_clip_val"],
             callbacks=[*settings["callbacks"], timer],
         )
-        sink = io.StringIO()
-        with warnings.catch_warnings(), contextlib.redirect_stderr(sink):
+        sink = io.StringIO()  # the progress bar still renders (its cost counts), out of sight
+        with warnings.catch_warnings(), contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")
             trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, pin_memory=device.type == "cuda"))
     seconds = timer.end - timer.start

@@ -129,6 +129,10 @@ class TimeBudget(L.Callback):
                 torch.set_num_threads(self.probing)
             return
         self.probe.append(seconds)
+        if len(self.probe) > 1 and seconds > 1.5 * statistics.median(self.recent):
+            torch.set_num_threads(self.back_to)  # clearly worse: stop probing at once
+            self.probing, self.recent = None, []
+            return
         if len(self.probe) > self.probe_steps:  # the first probed step settles the new threads
             keep = self.probing if statistics.median(self.probe[1:]) < statistics.median(self.recent) else self.back_to
             torch.set_num_threads(keep)

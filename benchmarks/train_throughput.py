@@ -200,6 +200,10 @@ def throughput_main(args: argparse.Namespace) -> None:
 def compile_main(args: argparse.Namespace) -> None:
     import inspect
 
+    if not args.warm_cache:
+        # A first run compiles from scratch; inductor's on-disk caches would hide most of that.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
+
     from nexttoken.data.datamodule import TextDataModule
     from nexttoken.module import CausalLMModule
     from nexttoken.training import trainer_defaults
@@ -287,6 +291,8 @@ def main() -> None:
     parser.add_argument("--hand-clip", action="store_true", help="(b) clips gradients too")
     parser.add_argument("--verbose", dest="quiet", action="store_false", help="show Lightning's output")
     parser.add_argument("--compile-check", action="store_true", help="torch.compile vs eager, end to end")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="--compile-check: keep inductor's on-disk cache (default: a fresh one, as a first run)")
     parser.add_argument("--preset-override", default=None, help="--compile-check: another preset")
     parser.add_argument("--batch-override", type=int, default=None, help="--compile-check: another batch")
     args = parser.parse_args()
