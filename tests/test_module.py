@@ -91,3 +91,21 @@ def test_fused_loss_choice_and_equivalence(mode, expected):
 def test_bad_fused_loss_mode():
     with pytest.raises(ValueError, match="fused_loss"):
         CausalLMModule(fused_loss="maybe")
+
+
+def test_bf16_mixed_with_gradient_clipping_and_fused_adamw_trains():
+    # Lightning refuses to clip for fused optimizers under mixed precision; bf16 has no loss
+    # scaler, so the module clips the true gradients itself.
+    torch.manual_seed(0)
+    module = CausalLMModule(model="tiny", vocab_size=V, block_size=T, n_layer=1, n_head=2, n_embd=16)
+    trainer = L.Trainer(
+        accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1e-3, max_steps=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer.fit(module, train_dataloaders=DataLoader(micro_batches(), batch_size=None))
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert trainer.global_step == 2
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in module.named_parameters())

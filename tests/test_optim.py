@@ -187,6 +187,11 @@ def test_build_optimizer_uses_fused_adamw_and_schedule():
     assert all(a >= b - 1e-12 for a, b in zip(lrs[9:], lrs[10:]))
 
 
+def test_fused_can_be_turned_off():
+    optimizer, _ = build_optimizer(TinyNanoGPT(), lr=1e-3, fused=False)
+    assert not optimizer.defaults["fused"] and optimizer.defaults["foreach"] is True
+
+
 def test_warmup_cosine_formula():
     assert warmup_cosine(0, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) == pytest.approx(0.25)
     mid = warmup_cosine(12, warmup_steps=4, max_steps=20, min_lr_ratio=0.1)

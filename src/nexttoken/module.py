@@ -250,6 +250,9 @@ class CausalLMModule(L.LightningModule):
             warmup_steps=min(hp.warmup_steps, max(max_steps // 10, 1)),
             max_steps=max_steps,
             min_lr=hp.min_lr,
+            # fp16's loss scaler must unscale before clipping, which Lightning cannot do for a fused
+            # optimizer (it unscales inside its own step): use the foreach kernel there.
+            fused=False if str(self.trainer.precision) in ("16-mixed", "16") else None,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

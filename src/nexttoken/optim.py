@@ -161,14 +161,17 @@ def build_optimizer(
     warmup_steps: int = 100,
     max_steps: int = 10_000,
     min_lr: float | None = None,
+    fused: bool | None = None,
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the Golden Rule groups (fused kernel where torch has one) + warmup/cosine."""
+    """AdamW over the Golden Rule groups (fused kernel where torch has one, unless ``fused=False``)
+    + warmup/cosine."""
     groups = [g for g in param_groups(model, weight_decay) if g["params"]]
     all_params = [p for g in groups for p in g["params"]]
     if not all_params:
         raise ValueError("the model has no trainable parameters")
     # Fused AdamW is several times faster than foreach on CPU too; foreach is the fallback.
-    kind = {"fused": True} if _fused_supported(all_params) else {"foreach": True}
+    use_fused = _fused_supported(all_params) if fused is None else fused
+    kind = {"fused": True} if use_fused else {"foreach": True}
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kind)
     min_lr_ratio = (lr / 10 if min_lr is None else min_lr) / lr if lr > 0 else 0.0
     schedule = torch.optim.lr_scheduler.LambdaLR(
