@@ -156,7 +156,7 @@ class NextTokenCLI(LightningCLI):
             config.data.tokenizer = model_spec
 
         chosen, reason = auto_precision(
-            "cuda" if trainer.accelerator in ("gpu", "cuda", "auto") and _cuda() else "cpu"
+            "cuda" if trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
         )
         if str(trainer.precision) == chosen:
             self._precision_note = f"precision: {chosen} (auto: {reason})"
@@ -196,10 +196,6 @@ SHAPE_SETTINGS = {
     "model": ("model", "n_layer", "n_head", "n_embd", "block_size", "bias"),
     "data": ("tokenizer", "vocab_size", "block_size"),
 }
-
-
-def _cuda() -> bool:
-    return torch.cuda.is_available()
 
 
 def _print_rank_zero(trainer: L.Trainer, message: str) -> None:
