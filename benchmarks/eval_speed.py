@@ -60,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-from nexttoken.evaluate import encode, evaluate_texts
+from nexttoken.evaluation.score import evaluate_texts
 from nexttoken.models.hf import load_hf_causal_lm
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2" / "test.txt"
@@ -147,13 +147,13 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, context {N} (docs max_length {N + 1}), stride {S}"
     )
 
-    ids = encode(tok, DATA.read_text(encoding="utf-8")[: 8 * (N + 1 + args.windows * S)])
+    ids = tok.encode(DATA.read_text(encoding="utf-8")[: 8 * (N + 1 + args.windows * S)])
     seq_len = N + 1 + args.windows * S
     if len(ids) < seq_len:
         raise SystemExit(f"need {seq_len} tokens, the text gave {len(ids)}")
     ids = ids[:seq_len]
     text = tok.decode(ids)
-    if encode(tok, text) != ids:
+    if tok.encode(text) != ids:
         raise SystemExit("decode/encode round trip changed the tokens; pick another --windows")
     input_ids = torch.tensor([ids])
 

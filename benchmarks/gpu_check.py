@@ -47,6 +47,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch
+from _common import plain_step, random_batches
 
 SUMMARY: dict = {"sections": {}}
 
@@ -125,7 +126,9 @@ def check_auto_precision(args, device):
     from nexttoken.precision import auto_precision
 
     precision, reason = auto_precision(device)
-    expected = "bf16-mixed" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else None
+    expected = (
+        "bf16-mixed" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else None
+    )
     print(f"auto_precision: {precision} ({reason})")
     ok = expected is None or precision == expected
     if not ok:
@@ -135,7 +138,7 @@ def check_auto_precision(args, device):
 
 @section("matmul_peak")
 def matmul_peak(args, device):
-    from nexttoken.throughput import datasheet_peak, measure_matmul_peak
+    from nexttoken.peak import datasheet_peak, measure_matmul_peak
 
     size = 256 if args.tiny else 8192
     out = {}
@@ -156,12 +159,6 @@ def model_shape(args) -> dict:
     return {"preset": "gpt2", "vocab": 50257, "block": 1024}
 
 
-def random_batches(n: int, batch: int, block: int, vocab: int) -> list:
-    g = torch.Generator().manual_seed(0)
-    blocks = torch.randint(0, vocab, (n, batch, block + 1), generator=g)
-    return [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in blocks]
-
-
 def trainer_settings() -> dict:
     """nexttoken fit's trainer defaults; a copy of the speed-relevant ones if the CLI can't load."""
     try:
@@ -169,14 +166,21 @@ def trainer_settings() -> dict:
 
         defaults = trainer_defaults()
         callbacks = [c for c in defaults.get("callbacks", []) if type(c).__name__ != "ModelCheckpoint"]
-        return {"log_every_n_steps": defaults.get("log_every_n_steps", 10),
-                "gradient_clip_val": defaults.get("gradient_clip_val", 1.0), "callbacks": callbacks,
-                "source": "nexttoken.training.trainer_defaults"}
+        return {
+            "log_every_n_steps": defaults.get("log_every_n_steps", 10),
+            "gradient_clip_val": defaults.get("gradient_clip_val", 1.0),
+            "callbacks": callbacks,
+            "source": "nexttoken.training.trainer_defaults",
+        }
     except Exception as error:  # noqa: BLE001
         from nexttoken.throughput import ThroughputCallback
 
-        return {"log_every_n_steps": 10, "gradient_clip_val": 1.0, "callbacks": [ThroughputCallback()],
-                "source": f"fallback copy ({type(error).__name__}: {error})"}
+        return {
+            "log_every_n_steps": 10,
+            "gradient_clip_val": 1.0,
+            "callbacks": [ThroughputCallback()],
+            "source": f"fallback copy ({type(error).__name__}: {error})",
+        }
 
 
 def lightning_run(args, device, precision: str, fused_loss: str) -> dict:
@@ -185,7 +189,7 @@ def lightning_run(args, device, precision: str, fused_loss: str) -> dict:
     from torch.utils.data import DataLoader
 
     from nexttoken.module import CausalLMModule
-    from nexttoken.throughput import datasheet_peak, model_flops_per_token
+    from nexttoken.peak import datasheet_peak
 
     shape = model_shape(args)
     total = args.warmup + args.steps
@@ -204,31 +208,52 @@ def lightning_run(args, device, precision: str, fused_loss: str) -> dict:
                 sync(device)
                 self.end = time.perf_counter()
 
-    module = CausalLMModule(model=shape["preset"], vocab_size=shape["vocab"], block_size=shape["block"],
-                            fused_loss=fused_loss, compile=args.compile)
+    module = CausalLMModule(
+        model=shape["preset"],
+        vocab_size=shape["vocab"],
+        block_size=shape["block"],
+        fused_loss=fused_loss,
+        compile=args.compile,
+    )
     settings = trainer_settings()
     timer = Timer()
     reset_peak(device)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
-            accelerator=device.type, devices=1, precision=precision, max_steps=total,
-            default_root_dir=tmp, logger=CSVLogger(tmp, name=""), enable_checkpointing=False,
-            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-            log_every_n_steps=settings["log_every_n_steps"], gradient_clip_val=settings["gradient_clip_val"],
+            accelerator=device.type,
+            devices=1,
+            precision=precision,
+            max_steps=total,
+            default_root_dir=tmp,
+            logger=CSVLogger(tmp, name=""),
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            log_every_n_steps=settings["log_every_n_steps"],
+            gradient_clip_val=settings["gradient_clip_val"],
             callbacks=[*settings["callbacks"], timer],
         )
         sink = io.StringIO()  # the progress bar still renders (its cost counts), out of sight
         with warnings.catch_warnings(), contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")
-            trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, pin_memory=device.type == "cuda"))
+            trainer.fit(
+                module,
+                train_dataloaders=DataLoader(batches, batch_size=None, pin_memory=device.type == "cuda"),
+            )
     seconds = timer.end - timer.start
     tokens = args.steps * args.batch * shape["block"]
     tps = tokens / seconds
-    fpt = model_flops_per_token(module.model, shape["block"])
+    fpt = module.model.flops_per_token(shape["block"])
     out = {
-        "precision": precision, "fused_loss": module.uses_fused_loss, "tokens_per_sec": round(tps),
-        "step_ms": round(1000 * seconds / args.steps, 2), "peak_mem_gib": peak_gib(device),
-        "flops_per_token": fpt, "trainer_defaults": settings["source"], "final_loss": float(trainer.callback_metrics.get("train/loss", math.nan)),
+        "precision": precision,
+        "fused_loss": module.uses_fused_loss,
+        "tokens_per_sec": round(tps),
+        "step_ms": round(1000 * seconds / args.steps, 2),
+        "peak_mem_gib": peak_gib(device),
+        "flops_per_token": fpt,
+        "trainer_defaults": settings["source"],
+        "final_loss": float(trainer.callback_metrics.get("train/loss", math.nan)),
     }
     if device.type == "cuda":
         sheet = datasheet_peak(torch.cuda.get_device_name(device), torch.bfloat16)
@@ -271,7 +296,6 @@ def train_step(args, device):
 @section("plain_loop")
 def plain_loop(args, device):
     """The bf16-mixed step without Lightning: same model, loss choice, AdamW, clipping."""
-    from nexttoken.loss import fused_next_token_loss, next_token_loss
     from nexttoken.models.gpt import GPT, GPTConfig
     from nexttoken.optim import build_optimizer
 
@@ -286,24 +310,27 @@ def plain_loop(args, device):
     start = None
     for i, (x, y) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-            if use_fused:
-                loss = fused_next_token_loss(model.hidden(x), model.lm_head.weight, y)
-            else:
-                loss = next_token_loss(model(x), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        plain_step(
+            model,
+            optimizer,
+            x,
+            y,
+            fused=use_fused,
+            schedule=schedule,
+            autocast=dtype if device.type == "cuda" else None,
+        )
         if i + 1 == args.warmup:
             sync(device)
             start = time.perf_counter()
     sync(device)
     seconds = time.perf_counter() - start
     tps = args.steps * args.batch * shape["block"] / seconds
-    out = {"tokens_per_sec": round(tps), "step_ms": round(1000 * seconds / args.steps, 2),
-           "fused_loss": use_fused, "dtype": str(dtype)}
+    out = {
+        "tokens_per_sec": round(tps),
+        "step_ms": round(1000 * seconds / args.steps, 2),
+        "fused_loss": use_fused,
+        "dtype": str(dtype),
+    }
     lightning_bf16 = SUMMARY["sections"].get("train_step", {})
     key = f"bf16-mixed/fused_loss={'auto' if has_fused_loss() else 'off'}" if device.type == "cuda" else None
     ref = lightning_bf16.get(key, {}) if key else {}
@@ -325,7 +352,9 @@ def loss_variants(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> dict:
             # torch's op on the bf16 inputs themselves (bf16 matmuls, fp32 accumulation): what the
             # fused path would cost without nexttoken's upcast of hidden and weight to fp32.
             options = torch.nn.LinearCrossEntropyOptions()
-            variants["fused_native"] = lambda: F.linear_cross_entropy(h, w, y, reduction="sum", options=options)
+            variants["fused_native"] = lambda: F.linear_cross_entropy(
+                h, w, y, reduction="sum", options=options
+            )
     return variants
 
 
@@ -336,7 +365,11 @@ def loss_memory(args, device):
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator().manual_seed(0)
         h = torch.randn(tokens, hidden_size, generator=g).to(device=device, dtype=dtype).requires_grad_()
-        w = (torch.randn(vocab, hidden_size, generator=g) * 0.02).to(device=device, dtype=dtype).requires_grad_()
+        w = (
+            (torch.randn(vocab, hidden_size, generator=g) * 0.02)
+            .to(device=device, dtype=dtype)
+            .requires_grad_()
+        )
         y = torch.randint(0, vocab, (tokens,), generator=g).to(device)
         for name, fn in loss_variants(h, w, y).items():
             times = []
@@ -392,14 +425,18 @@ def multi_gpu(args, device):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and shapes (CPU logic check)")
     parser.add_argument("--dry-run", action="store_true", help="= --device cpu --tiny")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 16; tiny 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; tiny 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; tiny 2)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model in the Lightning runs")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the model in the Lightning runs"
+    )
     parser.add_argument("--skip", default="", help="comma list of sections to skip")
     args = parser.parse_args()
     if args.dry_run:
@@ -415,9 +452,15 @@ def main() -> None:
     SUMMARY["args"] = {k: v for k, v in vars(args).items()}
     started = time.perf_counter()
     skip = set(filter(None, args.skip.split(",")))
-    for fn, name in ((environment, "environment"), (check_auto_precision, "auto_precision"),
-                     (matmul_peak, "matmul_peak"), (train_step, "train_step"), (plain_loop, "plain_loop"),
-                     (loss_memory, "loss_memory"), (multi_gpu, "multi_gpu")):
+    for fn, name in (
+        (environment, "environment"),
+        (check_auto_precision, "auto_precision"),
+        (matmul_peak, "matmul_peak"),
+        (train_step, "train_step"),
+        (plain_loop, "plain_loop"),
+        (loss_memory, "loss_memory"),
+        (multi_gpu, "multi_gpu"),
+    ):
         if name in skip:
             SUMMARY["sections"][name] = {"skipped": "--skip"}
             continue
@@ -427,8 +470,10 @@ def main() -> None:
     print("\nGPU_CHECK_SUMMARY " + json.dumps(SUMMARY, default=str))
     ratio = SUMMARY["sections"].get("train_step", {}).get("speed_ratio_bf16_over_fp32")
     verdict = "MISS" if ratio is None or ratio <= 1.0 else "PASS"
-    print(f"gpu_check bf16-mixed/32-true tokens_per_sec: ratio={ratio if ratio is not None else float('nan'):.3f} "
-          f"goal>1.0 {verdict}")
+    print(
+        f"gpu_check bf16-mixed/32-true tokens_per_sec: ratio={ratio if ratio is not None else float('nan'):.3f} "
+        f"goal>1.0 {verdict}"
+    )
 
 
 if __name__ == "__main__":

@@ -69,9 +69,11 @@ def worker(variant: str, tokens: int, hidden_size: int, vocab: int, reps: int, d
     targets[::97] = -100  # a few ignored positions, as in real batches
 
     if variant == "plain":
+
         def step():
             return next_token_loss(hidden @ weight.T, targets, reduction="sum")
     elif variant == "fused":
+
         def step():
             return fused_next_token_loss(hidden, weight, targets, reduction="sum")
     elif variant == "fused-native":
@@ -106,39 +108,78 @@ def worker(variant: str, tokens: int, hidden_size: int, vocab: int, reps: int, d
         step().backward()
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    return {"variant": variant, "peak_mb": peak, "baseline_mb": baseline, "first_s": first,
-            "times": times, "cpu": cpu, "loss": value, "grad_norms": grads, "threads": torch.get_num_threads()}
+    return {
+        "variant": variant,
+        "peak_mb": peak,
+        "baseline_mb": baseline,
+        "first_s": first,
+        "times": times,
+        "cpu": cpu,
+        "loss": value,
+        "grad_norms": grads,
+        "threads": torch.get_num_threads(),
+    }
 
 
 # --------------------------------------------------------------------------- driver
 def run_variant(variant: str, args: argparse.Namespace, reps: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--tokens", str(args.tokens),
-           "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--reps", str(reps), "--dtype", args.dtype]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--tokens",
+        str(args.tokens),
+        "--hidden",
+        str(args.hidden),
+        "--vocab",
+        str(args.vocab),
+        "--reps",
+        str(reps),
+        "--dtype",
+        args.dtype,
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=TOKENS)
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--vocab", type=int, default=VOCAB)
     parser.add_argument("--rounds", type=int, default=2, help="alternating subprocess pairs (default 2)")
-    parser.add_argument("--reps", type=int, default=1, help="steps after the first per subprocess (default 1)")
-    parser.add_argument("--dtype", default="float32", help="input dtype (float32; bfloat16 to see the upcast)")
+    parser.add_argument(
+        "--reps", type=int, default=1, help="steps after the first per subprocess (default 1)"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", help="input dtype (float32; bfloat16 to see the upcast)"
+    )
     parser.add_argument("--sweep", action="store_true", help="also try LinearCrossEntropyOptions knobs")
-    parser.add_argument("--variants", default="plain,fused",
-                        help="comma list: plain, fused, or fused:key=value;key=value (torch options)")
+    parser.add_argument(
+        "--variants",
+        default="plain,fused",
+        help="comma list: plain, fused, or fused:key=value;key=value (torch options)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        print(json.dumps(worker(args.worker.replace(";", ","), args.tokens, args.hidden, args.vocab,
-                                args.reps, args.dtype)))
+        print(
+            json.dumps(
+                worker(
+                    args.worker.replace(";", ","), args.tokens, args.hidden, args.vocab, args.reps, args.dtype
+                )
+            )
+        )
         return
 
-    print(f"hidden {args.hidden}, vocab {args.vocab:,}, {args.tokens:,} tokens, {args.dtype}, "
-          f"forward+backward on the CPU; {args.rounds} alternating rounds x {args.reps} timed reps")
+    print(
+        f"hidden {args.hidden}, vocab {args.vocab:,}, {args.tokens:,} tokens, {args.dtype}, "
+        f"forward+backward on the CPU; {args.rounds} alternating rounds x {args.reps} timed reps"
+    )
     variants = args.variants.split(",")
     results: dict[str, list[dict]] = {v: [] for v in variants}
     for _ in range(args.rounds):
@@ -154,28 +195,44 @@ def main() -> None:
     for v in variants:
         peak, t, c = summary(v)
         r = results[v][0]
-        print(f"  {v:<44} peak +{peak:7.0f} MB  {t:6.2f} s/step wall  {c:6.2f} s CPU   loss {r['loss']:.6g}"
-              f"   |dh| {r['grad_norms'][0]:.5g} |dW| {r['grad_norms'][1]:.5g}")
+        print(
+            f"  {v:<44} peak +{peak:7.0f} MB  {t:6.2f} s/step wall  {c:6.2f} s CPU   loss {r['loss']:.6g}"
+            f"   |dh| {r['grad_norms'][0]:.5g} |dW| {r['grad_norms'][1]:.5g}"
+        )
 
     if args.sweep:
         # torch's chunked op with explicit knobs: chunk rows and accumulation policy (one round each).
-        sweep = ["fused:chunking_method=auto", "fused:chunking_method=aspect_ratio",
-                 "fused:batch_chunk_size=256", "fused:batch_chunk_size=512", "fused:batch_chunk_size=2048",
-                 "fused:batch_chunk_size=1024;acc_policy=compact", "fused:batch_chunk_size=1024;acc_policy=balanced",
-                 "fused:batch_chunk_size=1024;acc_policy=accurate"]
+        sweep = [
+            "fused:chunking_method=auto",
+            "fused:chunking_method=aspect_ratio",
+            "fused:batch_chunk_size=256",
+            "fused:batch_chunk_size=512",
+            "fused:batch_chunk_size=2048",
+            "fused:batch_chunk_size=1024;acc_policy=compact",
+            "fused:batch_chunk_size=1024;acc_policy=balanced",
+            "fused:batch_chunk_size=1024;acc_policy=accurate",
+        ]
         print("sweep (one subprocess each, median of its timed reps):")
         for v in sweep:
             r = run_variant(v, args, args.reps)
-            print(f"  {v:<44} peak +{r['peak_mb']:7.0f} MB  {statistics.median(r['times']):6.2f} s/step wall  "
-                  f"{statistics.median(r['cpu']):6.2f} s CPU")
+            print(
+                f"  {v:<44} peak +{r['peak_mb']:7.0f} MB  {statistics.median(r['times']):6.2f} s/step wall  "
+                f"{statistics.median(r['cpu']):6.2f} s CPU"
+            )
 
     plain_peak, plain_t, plain_c = summary("plain") if "plain" in results else (float("nan"),) * 3
     fused_peak, fused_t, fused_c = summary("fused") if "fused" in results else (float("nan"),) * 3
     t_ratio, m_ratio = fused_t / plain_t, fused_peak / plain_peak
-    print(f"CPU time fused/plain: ratio={fused_c / plain_c:.3f} (less sensitive to other load on the machine)")
-    print(f"time fused/plain: ratio={t_ratio:.3f} goal<={TIME_GOAL:.2f} {'PASS' if t_ratio <= TIME_GOAL else 'MISS'}")
-    print(f"peak_memory fused/plain: ratio={m_ratio:.3f} goal<={MEMORY_GOAL:.2f} "
-          f"{'PASS' if m_ratio <= MEMORY_GOAL else 'MISS'}")
+    print(
+        f"CPU time fused/plain: ratio={fused_c / plain_c:.3f} (less sensitive to other load on the machine)"
+    )
+    print(
+        f"time fused/plain: ratio={t_ratio:.3f} goal<={TIME_GOAL:.2f} {'PASS' if t_ratio <= TIME_GOAL else 'MISS'}"
+    )
+    print(
+        f"peak_memory fused/plain: ratio={m_ratio:.3f} goal<={MEMORY_GOAL:.2f} "
+        f"{'PASS' if m_ratio <= MEMORY_GOAL else 'MISS'}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import statistics
 import time
 
 import torch
+from _common import plain_step, random_batches
 
-from nexttoken.loss import next_token_loss
 from nexttoken.models.gpt import GPT, GPTConfig
 from nexttoken.optim import build_optimizer
 from nexttoken.precision import auto_precision
@@ -26,23 +26,20 @@ def step_times(dtype: torch.dtype | None, config: GPTConfig, batch: int, steps: 
     torch.manual_seed(0)
     model = GPT(config)
     optimizer, _ = build_optimizer(model, lr=1e-4)
-    x = torch.randint(0, config.vocab_size, (batch, config.block_size))
-    y = torch.randint(0, config.vocab_size, (batch, config.block_size))
+    ((x, y),) = random_batches(1, batch, config.block_size, config.vocab_size)
     times = []
     for i in range(steps + 3):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-            loss = next_token_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        plain_step(model, optimizer, x, y, clip=None, autocast=dtype)
         if i >= 3:  # warm-up steps are not timed
             times.append(time.perf_counter() - start)
     return times
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--block", type=int, default=256)
@@ -54,8 +51,10 @@ def main() -> None:
     fp32 = statistics.median(step_times(None, config, args.batch, args.steps))
     bf16 = statistics.median(step_times(torch.bfloat16, config, args.batch, args.steps))
     choice, reason = auto_precision("cpu")
-    print(f"model {args.preset} ({sum(p.numel() for p in GPT(config).parameters()) / 1e6:.1f}M), "
-          f"{tokens} tokens/step, {torch.get_num_threads()} threads")
+    print(
+        f"model {args.preset} ({sum(p.numel() for p in GPT(config).parameters()) / 1e6:.1f}M), "
+        f"{tokens} tokens/step, {torch.get_num_threads()} threads"
+    )
     print(f"32-true   : {tokens / fp32:10.0f} tokens/s")
     print(f"bf16-mixed: {tokens / bf16:10.0f} tokens/s")
     print(f"auto_precision: {choice} ({reason})")

@@ -81,13 +81,15 @@ class TimeBudget(L.Callback):
         super().__init__()
         self.probe_every, self.probe_steps = probe_every, probe_steps
         self.timer: Timer | None = None
-        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.cores = (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        )
         # --threads N (not auto) fixes the thread count: main() says so through the environment,
         # since LightningCLI builds this callback from its class path.
         fixed = os.environ.get("TIME_TO_QUALITY_FIXED_THREADS") == "1"
         self.choices = [self.cores] if fixed else sorted({1, self.cores})
         self.recent: list[float] = []  # step times under the current thread count
-        self.probe: list[float] = []   # step times under the probed one
+        self.probe: list[float] = []  # step times under the probed one
         self.probing: int | None = None
         self.switches: list[tuple[int, int]] = []  # (step, threads)
         self._start = 0.0
@@ -121,7 +123,7 @@ class TimeBudget(L.Callback):
         if len(self.choices) < 2:
             return
         if self.probing is None:
-            self.recent = (self.recent + [seconds])[-self.probe_steps:]
+            self.recent = (self.recent + [seconds])[-self.probe_steps :]
             if trainer.global_step % self.probe_every == 0 and len(self.recent) == self.probe_steps:
                 current = torch.get_num_threads()
                 self.probing = next(n for n in self.choices if n != current)
@@ -134,7 +136,11 @@ class TimeBudget(L.Callback):
             self.probing, self.recent = None, []
             return
         if len(self.probe) > self.probe_steps:  # the first probed step settles the new threads
-            keep = self.probing if statistics.median(self.probe[1:]) < statistics.median(self.recent) else self.back_to
+            keep = (
+                self.probing
+                if statistics.median(self.probe[1:]) < statistics.median(self.recent)
+                else self.back_to
+            )
             torch.set_num_threads(keep)
             if keep != self.back_to:
                 self.switches.append((trainer.global_step, keep))
@@ -143,29 +149,25 @@ class TimeBudget(L.Callback):
 
 def step_seconds(recipe: dict[str, str], vocab: int, steps: int = 4) -> float:
     """Median seconds of the recipe's training step (model, loss, clipping, AdamW) here, now."""
-    from nexttoken.loss import fused_next_token_loss, next_token_loss
+    from _common import plain_step, random_batches
+
     from nexttoken.models.gpt import GPT, GPTConfig
     from nexttoken.module import FUSED_LOSS_MIN_VOCAB_RATIO
     from nexttoken.optim import build_optimizer
 
-    overrides = {k: int(recipe[f"model.{k}"]) for k in ("n_layer", "n_head", "n_embd") if f"model.{k}" in recipe}
+    overrides = {
+        k: int(recipe[f"model.{k}"]) for k in ("n_layer", "n_head", "n_embd") if f"model.{k}" in recipe
+    }
     block, batch = int(recipe["data.block_size"]), int(recipe["data.batch_size"])
     config = GPTConfig.from_preset(recipe["model.model"], vocab, block_size=block, **overrides)
     model = GPT(config)
     optimizer, _ = build_optimizer(model)
     fused = vocab >= FUSED_LOSS_MIN_VOCAB_RATIO * config.n_embd
-    x = torch.randint(0, vocab, (batch, block))
+    ((x, y),) = random_batches(1, batch, block, vocab)
     times = []
     for i in range(steps + 2):
         start = time.perf_counter()
-        if fused:
-            loss = fused_next_token_loss(model.hidden(x), model.lm_head.weight, x)
-        else:
-            loss = next_token_loss(model(x), x)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        plain_step(model, optimizer, x, y, fused=fused)
         if i >= 2:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -196,14 +198,27 @@ def read_curve(metrics_csv: Path) -> list[tuple[int, float, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=10.0, help="wall time of training (default 10)")
-    parser.add_argument("--val-every", type=float, default=60.0, help="seconds of training between validations")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe entry (data.* / model.* / trainer.*), repeatable")
+    parser.add_argument(
+        "--val-every", type=float, default=60.0, help="seconds of training between validations"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe entry (data.* / model.* / trainer.*), repeatable",
+    )
     parser.add_argument("--root", default=None, help="run folder root (default: a temporary folder)")
-    parser.add_argument("--threads", default="auto", help="torch threads: a number, or auto (time 1 and all cores)")
-    parser.add_argument("--data", default=str(DATA), help="the corpus (default ../shared/data/tinyshakespeare.txt)")
+    parser.add_argument(
+        "--threads", default="auto", help="torch threads: a number, or auto (time 1 and all cores)"
+    )
+    parser.add_argument(
+        "--data", default=str(DATA), help="the corpus (default ../shared/data/tinyshakespeare.txt)"
+    )
     args = parser.parse_args()
 
     recipe = dict(RECIPE)
@@ -225,8 +240,12 @@ def main() -> None:
             torch.set_num_threads(n)
             timings[n] = step_seconds(recipe, vocab)
         threads = cores if timings[cores] * 1.25 < timings[1] else 1
-        print("threads: " + ", ".join(f"{n}: {t * 1e3:.0f} ms/step" for n, t in timings.items())
-              + f" -> start with {threads}", flush=True)
+        print(
+            "threads: "
+            + ", ".join(f"{n}: {t * 1e3:.0f} ms/step" for n, t in timings.items())
+            + f" -> start with {threads}",
+            flush=True,
+        )
     else:
         threads = int(args.threads)
         os.environ["TIME_TO_QUALITY_FIXED_THREADS"] = "1"
@@ -234,13 +253,24 @@ def main() -> None:
 
     hh, mm, ss = seconds // 3600, seconds % 3600 // 60, seconds % 60
     every = int(round(args.val_every))
-    argv = ["fit", "--data.path", args.data, "--data.val_fraction", "0.1",
-            "--trainer.max_time", f"00:{hh:02d}:{mm:02d}:{ss:02d}", "--trainer.max_steps", "-1",
-            # time-based validation (Lightning >= 2.6): every ~val_every seconds of wall time
-            "--trainer.val_check_interval", f"00:00:{every // 60:02d}:{every % 60:02d}",
-            "--trainer.log_every_n_steps", "10",
-            # the learning-rate schedule on the clock, and the thread count (see TimeBudget)
-            "--trainer.callbacks+=time_to_quality.TimeBudget"]
+    argv = [
+        "fit",
+        "--data.path",
+        args.data,
+        "--data.val_fraction",
+        "0.1",
+        "--trainer.max_time",
+        f"00:{hh:02d}:{mm:02d}:{ss:02d}",
+        "--trainer.max_steps",
+        "-1",
+        # time-based validation (Lightning >= 2.6): every ~val_every seconds of wall time
+        "--trainer.val_check_interval",
+        f"00:00:{every // 60:02d}:{every % 60:02d}",
+        "--trainer.log_every_n_steps",
+        "10",
+        # the learning-rate schedule on the clock, and the thread count (see TimeBudget)
+        "--trainer.callbacks+=time_to_quality.TimeBudget",
+    ]
     for key, value in recipe.items():
         if not any(a == f"--{key}" for a in argv):
             argv += [f"--{key}", value]
@@ -266,8 +296,10 @@ def main() -> None:
         print(f"  {step:>6}  {sec:>8.0f}  {value:>9.4f}")
     budget = next(c for c in cli.trainer.callbacks if type(c).__name__ == "TimeBudget")
     print("threads over the run (step, threads): " + ", ".join(f"({a}, {b})" for a, b in budget.switches))
-    print(f"final (step {steps_done}, {wall:.0f} s in fit): {bpb:.4f} bits per byte; "
-          + ", ".join(f"{k} {v:.3f}" for k, v in compressors.items()))
+    print(
+        f"final (step {steps_done}, {wall:.0f} s in fit): {bpb:.4f} bits per byte; "
+        + ", ".join(f"{k} {v:.3f}" for k, v in compressors.items())
+    )
     ratio = bpb / BZIP2_BPB
     print(f"time_to_quality bpb/bzip2: ratio={ratio:.3f} goal<1.0 {'PASS' if ratio < 1.0 else 'MISS'}")
 

@@ -42,20 +42,15 @@ import time
 import warnings
 
 import torch
+from _common import plain_step, random_batches
 
-from nexttoken.loss import next_token_loss
 from nexttoken.models.gpt import GPT, GPTConfig
 from nexttoken.optim import build_optimizer
-from nexttoken.throughput import fastest_num_threads, measure_matmul_peak, mfu, store_matmul_peak
+from nexttoken.peak import measure_matmul_peak, store_matmul_peak
+from nexttoken.threads import fastest_num_threads
+from nexttoken.throughput import mfu
 
 RATIO_GOAL, MFU_GOAL = 0.95, 0.40
-
-
-def make_batches(n: int, batch: int, block: int, vocab: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Random token blocks, shifted as the data module shifts them (targets = next token)."""
-    g = torch.Generator().manual_seed(seed)
-    blocks = torch.randint(0, vocab, (n, batch, block + 1), generator=g)
-    return [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in blocks]
 
 
 def build(preset: str, vocab: int, block: int) -> GPT:
@@ -70,18 +65,14 @@ class HandLoop:
         self.model = build(args.preset, args.vocab, args.block)
         if compile:
             self.model.compile()
-        self.optimizer, self.schedule = build_optimizer(self.model, lr=args.lr, warmup_steps=10, max_steps=max_steps)
+        self.optimizer, self.schedule = build_optimizer(
+            self.model, lr=args.lr, warmup_steps=10, max_steps=max_steps
+        )
         self.clip = args.hand_clip
         self.model.train()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = next_token_loss(self.model(x), y)
-        loss.backward()
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        plain_step(self.model, self.optimizer, x, y, clip=1.0 if self.clip else None, schedule=self.schedule)
 
 
 def paired_run(args: argparse.Namespace) -> tuple[list[float], list[float], dict]:
@@ -94,7 +85,7 @@ def paired_run(args: argparse.Namespace) -> tuple[list[float], list[float], dict
     from nexttoken.training import trainer_defaults
 
     total = args.warmup + args.steps
-    batches = make_batches(total, args.batch, args.block, args.vocab)
+    batches = random_batches(total, args.batch, args.block, args.vocab)
     hand = HandLoop(args, total)
 
     class Paired(L.Callback):
@@ -113,16 +104,27 @@ def paired_run(args: argparse.Namespace) -> tuple[list[float], list[float], dict
             self.hparams.block_size = network.config.block_size
             return network
 
-    module = Module(model=args.preset, vocab_size=args.vocab, block_size=args.block, lr=args.lr,
-                    warmup_steps=10, fused_loss=args.fused_loss)
+    module = Module(
+        model=args.preset,
+        vocab_size=args.vocab,
+        block_size=args.block,
+        lr=args.lr,
+        warmup_steps=10,
+        fused_loss=args.fused_loss,
+    )
     paired = Paired()
     with tempfile.TemporaryDirectory() as out_dir:
         defaults = trainer_defaults()
         defaults.pop("logger")
         defaults.update(
-            max_steps=total, default_root_dir=out_dir, accelerator="cpu", devices=1,
-            logger=CSVLogger(out_dir, name=""), callbacks=[*defaults["callbacks"], paired],
-            limit_val_batches=0, num_sanity_val_steps=0,
+            max_steps=total,
+            default_root_dir=out_dir,
+            accelerator="cpu",
+            devices=1,
+            logger=CSVLogger(out_dir, name=""),
+            callbacks=[*defaults["callbacks"], paired],
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
         )
         if args.no_clip:
             defaults["gradient_clip_val"] = None
@@ -136,10 +138,13 @@ def paired_run(args: argparse.Namespace) -> tuple[list[float], list[float], dict
             trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     a = [paired.b_start[i] - paired.b_end[i - 1] for i in range(1, len(paired.b_start))]
     b = [paired.b_end[i] - paired.b_start[i] for i in range(len(paired.b_start))]
-    info = {"fused_loss": module.uses_fused_loss, "precision": str(trainer.precision),
-            "clip": defaults.get("gradient_clip_val")}
+    info = {
+        "fused_loss": module.uses_fused_loss,
+        "precision": str(trainer.precision),
+        "clip": defaults.get("gradient_clip_val"),
+    }
     # a[i] is step i+1 of (a); drop warm-up steps from both.
-    return a[args.warmup - 1:], b[args.warmup:], info
+    return a[args.warmup - 1 :], b[args.warmup :], info
 
 
 def choose_threads(args: argparse.Namespace, batch: int) -> None:
@@ -148,7 +153,7 @@ def choose_threads(args: argparse.Namespace, batch: int) -> None:
         return
     cores = torch.get_num_threads()
     hand = HandLoop(args, 100)
-    x, y = make_batches(1, batch, args.block, args.vocab, seed=99)[0]
+    x, y = random_batches(1, batch, args.block, args.vocab, seed=99)[0]
     hand.step(x, y)
     best, medians = fastest_num_threads(lambda: hand.step(x, y), candidates=sorted({1, cores}))
     print("threads: " + ", ".join(f"{n}: {t * 1e3:.0f} ms/step" for n, t in medians.items()) + f" -> {best}")
@@ -159,10 +164,12 @@ def throughput_main(args: argparse.Namespace) -> None:
     model = build(args.preset, args.vocab, args.block)
     tokens_per_step = args.batch * args.block
     flops_per_token = model.flops_per_token(args.block)
-    print(f"GPT {args.preset}: {model.num_parameters() / 1e6:.2f}M parameters "
-          f"({model.num_parameters(True) / 1e6:.2f}M non-embedding), block {args.block}, vocab {args.vocab}, "
-          f"batch {args.batch} ({tokens_per_step} tokens/step), {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+    print(
+        f"GPT {args.preset}: {model.num_parameters() / 1e6:.2f}M parameters "
+        f"({model.num_parameters(True) / 1e6:.2f}M non-embedding), block {args.block}, vocab {args.vocab}, "
+        f"batch {args.batch} ({tokens_per_step} tokens/step), {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
     threads, cores = torch.get_num_threads(), os.cpu_count() or torch.get_num_threads()
     readings = [measure_matmul_peak("cpu", torch.float32)]
     a, b, info = paired_run(args)
@@ -177,23 +184,35 @@ def throughput_main(args: argparse.Namespace) -> None:
     fit_tps, hand_tps = tokens_per_step / statistics.median(a), tokens_per_step / statistics.median(b)
     pair_ratio = statistics.median(bi / ai for ai, bi in zip(a, b))
     best_a = tokens_per_step / min(a)
-    print(f"{flops_per_token / 1e6:.1f} MFLOP per token (6N + attention); fp32 matmul peak (cached, highest "
-          f"reading kept): {peak / 1e9:.0f} GFLOP/s with {threads} thread(s) ({max(readings) / 1e9:.0f} around this "
-          f"run), {peak_all / 1e9:.0f} GFLOP/s with all {cores} cores")
-    print(f"(a) nexttoken + Lightning: {fit_tps:8.0f} tokens/s median, {best_a:8.0f} best  ({len(a)} steps; "
-          f"fused_loss={info['fused_loss']}, precision {info['precision']}, gradient_clip_val={info['clip']})")
-    print(f"(b) hand-written loop:     {hand_tps:8.0f} tokens/s median, {tokens_per_step / min(b):8.0f} best  "
-          f"({len(b)} steps; clip={args.hand_clip})")
+    print(
+        f"{flops_per_token / 1e6:.1f} MFLOP per token (6N + attention); fp32 matmul peak (cached, highest "
+        f"reading kept): {peak / 1e9:.0f} GFLOP/s with {threads} thread(s) ({max(readings) / 1e9:.0f} around this "
+        f"run), {peak_all / 1e9:.0f} GFLOP/s with all {cores} cores"
+    )
+    print(
+        f"(a) nexttoken + Lightning: {fit_tps:8.0f} tokens/s median, {best_a:8.0f} best  ({len(a)} steps; "
+        f"fused_loss={info['fused_loss']}, precision {info['precision']}, gradient_clip_val={info['clip']})"
+    )
+    print(
+        f"(b) hand-written loop:     {hand_tps:8.0f} tokens/s median, {tokens_per_step / min(b):8.0f} best  "
+        f"({len(b)} steps; clip={args.hand_clip})"
+    )
     print(f"median of per-pair ratios (a)/(b): {pair_ratio:.3f}")
-    print(f"MFU of (a): {mfu(fit_tps, flops_per_token, peak):.3f} of the {threads}-thread peak, "
-          f"{mfu(fit_tps, flops_per_token, machine_peak):.3f} of the machine's peak "
-          f"({machine_peak / 1e9:.0f} GFLOP/s); best step {mfu(best_a, flops_per_token, machine_peak):.3f}")
+    print(
+        f"MFU of (a): {mfu(fit_tps, flops_per_token, peak):.3f} of the {threads}-thread peak, "
+        f"{mfu(fit_tps, flops_per_token, machine_peak):.3f} of the machine's peak "
+        f"({machine_peak / 1e9:.0f} GFLOP/s); best step {mfu(best_a, flops_per_token, machine_peak):.3f}"
+    )
     ratio = fit_tps / hand_tps
     utilization = mfu(fit_tps, flops_per_token, machine_peak)
-    print(f"mfu lightning/machine_peak: ratio={utilization:.3f} goal>={MFU_GOAL:.2f} "
-          f"{'PASS' if utilization >= MFU_GOAL else 'MISS'}")
-    print(f"train_throughput lightning/hand: ratio={ratio:.3f} goal>={RATIO_GOAL:.2f} "
-          f"{'PASS' if ratio >= RATIO_GOAL else 'MISS'}")
+    print(
+        f"mfu lightning/machine_peak: ratio={utilization:.3f} goal>={MFU_GOAL:.2f} "
+        f"{'PASS' if utilization >= MFU_GOAL else 'MISS'}"
+    )
+    print(
+        f"train_throughput lightning/hand: ratio={ratio:.3f} goal>={RATIO_GOAL:.2f} "
+        f"{'PASS' if ratio >= RATIO_GOAL else 'MISS'}"
+    )
 
 
 # --------------------------------------------------------------------------- torch.compile, end to end
@@ -218,11 +237,15 @@ def compile_main(args: argparse.Namespace) -> None:
     vocab = default(TextDataModule, "vocab_size")
     run_steps = defaults["max_steps"]
     validations = run_steps // defaults["val_check_interval"] + 1  # + the final one
-    ns = argparse.Namespace(**{**vars(args), "preset": preset, "vocab": vocab, "block": block, "batch": batch})
+    ns = argparse.Namespace(
+        **{**vars(args), "preset": preset, "vocab": vocab, "block": block, "batch": batch}
+    )
     choose_threads(ns, batch)
-    print(f"default nexttoken fit: preset {preset}, batch {batch} x block {block}, vocab {vocab}, "
-          f"{run_steps} steps, {validations} validations; {torch.get_num_threads()} threads")
-    batches = make_batches(args.warmup + args.steps, batch, block, vocab)
+    print(
+        f"default nexttoken fit: preset {preset}, batch {batch} x block {block}, vocab {vocab}, "
+        f"{run_steps} steps, {validations} validations; {torch.get_num_threads()} threads"
+    )
+    batches = random_batches(args.warmup + args.steps, batch, block, vocab)
 
     eager = HandLoop(ns, run_steps)
     compiled = HandLoop(ns, run_steps, compile=True)
@@ -262,19 +285,29 @@ def compile_main(args: argparse.Namespace) -> None:
     e2e_eager = run_steps * step_e
     e2e_compiled = compile_cost + run_steps * step_c
     steady = step_c / step_e
-    print(f"steady state: eager {step_e * 1e3:.1f} ms/step, compiled {step_c * 1e3:.1f} ms/step "
-          f"(median of {len(te)} paired steps)")
-    print(f"compile time: {compiled_first - 2 * step_c:.1f} s training graphs + "
-          f"{compiled_val_first - eager_val_first:.1f} s validation graph")
-    print(f"default run ({run_steps} steps): eager {e2e_eager:.0f} s, compiled {e2e_compiled:.0f} s of training "
-          f"steps (validation passes add the same to both)")
+    print(
+        f"steady state: eager {step_e * 1e3:.1f} ms/step, compiled {step_c * 1e3:.1f} ms/step "
+        f"(median of {len(te)} paired steps)"
+    )
+    print(
+        f"compile time: {compiled_first - 2 * step_c:.1f} s training graphs + "
+        f"{compiled_val_first - eager_val_first:.1f} s validation graph"
+    )
+    print(
+        f"default run ({run_steps} steps): eager {e2e_eager:.0f} s, compiled {e2e_compiled:.0f} s of training "
+        f"steps (validation passes add the same to both)"
+    )
     print(f"compile steady-state compiled/eager step time: ratio={steady:.3f}")
     ratio = e2e_compiled / e2e_eager
-    print(f"compile end_to_end compiled/eager time: ratio={ratio:.3f} goal<1.0 {'PASS' if ratio < 1 else 'MISS'}")
+    print(
+        f"compile end_to_end compiled/eager time: ratio={ratio:.3f} goal<1.0 {'PASS' if ratio < 1 else 'MISS'}"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="small")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--block", type=int, default=256)
@@ -282,17 +315,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", default="auto",
-                        help="torch threads: a number, or auto (default): time a step with 1 and with all "
-                             "cores and keep the faster (on a shared CPU 1 thread can be several times faster)")
-    parser.add_argument("--fused-loss", default="auto", choices=["auto", "on", "off"],
-                        help="the module's fused_loss setting (the hand loop always uses the plain loss)")
+    parser.add_argument(
+        "--threads",
+        default="auto",
+        help="torch threads: a number, or auto (default): time a step with 1 and with all "
+        "cores and keep the faster (on a shared CPU 1 thread can be several times faster)",
+    )
+    parser.add_argument(
+        "--fused-loss",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="the module's fused_loss setting (the hand loop always uses the plain loss)",
+    )
     parser.add_argument("--no-clip", action="store_true", help="turn (a)'s production gradient clipping off")
     parser.add_argument("--hand-clip", action="store_true", help="(b) clips gradients too")
     parser.add_argument("--verbose", dest="quiet", action="store_false", help="show Lightning's output")
     parser.add_argument("--compile-check", action="store_true", help="torch.compile vs eager, end to end")
-    parser.add_argument("--warm-cache", action="store_true",
-                        help="--compile-check: keep inductor's on-disk cache (default: a fresh one, as a first run)")
+    parser.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="--compile-check: keep inductor's on-disk cache (default: a fresh one, as a first run)",
+    )
     parser.add_argument("--preset-override", default=None, help="--compile-check: another preset")
     parser.add_argument("--batch-override", type=int, default=None, help="--compile-check: another batch")
     args = parser.parse_args()

@@ -44,8 +44,15 @@ if __name__ == "__main__":
     module = make_module()
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=1, accumulate_grad_batches=2,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=1,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         use_distributed_sampler=False,
     )
     trainer.fit(module)

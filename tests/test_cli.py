@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from nexttoken.cli import main
+from nexttoken.precision import auto_precision
 
-WORDS = ("the a of to and in is was for on with as by at from it that this be are or which "
-         "king queen castle river stone light night day sword crown bread ship storm").split()
+WORDS = (
+    "the a of to and in is was for on with as by at from it that this be are or which "
+    "king queen castle river stone light night day sword crown bread ship storm"
+).split()
 
 
 def write_corpus(folder: Path, n_docs: int = 6, words_per_doc: int = 400) -> Path:
@@ -28,11 +31,37 @@ def write_corpus(folder: Path, n_docs: int = 6, words_per_doc: int = 400) -> Pat
 
 def fit_args(corpus: Path, root: Path, cache: Path, steps: int, *extra: str) -> list[str]:
     return [
-        "fit", "--data.path", str(corpus), "--data.tokenizer", "bytes", "--data.block_size", "32",
-        "--data.batch_size", "4", "--data.val_batch_size", "32", "--data.val_fraction", "0.3", "--data.cache_dir", str(cache),
-        "--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd", "32", "--model.warmup_steps", "2",
-        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "5",
-        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+        "fit",
+        "--data.path",
+        str(corpus),
+        "--data.tokenizer",
+        "bytes",
+        "--data.block_size",
+        "32",
+        "--data.batch_size",
+        "4",
+        "--data.val_batch_size",
+        "32",
+        "--data.val_fraction",
+        "0.3",
+        "--data.cache_dir",
+        str(cache),
+        "--model.n_layer",
+        "1",
+        "--model.n_head",
+        "2",
+        "--model.n_embd",
+        "32",
+        "--model.warmup_steps",
+        "2",
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        "5",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
         *extra,
     ]
 
@@ -68,7 +97,15 @@ def test_fit_end_to_end_writes_checkpoints_logs_curves_report(corpus, tmp_path, 
     assert list((run / "checkpoints").glob("best-*.ckpt"))
     assert (run / "metrics.csv").is_file() and (run / "config.yaml").is_file()
     assert (run / "curves.png").stat().st_size > 1000
-    for text in ("precision: 32-true", "weight decay on", "perplexity", "bits per byte", "gzip -9", "xz -9e", "sample"):
+    for text in (
+        f"precision: {auto_precision()[0]} (auto:",
+        "weight decay on",
+        "perplexity",
+        "bits per byte",
+        "gzip -9",
+        "xz -9e",
+        "sample",
+    ):
         assert text in out, text
     # The report's numbers are the final validation, built from the three sums.
     report = (run / "report.json").read_text()
@@ -90,7 +127,10 @@ def test_validation_metrics_identical_for_val_batch_size_1_and_7(corpus, tmp_pat
         args = [a for a in args if a not in ("--trainer.max_steps", "5", "--trainer.val_check_interval")]
         args += ["--data.val_batch_size", str(val_batch), "--ckpt_path", str(ckpt)]
         assert main(args) == 0
-        results[val_batch] = metric_rows(root / "version_0", "val/loss"), metric_rows(root / "version_0", "val/bits_per_byte")
+        results[val_batch] = (
+            metric_rows(root / "version_0", "val/loss"),
+            metric_rows(root / "version_0", "val/bits_per_byte"),
+        )
     (loss1, bpb1), (loss7, bpb7) = results[1], results[7]
     assert list(loss1.values()) == pytest.approx(list(loss7.values()), rel=1e-6)
     assert list(bpb1.values()) == pytest.approx(list(bpb7.values()), rel=1e-6)
@@ -131,14 +171,16 @@ def test_generate_and_export_from_checkpoint(corpus, tmp_path, capsys):
     assert main(fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 5)) == 0
     ckpt = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
     capsys.readouterr()
-    assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "The king", "--max-new-tokens", "20"]) == 0
+    assert (
+        main(["generate", "--checkpoint", str(ckpt), "--prompt", "The king", "--max-new-tokens", "20"]) == 0
+    )
     assert capsys.readouterr().out.startswith("The king")
 
     out_dir = tmp_path / "hf"
     assert main(["export", str(ckpt), str(out_dir)]) == 0
     from transformers import AutoModelForCausalLM
 
-    from nexttoken.module import load_module
+    from nexttoken.models.load import load_module
 
     hf = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True)
     module = load_module(ckpt)
@@ -150,7 +192,22 @@ def test_generate_and_export_from_checkpoint(corpus, tmp_path, capsys):
     numbers = {}
     for model in (ckpt, out_dir):
         capsys.readouterr()
-        assert main(["eval", str(model), str(text), "--context", "32", "--stride", "16", "--json", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    str(model),
+                    str(text),
+                    "--context",
+                    "32",
+                    "--stride",
+                    "16",
+                    "--json",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         numbers[model] = json.loads(capsys.readouterr().out)
     assert numbers[ckpt]["tokens"] == numbers[out_dir]["tokens"] == len(text.read_bytes())
     assert numbers[out_dir]["perplexity"] == pytest.approx(numbers[ckpt]["perplexity"], rel=1e-5)
@@ -161,7 +218,9 @@ def test_generate_and_export_from_checkpoint(corpus, tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == before
 
 
-@pytest.mark.parametrize("config", sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "config", sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--print_config"])

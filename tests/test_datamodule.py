@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from nexttoken.data.corpus import DataError, DataWarning, find_documents, split_documents
 from nexttoken.data.datamodule import TextDataModule
+from nexttoken.data.documents import DataError, DataWarning, find_documents, split_documents
 from nexttoken.data.packing import concat_documents
 from nexttoken.loss import IGNORE_INDEX
 
@@ -55,7 +55,7 @@ def val_targets(loader) -> tuple[list[int], int, int]:
 def test_val_stream_is_the_val_documents_and_bytes_add_up(tmp_path):
     dm = make_dm(tmp_path)
     _, val_docs = split_documents(find_documents([tmp_path / "corpus"]), 0.25)
-    expected = concat_documents([dm.tokenizer.encode(d.text) for d in val_docs], dm.tokenizer.eos_id)
+    expected = concat_documents([dm.tokenizer.encode(d.text) for d in val_docs], [dm.tokenizer.eos_id])
     stream = np.load(dm.cache.val)
     assert stream.tolist() == expected.tolist()
     assert dm.val_tokens == len(stream) and dm.val_targets == len(stream) - 1
@@ -204,20 +204,22 @@ def test_second_setup_reads_the_cache_without_tokenizing(tmp_path, monkeypatch):
     assert [f.name for f in files] == ["meta.json", "train.npy", "val.npy", "val.txt", "val_bytes.npy"]
     mtimes = [f.stat().st_mtime_ns for f in files]
 
-    import nexttoken.data.datamodule as datamodule
+    import nexttoken.data.cache as cache
     import nexttoken.data.tokenizers as tokenizers
 
     def fail(*args, **kwargs):
         raise AssertionError("tokenized or trained again")
 
-    monkeypatch.setattr(datamodule, "tokenize_documents", fail)
+    monkeypatch.setattr(cache, "tokenize_documents", fail)
     monkeypatch.setattr(tokenizers, "train_bpe", fail)
     second = make_dm(tmp_path, corpus=corpus, tokenizer="bpe", vocab_size=300)
     assert second.cache_hit is True
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     assert second.tokenizer.fingerprint == first.tokenizer.fingerprint
     assert (second.train_tokens, second.val_tokens, second.val_bytes) == (
-        first.train_tokens, first.val_tokens, first.val_bytes,
+        first.train_tokens,
+        first.val_tokens,
+        first.val_bytes,
     )
     assert np.load(second.cache.train, mmap_mode="r").dtype == np.uint16
     # Changed text is a different corpus: it must be tokenized again.
@@ -255,7 +257,9 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def fit(tmp_path, dm_kwargs, ckpt_path=None, callbacks=(), **trainer_kwargs) -> tuple[list[torch.Tensor], L.Trainer]:
+def fit(
+    tmp_path, dm_kwargs, ckpt_path=None, callbacks=(), **trainer_kwargs
+) -> tuple[list[torch.Tensor], L.Trainer]:
     module = Recorder()
     settings = dict(
         accelerator="cpu",
@@ -287,7 +291,12 @@ def test_resume_from_a_step_checkpoint_sees_the_same_batches(tmp_path, where, nu
     # With workers, the DataLoader prefetches batches the model has not seen yet: they must not count.
     corpus = write_corpus(tmp_path / "corpus", n_docs=6, repeat=1)
     dm_kwargs = dict(
-        path=[str(corpus)], tokenizer="bytes", block_size=16, batch_size=4, val_fraction=0.2, num_workers=num_workers
+        path=[str(corpus)],
+        tokenizer="bytes",
+        block_size=16,
+        batch_size=4,
+        val_fraction=0.2,
+        num_workers=num_workers,
     )
     probe = make_dm(tmp_path, corpus=corpus, **{k: v for k, v in dm_kwargs.items() if k != "path"})
     per_epoch = len(probe.train_dataloader())
@@ -313,7 +322,9 @@ def test_resume_from_a_checkpoint_saved_after_mid_epoch_validation(tmp_path):
     callback = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=checkpoints, monitor="val_metric", save_top_k=-1, filename="{step}"
     )
-    validating = dict(val_check_interval=n, check_val_every_n_epoch=None, limit_val_batches=2, max_steps=3 * n)
+    validating = dict(
+        val_check_interval=n, check_val_every_n_epoch=None, limit_val_batches=2, max_steps=3 * n
+    )
     full, _ = fit(tmp_path / "a", dm_kwargs, callbacks=[callback], **validating)
     assert len(full) == 3 * n
     resumed, _ = fit(tmp_path / "b", dm_kwargs, ckpt_path=str(checkpoints / f"step={n}.ckpt"), **validating)
@@ -352,7 +363,7 @@ def test_state_dict_is_plain_and_survives_reloading_the_loader(tmp_path):
 
 # --------------------------------------------------------------------------- bad input
 def test_missing_path(tmp_path):
-    with pytest.raises(DataError, match="corpus path not found"):
+    with pytest.raises(DataError, match="--data.path: path not found"):
         make_dm(tmp_path, corpus=tmp_path / "nope")
 
 
@@ -369,7 +380,10 @@ def test_empty_files(tmp_path):
         make_dm(tmp_path, corpus=corpus)
     (tmp_path / "blank").mkdir()
     (tmp_path / "blank" / "a.txt").write_text("")
-    with pytest.raises(DataError, match="every document in the corpus is empty"), pytest.warns(DataWarning):
+    with pytest.raises(DataError, match="a.txt is empty"):  # an error, not also a warning
+        make_dm(tmp_path, corpus=tmp_path / "blank")
+    (tmp_path / "blank" / "b.txt").write_text("")
+    with pytest.raises(DataError, match="every file is empty"):
         make_dm(tmp_path, corpus=tmp_path / "blank")
 
 
@@ -384,7 +398,9 @@ def test_binary_file_skipped_with_warning(tmp_path):
 def test_invalid_utf8(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     (corpus / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1.txt is not valid UTF-8 \(byte offset 3.*replace_invalid_utf8"):
+    with pytest.raises(
+        DataError, match=r"latin1.txt is not valid UTF-8 \(byte offset 3.*replace_invalid_utf8"
+    ):
         make_dm(tmp_path, corpus=corpus)
     with pytest.warns(DataWarning, match="byte offset 3"):
         make_dm(tmp_path, corpus=corpus, replace_invalid_utf8=True)
@@ -395,7 +411,9 @@ def test_corpus_smaller_than_a_block(tmp_path):
     corpus.mkdir()
     (corpus / "a.txt").write_text("tiny text\n")
     (corpus / "b.txt").write_text("more\n")
-    with pytest.raises(DataError, match=r"training split has \d+ tokens, but block_size 256 needs at least 257"):
+    with pytest.raises(
+        DataError, match=r"training split has \d+ tokens, but block_size 256 needs at least 257"
+    ):
         make_dm(tmp_path, corpus=corpus, block_size=256)
 
 
@@ -414,8 +432,18 @@ def test_cli_flags_come_from_the_signature(tmp_path):
     parser = ArgumentParser()
     parser.add_class_arguments(TextDataModule, "data")
     args = parser.parse_args(
-        ["--data.path", '["a.txt", "b"]', "--data.tokenizer", "bytes", "--data.block_size", "64",
-         "--data.batch_size", "2", "--data.val_fraction", "0.1"]
+        [
+            "--data.path",
+            '["a.txt", "b"]',
+            "--data.tokenizer",
+            "bytes",
+            "--data.block_size",
+            "64",
+            "--data.batch_size",
+            "2",
+            "--data.val_fraction",
+            "0.1",
+        ]
     )
     assert args.data.path == ["a.txt", "b"] and args.data.block_size == 64 and args.data.val_fraction == 0.1
     dm = TextDataModule(**args.data)
@@ -444,8 +472,12 @@ class ShardRecorder(L.LightningModule):
         self.val_bytes += int(n_bytes.sum())
 
     def on_fit_end(self):
-        record = {"train": self.train_rows, "val": self.val_targets, "bytes": self.val_bytes,
-                  "val_batches": self.trainer.num_val_batches[0]}
+        record = {
+            "train": self.train_rows,
+            "val": self.val_targets,
+            "bytes": self.val_bytes,
+            "val_batches": self.trainer.num_val_batches[0],
+        }
         (Path(self.out) / f"rank{self.global_rank}.json").write_text(json.dumps(record))
 
     def configure_optimizers(self):
@@ -455,11 +487,25 @@ class ShardRecorder(L.LightningModule):
 @pytest.mark.slow
 def test_ddp_ranks_share_val_exactly_and_train_disjointly(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", n_docs=10, repeat=2)
-    kwargs = dict(path=[str(corpus)], tokenizer="bytes", block_size=16, batch_size=3, val_batch_size=5,
-                  val_fraction=0.3, cache_dir=str(tmp_path / "cache"))
+    kwargs = dict(
+        path=[str(corpus)],
+        tokenizer="bytes",
+        block_size=16,
+        batch_size=3,
+        val_batch_size=5,
+        val_fraction=0.3,
+        cache_dir=str(tmp_path / "cache"),
+    )
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
     )
     trainer.fit(ShardRecorder(str(tmp_path)), TextDataModule(**kwargs))
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]

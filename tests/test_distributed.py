@@ -54,7 +54,9 @@ def test_ddp_fit_and_validation_equal_one_process(tmp_path):
         args = [a for a in args if a not in ("--trainer.max_steps", "6", "--trainer.val_check_interval", "5")]
         run([sys.executable, "-m", "nexttoken", *args])
         run_dir = tmp_path / name / "version_0"
-        results[name] = {m: list(metric_rows(run_dir, f"val/{m}").values())[-1]
-                         for m in ("loss", "perplexity", "bits_per_byte")}
+        results[name] = {
+            m: list(metric_rows(run_dir, f"val/{m}").values())[-1]
+            for m in ("loss", "perplexity", "bits_per_byte")
+        }
     for metric, value in results["one"].items():
         assert results["two"][metric] == pytest.approx(value, rel=1e-6), metric

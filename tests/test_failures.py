@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from nexttoken.checkpoints import AtomicCheckpointIO
 from nexttoken.cli import main
-from nexttoken.data.corpus import DataWarning
+from nexttoken.data.documents import DataWarning
 from nexttoken.errors import UserError
 from nexttoken.module import CausalLMModule
 from test_cli import fit_args, metric_rows, write_corpus
@@ -60,7 +60,9 @@ def test_missing_path(tmp_path, capsys):
 def test_empty_file(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     root = tmp_path / "runs"
-    assert_clean_failure(capsys, fit_args(tmp_path / "empty.txt", root, tmp_path / "cache", 2), expect="empty")
+    assert_clean_failure(
+        capsys, fit_args(tmp_path / "empty.txt", root, tmp_path / "cache", 2), expect="empty"
+    )
     assert not root.exists()
 
 
@@ -82,12 +84,18 @@ def test_binary_file_among_text_files_is_skipped_with_a_warning(corpus, tmp_path
 def test_invalid_utf8_names_file_and_offset_or_is_replaced_under_a_flag(corpus, tmp_path, capsys):
     bad = corpus / "latin1.txt"
     bad.write_bytes(b"caf" + b"\xe9 au lait\n" * 50)
-    line = assert_clean_failure(capsys, fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2),
-                                expect="latin1.txt", untouched=corpus)
+    line = assert_clean_failure(
+        capsys,
+        fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2),
+        expect="latin1.txt",
+        untouched=corpus,
+    )
     assert "byte 3" in line or "offset 3" in line
     assert "replace_invalid_utf8" in line
     with pytest.warns(DataWarning, match="latin1.txt"):
-        args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2, "--data.replace_invalid_utf8", "true")
+        args = fit_args(
+            corpus, tmp_path / "runs", tmp_path / "cache", 2, "--data.replace_invalid_utf8", "true"
+        )
         assert main(args) == 0
 
 
@@ -101,10 +109,14 @@ def test_corpus_smaller_than_one_block(tmp_path, capsys):
 
 def test_checkpoint_that_does_not_match_the_model_or_data(trained, corpus, tmp_path, capsys):
     run = trained.parent.parent
-    for extra, expect in [(["--data.block_size", "16"], "--data.block_size 16 (checkpoint: 32)"),
-                          (["--model.n_embd", "64"], "--model.n_embd 64 (checkpoint: 32)"),
-                          (["--data.vocab_size", "300"], "--data.vocab_size 300 (checkpoint: 4096)")]:
-        args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 10, "--ckpt_path", str(trained), *extra)
+    for extra, expect in [
+        (["--data.block_size", "16"], "--data.block_size 16 (checkpoint: 32)"),
+        (["--model.n_embd", "64"], "--model.n_embd 64 (checkpoint: 32)"),
+        (["--data.vocab_size", "300"], "--data.vocab_size 300 (checkpoint: 4096)"),
+    ]:
+        args = fit_args(
+            corpus, tmp_path / "runs", tmp_path / "cache", 10, "--ckpt_path", str(trained), *extra
+        )
         assert_clean_failure(capsys, args, expect=expect, untouched=run)
 
 
@@ -144,9 +156,20 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 def test_real_process_exit_code_and_one_line(tmp_path):
     env = {**os.environ, "NEXTTOKEN_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(
-        [sys.executable, "-m", "nexttoken", "fit", "--data.path", str(tmp_path / "nope"),
-         "--trainer.default_root_dir", str(tmp_path / "runs")],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "nexttoken",
+            "fit",
+            "--data.path",
+            str(tmp_path / "nope"),
+            "--trainer.default_root_dir",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -189,14 +212,28 @@ class NaNAtStep(CausalLMModule):
 
 def _batches():
     g = torch.Generator().manual_seed(0)
-    return DataLoader([(torch.randint(0, 32, (2, 8), generator=g), torch.randint(0, 32, (2, 8), generator=g))
-                       for _ in range(6)], batch_size=None)
+    return DataLoader(
+        [
+            (torch.randint(0, 32, (2, 8), generator=g), torch.randint(0, 32, (2, 8), generator=g))
+            for _ in range(6)
+        ],
+        batch_size=None,
+    )
 
 
 def _trainer(tmp_path, steps):
-    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
-    return L.Trainer(accelerator="cpu", max_steps=steps, logger=False, callbacks=[checkpoints],
-                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True
+    )
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        callbacks=[checkpoints],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
 
 
 def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(tmp_path):
@@ -242,7 +279,9 @@ def test_resume_after_sigkill_continues_the_same_curve(tmp_path):
     full_root, killed_root = tmp_path / "full", tmp_path / "killed"
     subprocess.run(command(full_root), check=True, env=env, capture_output=True, timeout=600)
 
-    process = subprocess.Popen(command(killed_root), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command(killed_root), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     last = killed_root / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -255,7 +294,9 @@ def test_resume_after_sigkill_continues_the_same_curve(tmp_path):
     killed_at = torch.load(last, weights_only=True)["global_step"]
     assert 20 <= killed_at < steps
 
-    subprocess.run(command(killed_root, "--ckpt_path", "last"), check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run(
+        command(killed_root, "--ckpt_path", "last"), check=True, env=env, capture_output=True, timeout=600
+    )
     full = metric_rows(full_root / "version_0", "train/loss")
     resumed = metric_rows(killed_root / "version_0", "train/loss")
     assert sorted(resumed) == sorted(full)

@@ -236,3 +236,19 @@ def test_tiny_model_overfits_a_repeated_sequence():
         if loss.item() < 0.05:
             break
     assert loss.item() < 0.1, loss.item()
+
+
+def hand_flops(L_, C, V, T, bias):
+    # Per block: c_attn 3C^2, attn c_proj C^2, c_fc 4C^2, mlp c_proj 4C^2 = 12 C^2 weights, and the
+    # two LayerNorm gains (2C); with biases also 3C + C + 4C + C (linears) + 2C (LayerNorm).
+    per_block = 12 * C * C + (2 * C if not bias else 13 * C)
+    n = L_ * per_block + (C if not bias else 2 * C) + V * C  # + ln_f + the (tied) head as a matmul
+    return 6 * n + 12 * L_ * C * T
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gpt_flops_per_token_matches_hand_formula(bias):
+    config = GPTConfig(vocab_size=97, block_size=32, n_layer=3, n_head=2, n_embd=16, bias=bias)
+    model = GPT(config)
+    assert model.flops_per_token(32) == hand_flops(3, 16, 97, 32, bias)
+    assert model.flops_per_token(8) == hand_flops(3, 16, 97, 8, bias)  # attention term follows T

@@ -7,6 +7,7 @@ import torch
 from nexttoken.errors import UserError
 from nexttoken.loss import IGNORE_INDEX, next_token_loss
 from nexttoken.models.hf import HFCausalLM, load_hf_causal_lm
+from test_gpt import hand_flops
 
 
 def shifted(input_ids: torch.Tensor) -> torch.Tensor:
@@ -24,14 +25,14 @@ def window(vocab: int, T: int = 24, B: int = 3) -> torch.Tensor:
 def test_our_loss_on_adapter_logits_equals_hf_labels_loss(fixture, request):
     model, tokenizer = load_hf_causal_lm(request.getfixturevalue(fixture))
     assert isinstance(model, HFCausalLM)
-    x = window(len(tokenizer))
+    x = window(tokenizer.vocab_size)
     with torch.no_grad():
         ours = next_token_loss(model(x), shifted(x))
         theirs = model.model(input_ids=x, labels=x).loss
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
     # Random weights: the loss is near ln(V); a double shift would still be finite, so also check
     # that feeding the adapter's logits UNshifted targets gives a different number.
-    assert abs(ours.item() - math.log(len(tokenizer))) < 0.5
+    assert abs(ours.item() - math.log(tokenizer.vocab_size)) < 0.5
     assert not torch.allclose(next_token_loss(model(x), x), ours)
 
 
@@ -128,7 +129,7 @@ def test_smollm2_parity(smollm2_gguf):
     assert type(model.model).__name__ == "LlamaForCausalLM"
     assert model.max_context == 8192
     text = "The tower is 324 metres tall, about the same height as an 81-storey building."
-    x = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    x = torch.tensor([tokenizer.encode(text)])
     with torch.no_grad():
         ours = next_token_loss(model(x), shifted(x))
         theirs = model.model(input_ids=x, labels=x).loss
@@ -145,3 +146,11 @@ def test_loaded_in_eval_mode_and_deterministic(tiny_gpt2_dir):
         assert torch.equal(model(x), model(x))
     model.train()
     assert model.model.training
+
+
+def test_hf_estimate_agrees_with_gpt():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=16, n_layer=3, n_head=2)
+    hf = transformers.GPT2LMHeadModel(config)
+    # GPT-2 has biases everywhere and a tied head: the same count as our GPT with bias=True.
+    assert HFCausalLM(hf).flops_per_token(32) == hand_flops(3, 16, 97, 32, bias=True)

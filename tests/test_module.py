@@ -39,8 +39,13 @@ def micro_batches():
 def one_step_delta(module, batches, accumulate):
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         limit_val_batches=0,
     )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
@@ -99,8 +104,15 @@ def test_bf16_mixed_with_gradient_clipping_and_fused_adamw_trains():
     torch.manual_seed(0)
     module = CausalLMModule(model="tiny", vocab_size=V, block_size=T, n_layer=1, n_head=2, n_embd=16)
     trainer = L.Trainer(
-        accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1e-3, max_steps=2, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        gradient_clip_val=1e-3,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
     )
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.named_parameters()}

@@ -104,8 +104,13 @@ def test_hf_gpt2_every_parameter_where_the_rule_says():
 def test_hf_llama_every_parameter_where_the_rule_says(tied):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
         tie_word_embeddings=tied,
     )
     model = transformers.LlamaForCausalLM(config)

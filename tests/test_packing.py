@@ -8,11 +8,12 @@ from nexttoken.data.packing import (
     concat_documents,
     num_train_blocks,
     num_val_blocks,
+    shift,
     token_dtype,
+    train_batch,
     train_batches,
-    train_block,
+    val_batch,
     val_batches,
-    val_block,
     val_block_bytes,
 )
 from nexttoken.loss import IGNORE_INDEX
@@ -21,38 +22,69 @@ EOS = 99
 
 
 def random_documents(rng, max_docs=8, max_len=40):
-    return [list(rng.integers(0, EOS, size=rng.integers(0, max_len))) for _ in range(rng.integers(1, max_docs))]
+    return [
+        list(rng.integers(0, EOS, size=rng.integers(0, max_len))) for _ in range(rng.integers(1, max_docs))
+    ]
+
+
+def test_shift_is_the_next_token_pairing():
+    block = np.arange(10).reshape(2, 5)
+    x, y = shift(block)
+    assert x.tolist() == [[0, 1, 2, 3], [5, 6, 7, 8]] and y.tolist() == [[1, 2, 3, 4], [6, 7, 8, 9]]
 
 
 def test_concat_puts_eos_before_every_document():
-    stream = concat_documents([[1, 2], [], [3]], eos_id=EOS)
+    stream = concat_documents([[1, 2], [], [3]], before=[EOS])
     assert stream.tolist() == [EOS, 1, 2, EOS, EOS, 3]
 
 
+def test_concat_frames_documents_on_both_sides():
+    # A pretrained tokenizer without a BOS: nothing before, EOS after; with a BOS (7): both.
+    assert concat_documents([[1, 2], [3]], before=[], after=[EOS]).tolist() == [1, 2, EOS, 3, EOS]
+    assert concat_documents([[1], [], [3]], before=[7], after=[EOS]).tolist() == [
+        7,
+        1,
+        EOS,
+        7,
+        EOS,
+        7,
+        3,
+        EOS,
+    ]
+
+
 def test_concat_byte_counts_align_with_stream():
-    counts = concat_byte_counts([[1, 2], [], [3]])
+    counts = concat_byte_counts([[1, 2], [], [3]], before=[EOS])
     assert counts.tolist() == [0, 1, 2, 0, 0, 3]
+    assert concat_byte_counts([[1, 2], [3]], before=[7], after=[EOS]).tolist() == [0, 1, 2, 0, 0, 3, 0]
 
 
 def test_token_dtype_is_the_smallest_that_fits():
     assert token_dtype(257) == np.uint16
     assert token_dtype(65535) == np.uint16
     assert token_dtype(65536) == np.uint32
-    stream = concat_documents([[65534]], eos_id=0, dtype=token_dtype(65535))
+    stream = concat_documents([[65534]], before=[0], dtype=token_dtype(65535))
     assert stream.tolist() == [0, 65534]
 
 
 def test_train_blocks_are_shifted_pairs_that_score_every_position_once():
     rng = np.random.default_rng(0)
     for _ in range(200):
-        stream = concat_documents(random_documents(rng), EOS)
+        stream = concat_documents(random_documents(rng), [EOS])
         T = int(rng.integers(1, 12))
         n = num_train_blocks(len(stream), T)
         assert n == max(0, (len(stream) - 1) // T)
         all_targets = []
+        if n:  # a whole batch at once, in a shuffled order, equals the blocks one by one
+            order = rng.permutation(n)
+            xs, ys = train_batch(stream, order, T)
+            assert xs.shape == ys.shape == (n, T) and xs.dtype == np.int64
         for i in range(n):
-            x, y = train_block(stream, i, T)
-            assert x.shape == y.shape == (T,) and x.dtype == np.int64
+            (x,), (y,) = train_batch(stream, [i], T)
+            assert (
+                x.tolist() == xs[list(order).index(i)].tolist()
+                and y.tolist() == ys[list(order).index(i)].tolist()
+            )
             assert x.tolist() == stream[i * T : i * T + T].tolist()
             assert y.tolist() == stream[i * T + 1 : i * T + T + 1].tolist()  # inputs shifted by one
             all_targets.extend(y.tolist())
@@ -60,7 +92,7 @@ def test_train_blocks_are_shifted_pairs_that_score_every_position_once():
         assert all_targets == stream[1 : 1 + n * T].tolist()
         assert len(stream) - 1 - n * T < T
         with pytest.raises(IndexError):
-            train_block(stream, n, T)
+            train_batch(stream, [n], T)
 
 
 def test_val_blocks_cover_every_target_exactly_once_with_bytes():
@@ -68,14 +100,19 @@ def test_val_blocks_cover_every_target_exactly_once_with_bytes():
     for _ in range(300):
         docs = random_documents(rng)
         doc_bytes = [list(rng.integers(0, 5, size=len(d))) for d in docs]
-        stream = concat_documents(docs, EOS)
-        byte_counts = concat_byte_counts(doc_bytes)
+        stream = concat_documents(docs, [EOS])
+        byte_counts = concat_byte_counts(doc_bytes, [EOS])
         T = int(rng.integers(1, 12))
         n = num_val_blocks(len(stream), T)
         targets, block_bytes = [], val_block_bytes(byte_counts, T)
         assert len(block_bytes) == n
+        if n:
+            xs, ys = val_batch(stream, range(n), T, pad_id=EOS)
+            assert xs.shape == ys.shape == (n, T) and ys.dtype == np.int64
         for i in range(n):
-            x, y = val_block(stream, i, T, pad_id=EOS)
+            x, y = xs[i], ys[i]
+            (x1,), (y1,) = val_batch(stream, [i], T, pad_id=EOS)
+            assert x1.tolist() == x.tolist() and y1.tolist() == y.tolist()
             scored = y != IGNORE_INDEX
             # Padding only at the end of the last block, and inputs there are the pad id.
             assert scored.tolist() == sorted(scored.tolist(), reverse=True)
@@ -125,7 +162,10 @@ def test_train_batches_are_disjoint_across_ranks_and_deterministic():
         for world_size in (1, 2, 3):
             if num_blocks < world_size:
                 continue
-            plans = [train_batches(num_blocks, 4, seed=5, epoch=2, rank=r, world_size=world_size) for r in range(world_size)]
+            plans = [
+                train_batches(num_blocks, 4, seed=5, epoch=2, rank=r, world_size=world_size)
+                for r in range(world_size)
+            ]
             flat = np.concatenate([p.ravel() for p in plans])
             assert len(set(flat.tolist())) == len(flat)  # no block on two ranks or twice
             assert len({p.shape for p in plans}) == 1  # every rank runs the same number of batches

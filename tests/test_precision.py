@@ -23,7 +23,9 @@ def test_cpu_with_native_bf16_says_bf16_mixed(monkeypatch):
     assert choice == "bf16-mixed" and "amx_bf16" in reason
 
 
-@pytest.mark.parametrize("capability, expected", [((8, 0), "bf16-mixed"), ((9, 0), "bf16-mixed"), ((7, 5), "16-mixed")])
+@pytest.mark.parametrize(
+    "capability, expected", [((8, 0), "bf16-mixed"), ((9, 0), "bf16-mixed"), ((7, 5), "16-mixed")]
+)
 def test_cuda_capability_rule(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
@@ -34,8 +36,10 @@ def test_cuda_capability_rule(monkeypatch, capability, expected):
 
 def test_parses_cpuinfo_flags(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n\n"
-                       "processor\t: 1\nflags\t\t: fpu\n")
+    cpuinfo.write_text(
+        "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n\n"
+        "processor\t: 1\nflags\t\t: fpu\n"
+    )
     assert precision.cpu_bf16_flags(cpuinfo) == {"avx512_bf16", "amx_bf16"}
     cpuinfo.write_text("flags\t\t: fpu sse2 avx512f avx2\n")
     assert precision.cpu_bf16_flags(cpuinfo) == set()
@@ -77,8 +81,13 @@ def test_bf16_mixed_on_cpu_keeps_fp32_weights_state_and_loss():
     data = [(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8))) for _ in range(2)]
     module = Recorder()
     trainer = L.Trainer(
-        accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     assert module.logit_dtypes[0] == torch.bfloat16  # the model really ran in bf16
@@ -86,6 +95,5 @@ def test_bf16_mixed_on_cpu_keeps_fp32_weights_state_and_loss():
     assert all(p.dtype == torch.float32 for p in module.parameters())
     state = trainer.optimizers[0].state
     assert state and all(
-        s["exp_avg"].dtype == torch.float32 and s["exp_avg_sq"].dtype == torch.float32
-        for s in state.values()
+        s["exp_avg"].dtype == torch.float32 and s["exp_avg_sq"].dtype == torch.float32 for s in state.values()
     )

@@ -4,8 +4,8 @@ import pytest
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nexttoken.data.corpus import DataError
-from nexttoken.data.tokenizers import EOS_TOKEN, Tokenizer, build_tokenizer, token_byte_counts
+from nexttoken.data.documents import DataError
+from nexttoken.data.tokenizers import EOS_TOKEN, Tokenizer, build_tokenizer, document_start, token_byte_counts
 
 TRICKY = [
     "",
@@ -167,7 +167,10 @@ def test_to_dict_roundtrip_is_json_and_identical(bpe, metaspace_tokenizer_dir):
         again = Tokenizer.from_dict(state)
         assert again.fingerprint == tok.fingerprint
         assert (again.kind, again.eos_id, again.bos_id, again.vocab_size) == (
-            tok.kind, tok.eos_id, tok.bos_id, tok.vocab_size,
+            tok.kind,
+            tok.eos_id,
+            tok.bos_id,
+            tok.vocab_size,
         )
         assert again.encode_batch(TRICKY) == tok.encode_batch(TRICKY)
     with pytest.raises(DataError, match="another version"):
@@ -198,11 +201,17 @@ def test_saved_tokenizer_loads_in_transformers(bpe, tmp_path):
 
     bpe.save(tmp_path)
     text = "héllo wörld 👍 def f(x):\n    return x"
+    # transformers' default (add_special_tokens=True) starts the document as the model was trained.
+    start = [document_start(bpe)]
+    assert start == [bpe.eos_id]
     direct = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
-    assert direct(text)["input_ids"] == bpe.encode(text)
+    assert direct(text)["input_ids"] == start + bpe.encode(text)
+    assert direct(text, add_special_tokens=False)["input_ids"] == bpe.encode(text)
     auto = AutoTokenizer.from_pretrained(tmp_path)
-    assert auto(text)["input_ids"] == bpe.encode(text)
+    assert auto(text)["input_ids"] == start + bpe.encode(text)
     assert auto.eos_token_id == bpe.eos_id
     assert auto.decode(bpe.encode(text)) == text
-    # ... and our own loader reads it back as the same tokenizer.
-    assert build_tokenizer(str(tmp_path)).encode(text) == bpe.encode(text)
+    # ... and our own loader reads it back with the same tokens and the same document start.
+    loaded = build_tokenizer(str(tmp_path))
+    assert loaded.kind == "hf" and loaded.adds_bos
+    assert loaded.encode(text) == bpe.encode(text) and document_start(loaded) == document_start(bpe)

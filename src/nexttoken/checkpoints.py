@@ -3,7 +3,6 @@ runs), and every failure to read one explained in a line."""
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -12,32 +11,29 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from nexttoken.errors import UserError
+from nexttoken.io import write_atomically
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to a temporary file beside it, then rename it over the old one, so a
-    kill while saving leaves the previous checkpoint intact. (Lightning's own writer stages the
+    """Write each checkpoint through :func:`nexttoken.io.write_atomically` (a temporary file beside
+    it, fsync'd, renamed over the old one), so a kill while saving leaves the previous checkpoint
+    intact. (Lightning's own writer stages the
     file in the system temp folder and moves it, which is a copy, not a rename, when that folder
     is on another filesystem.) Remote paths (``s3://`` ...) keep Lightning's writer."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        with open(partial, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
+        write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's contents, memory-mapped; a clear ``UserError`` if it cannot be one."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass the path of a .ckpt file written by nexttoken fit")
+        raise UserError(
+            f"checkpoint {path} does not exist; pass the path of a .ckpt file written by nexttoken fit"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
@@ -51,5 +47,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "only load checkpoints from sources you trust"
         ) from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"{path} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by nexttoken fit")
+        raise UserError(
+            f"{path} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by nexttoken fit"
+        )
     return checkpoint

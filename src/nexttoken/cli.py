@@ -22,7 +22,7 @@ commands:
   validate   score a checkpoint on the validation split of the data (`--ckpt_path`)
   eval       perplexity / bits per byte of any causal LM on any text, sliding windows
   inspect    per-token surprisal of a text as an HTML page, and the most surprising tokens
-  generate   sample text from a checkpoint
+  generate   sample text from a checkpoint, a Hugging Face folder or a GGUF file
   export     write a checkpoint as a Hugging Face folder (config, safetensors, tokenizer)
 
 global options:
@@ -34,39 +34,19 @@ LIGHTNING_COMMANDS = ("fit", "validate")
 
 
 def _tool_commands() -> dict:
-    from nexttoken import evaluate, export, inspect
+    from nexttoken import export, generate, surprisal
+    from nexttoken.evaluation import command as evaluation
 
     return {
-        "eval": (evaluate.add_eval_arguments, evaluate.run_eval, "score a causal LM on text"),
-        "inspect": (inspect.add_inspect_arguments, inspect.run_inspect, "per-token surprisal as HTML"),
-        "generate": (add_generate_arguments, run_generate, "sample text from a checkpoint"),
-        "export": (export.add_export_arguments, export.run_export, "write a checkpoint as a Hugging Face folder"),
+        "eval": (evaluation.add_eval_arguments, evaluation.run_eval, "score a causal LM on text"),
+        "inspect": (surprisal.add_inspect_arguments, surprisal.run_inspect, "per-token surprisal as HTML"),
+        "generate": (generate.add_generate_arguments, generate.run_generate, "sample text from a model"),
+        "export": (
+            export.add_export_arguments,
+            export.run_export,
+            "write a checkpoint as a Hugging Face folder",
+        ),
     }
-
-
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a nexttoken checkpoint (.ckpt)")
-    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    from nexttoken.module import load_module
-
-    module = load_module(args.checkpoint)
-    if args.max_new_tokens < 0:
-        from nexttoken.errors import UserError
-
-        raise UserError("--max-new-tokens must be >= 0")
-    text = module.generate_text(
-        args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k or None, seed=args.seed,
-    )
-    print(text)
-    return 0
 
 
 def _run_tool(name: str, argv: list[str]) -> int:
@@ -111,6 +91,9 @@ def main(args: list[str] | None = None) -> int:
             print(f"error: {message}", file=sys.stderr)
             return 2
         if not debug:
-            print(f"error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
-                  "(run again with --debug for the traceback)", file=sys.stderr)
+            print(
+                f"error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+                "(run again with --debug for the traceback)",
+                file=sys.stderr,
+            )
         return 1

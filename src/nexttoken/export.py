@@ -9,13 +9,12 @@ built without biases exports zero biases). A fine-tuned Hugging Face model is sa
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from nexttoken.errors import UserError
+from nexttoken.io import atomic_folder
 
 
 def gpt_to_gpt2(network, tokenizer):
@@ -24,10 +23,20 @@ def gpt_to_gpt2(network, tokenizer):
 
     c = network.config
     config = GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-        n_head=c.n_head, n_inner=4 * c.n_embd, activation_function="gelu", layer_norm_epsilon=1e-5,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        n_embd=c.n_embd,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_inner=4 * c.n_embd,
+        activation_function="gelu",
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_id,
+        eos_token_id=tokenizer.eos_id,
     )
     hf = GPT2LMHeadModel(config)
     src = network.state_dict()
@@ -35,7 +44,9 @@ def gpt_to_gpt2(network, tokenizer):
 
     def copy(target: str, value: torch.Tensor) -> None:
         if dst[target].shape != value.shape:
-            raise RuntimeError(f"export: {target} has shape {tuple(dst[target].shape)}, got {tuple(value.shape)}")
+            raise RuntimeError(
+                f"export: {target} has shape {tuple(dst[target].shape)}, got {tuple(value.shape)}"
+            )
         dst[target] = value.detach().clone()
 
     def bias(name: str, size: int) -> torch.Tensor:
@@ -59,55 +70,25 @@ def gpt_to_gpt2(network, tokenizer):
     return hf.eval()
 
 
-def _start_documents_with_eos(folder: Path, tokenizer) -> None:
-    """nexttoken trains on ``EOS doc0 EOS doc1 ...``: make the exported tokenizer put that EOS in
-    front of every text it encodes (as its BOS), so transformers users, and ``nexttoken eval``, feed
-    the model what it was trained on and score each document's first token."""
-    import json
-
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import processors
-
-    eos = tokenizer.eos_token
-    hf_tokenizer = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-    hf_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{eos} $A", pair=f"{eos} $A {eos} $B", special_tokens=[(eos, tokenizer.eos_id)]
-    )
-    hf_tokenizer.save(str(folder / "tokenizer.json"))
-    config_file = folder / "tokenizer_config.json"
-    config = json.loads(config_file.read_text())
-    config["bos_token"] = eos
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
-
-
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write ``checkpoint`` as a Hugging Face folder ``out_dir`` (new or empty); nothing is left
+    behind on failure. The tokenizer starts documents as the model was trained
+    (:meth:`nexttoken.data.tokenizers.Tokenizer.save`)."""
     from nexttoken.models.gpt import GPT
-    from nexttoken.module import load_module
+    from nexttoken.models.load import load_module
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"{out_dir} already exists and is not empty; choose a new folder (nothing was written)")
+        raise UserError(
+            f"{out_dir} already exists and is not empty; choose a new folder (nothing was written)"
+        )
     module = load_module(checkpoint)
     if module.tokenizer is None:
         raise UserError(f"{checkpoint} carries no tokenizer; it was not written by nexttoken fit")
-    if isinstance(module.model, GPT):
-        hf = gpt_to_gpt2(module.model, module.tokenizer)
-    else:
-        hf = module.model.model
-    # Build the folder beside the target and rename it into place: a failure leaves nothing half-written.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    hf = gpt_to_gpt2(module.model, module.tokenizer) if isinstance(module.model, GPT) else module.model.model
+    with atomic_folder(out_dir) as staging:
         hf.save_pretrained(staging, safe_serialization=True)
         module.tokenizer.save(staging)
-        if module.tokenizer.kind in ("bytes", "bpe"):
-            _start_documents_with_eos(staging, module.tokenizer)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

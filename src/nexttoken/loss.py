@@ -107,6 +107,11 @@ def fused_next_token_loss(
     return nll if reduction == "sum" else nll / scored.sum().clamp(min=1)
 
 
+def fused_loss_available() -> bool:
+    """True when this torch has the fused linear + cross-entropy op (``F.linear_cross_entropy``)."""
+    return hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+
 def count_scored(targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Number of positions the loss scores (the ``tokens`` of the reduction contract)."""
     return (targets != ignore_index).sum()

@@ -47,7 +47,9 @@ class NextTokenMetrics(Metric):
         self.add_state("bytes", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("bytes_seen", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
-    def update(self, nll_sum: Tensor | float, tokens: Tensor | int, bytes: Tensor | int | None = None) -> None:
+    def update(
+        self, nll_sum: Tensor | float, tokens: Tensor | int, bytes: Tensor | int | None = None
+    ) -> None:
         self.nll_sum += torch.as_tensor(nll_sum, dtype=torch.float64, device=self.nll_sum.device).detach()
         self.tokens += torch.as_tensor(tokens, dtype=torch.int64, device=self.tokens.device)
         if bytes is not None:
@@ -56,7 +58,5 @@ class NextTokenMetrics(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         has_bytes = int(self.bytes_seen) > 0
-        numbers = summarize(
-            float(self.nll_sum), float(self.tokens), float(self.bytes) if has_bytes else None
-        )
+        numbers = summarize(float(self.nll_sum), float(self.tokens), float(self.bytes) if has_bytes else None)
         return {name: torch.tensor(value, dtype=torch.float64) for name, value in numbers.items()}

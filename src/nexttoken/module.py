@@ -9,25 +9,28 @@ number of processes, the step uses the gradient of the window's *token* mean,
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from nexttoken.errors import UserError
-from nexttoken.loss import count_scored, fused_next_token_loss, next_token_loss
+from nexttoken.loss import count_scored, fused_loss_available, fused_next_token_loss, next_token_loss
 from nexttoken.metrics import NextTokenMetrics
+from nexttoken.models.gpt import PRESETS
+from nexttoken.models.load import is_hf_model
+from nexttoken.models.protocol import CausalLM
 from nexttoken.optim import build_optimizer, decay_audit
 
 # The fused linear+cross-entropy path pays once the vocabulary is much wider than the model
 # (the logits dominate memory); below that the plain matmul is cheaper (benchmarks/loss_memory.py).
 FUSED_LOSS_MIN_VOCAB_RATIO = 8
+# The schedule's length when the trainer has no step limit (max_steps -1 and no epoch limit).
+FALLBACK_SCHEDULE_STEPS = 100_000
 
-
-def is_hf_model(spec: str) -> bool:
-    return spec.endswith(".gguf") or Path(spec).is_dir()
+FusedLoss = Literal["auto", "on", "off"]
+OnNonFinite = Literal["stop", "skip"]
 
 
 class CausalLMModule(L.LightningModule):
@@ -62,18 +65,30 @@ class CausalLMModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 50,
         min_lr: float | None = None,
-        fused_loss: str = "auto",
-        on_nonfinite: str = "stop",
+        fused_loss: FusedLoss = "auto",
+        on_nonfinite: OnNonFinite = "stop",
         compile: bool = False,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
-        if fused_loss not in ("auto", "on", "off"):
-            raise ValueError(f"fused_loss must be auto, on or off, got {fused_loss!r}")
-        if on_nonfinite not in ("stop", "skip"):
-            raise ValueError(f"on_nonfinite must be stop or skip, got {on_nonfinite!r}")
+        if fused_loss not in FusedLoss.__args__:
+            raise UserError(
+                f"--model.fused_loss must be one of {', '.join(FusedLoss.__args__)}, got {fused_loss!r}"
+            )
+        if on_nonfinite not in OnNonFinite.__args__:
+            raise UserError(f"--model.on_nonfinite must be stop or skip, got {on_nonfinite!r}")
+        if fused_loss == "on" and not fused_loss_available():
+            raise UserError(
+                f"--model.fused_loss on: torch {torch.__version__} has no fused linear + cross-entropy "
+                "(F.linear_cross_entropy, torch >= 2.13); use --model.fused_loss auto or off"
+            )
+        if model not in PRESETS and not is_hf_model(model):
+            raise UserError(
+                f"--model.model {model!r} is neither a GPT preset ({', '.join(PRESETS)}) nor a local "
+                "Hugging Face model folder or .gguf file"
+            )
         self.save_hyperparameters()
-        self.model: nn.Module | None = None
+        self.model: CausalLM | None = None
         self.tokenizer = None
         self.val_metrics = NextTokenMetrics()
         self._window_nll = torch.zeros((), dtype=torch.float64)
@@ -96,7 +111,7 @@ class CausalLMModule(L.LightningModule):
         if self.hparams.compile:
             self.model.compile()
 
-    def _build_network(self) -> nn.Module:
+    def _build_network(self) -> CausalLM:
         hp = self.hparams
         if is_hf_model(hp.model):
             from nexttoken.models.hf import load_hf_causal_lm
@@ -105,9 +120,7 @@ class CausalLMModule(L.LightningModule):
             return network.train()  # loaded for inference (eval mode); Lightning keeps modes as it finds them
         from nexttoken.models.gpt import GPT, GPTConfig
 
-        overrides = {
-            k: hp[k] for k in ("block_size", "n_layer", "n_head", "n_embd") if hp[k] is not None
-        }
+        overrides = {k: hp[k] for k in ("block_size", "n_layer", "n_head", "n_embd") if hp[k] is not None}
         config = GPTConfig.from_preset(hp.model, hp.vocab_size, dropout=hp.dropout, bias=hp.bias, **overrides)
         self.hparams.block_size = config.block_size
         return GPT(config)
@@ -115,12 +128,12 @@ class CausalLMModule(L.LightningModule):
     @property
     def uses_fused_loss(self) -> bool:
         mode = self.hparams.fused_loss
-        if not getattr(self.model, "logits_are_linear", True):
+        if not self.model.logits_are_linear:
             return False  # softcapped or scaled logits (some HF models) are not hidden @ W.T
         if mode != "auto":
             return mode == "on"
-        if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
-            return False  # torch < 2.13 has no fused linear + cross-entropy: the plain path
+        if not fused_loss_available():
+            return False
         head = self.model.lm_head
         return head.weight.shape[0] >= FUSED_LOSS_MIN_VOCAB_RATIO * head.weight.shape[1]
 
@@ -199,7 +212,9 @@ class CausalLMModule(L.LightningModule):
         )
 
     def configure_gradient_clipping(
-        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         # Lightning refuses to clip under mixed precision when the optimizer unscales gradients
@@ -241,13 +256,26 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         total = self.trainer.estimated_stepping_batches
-        max_steps = int(total) if math.isfinite(total) else 100_000
+        if math.isfinite(total):
+            max_steps = int(total)
+        else:
+            max_steps = FALLBACK_SCHEDULE_STEPS
+            self.print(
+                f"note: the run has no step limit, so the cosine schedule spans {max_steps:,} steps; "
+                "set --trainer.max_steps to fit it to the run"
+            )
+        warmup_steps = min(hp.warmup_steps, max(max_steps // 10, 1))
+        if warmup_steps < hp.warmup_steps:
+            self.print(
+                f"note: warmup capped at {warmup_steps} steps (a tenth of the run's {max_steps:,}) "
+                f"instead of --model.warmup_steps {hp.warmup_steps}"
+            )
         optimizer, schedule = build_optimizer(
             self.model,
             lr=hp.lr,
             weight_decay=hp.weight_decay,
             betas=tuple(hp.betas),
-            warmup_steps=min(hp.warmup_steps, max(max_steps // 10, 1)),
+            warmup_steps=warmup_steps,
             max_steps=max_steps,
             min_lr=hp.min_lr,
             # fp16's loss scaler must unscale before clipping, which Lightning cannot do for a fused
@@ -282,54 +310,3 @@ class CausalLMModule(L.LightningModule):
                     f"{tuple(own[name].shape)}; use the run's --model/--data settings (its config.yaml), "
                     "or start a new run without --ckpt_path"
                 )
-
-    # ----------------------------------------------------------------- sampling
-    @torch.no_grad()
-    def generate_text(
-        self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
-        seed: int | None = 0,
-    ) -> str:
-        """Sample a continuation of ``prompt`` (reproducible for a given ``seed``)."""
-        tok = self.tokenizer
-        ids = tok.encode(prompt) if prompt else []
-        if tok.bos_id is not None and tok.kind == "hf":
-            ids = [tok.bos_id, *ids]  # a pretrained model's own convention
-        else:
-            ids = [tok.eos_id, *ids]  # our documents start after an end-of-document token
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        if seed is not None:
-            torch.manual_seed(seed)
-        from nexttoken.models.gpt import GPT
-
-        if isinstance(self.model, GPT):
-            generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-            out = self.model.generate(
-                idx, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=tok.eos_id, generator=generator
-            )
-        else:  # a Hugging Face model samples with its own generate()
-            was_training = self.model.training
-            self.model.eval()
-            out = self.model.model.generate(
-                idx, attention_mask=torch.ones_like(idx), max_new_tokens=max_new_tokens,
-                do_sample=temperature > 0, temperature=temperature or None, top_k=top_k,
-                eos_token_id=tok.eos_id, pad_token_id=tok.eos_id,
-            )
-            self.model.train(was_training)
-        new = [t for t in out[0, len(ids):].tolist() if t != tok.eos_id]
-        return prompt + tok.decode(new)
-
-
-def load_module(path: str | Path, map_location: str = "cpu") -> CausalLMModule:
-    """Load a nexttoken checkpoint for evaluation or sampling (no pickled code runs)."""
-    from nexttoken.checkpoints import read_checkpoint
-
-    read_checkpoint(path)  # one clear line for a missing, truncated or corrupted file
-    module = CausalLMModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
-    module.eval()
-    return module
-
-
-def load_checkpoint(path: str | Path, map_location: str = "cpu"):
-    """``(network, tokenizer)`` of a nexttoken checkpoint: what ``nexttoken eval`` scores."""
-    module = load_module(path, map_location)
-    return module.model, module.tokenizer

@@ -1,13 +1,23 @@
 """End-of-run report: the validation scoreboard beside what general-purpose compressors achieve
-on the same held-out bytes, and the train/validation curves as a PNG."""
+on the same held-out bytes, the train/validation curves as a PNG, and a sample of the model's text."""
 
 from __future__ import annotations
 
 import bz2
 import csv
 import gzip
+import json
 import lzma
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nexttoken.io import write_atomically
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from nexttoken.data.datamodule import TextDataModule
+    from nexttoken.module import CausalLMModule
 
 
 def compressor_bits_per_byte(data: bytes) -> dict[str, float]:
@@ -77,6 +87,40 @@ def plot_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
     ax_bpb.grid(alpha=0.3)
     fig.tight_layout()
     out_png = Path(out_png)
-    fig.savefig(out_png, dpi=100)
+    write_atomically(out_png, lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
     return out_png
+
+
+def write_report(trainer: L.Trainer, module: CausalLMModule, data: TextDataModule, run_dir: Path) -> str:
+    """Print the end-of-run report and write ``report.txt``, ``report.json`` and ``curves.png``
+    into ``run_dir``; returns the report's text."""
+    from nexttoken.generate import generate_text
+
+    validation = module.last_validation
+    compressors = compressor_bits_per_byte(data.val_text_bytes())
+    text = format_report(validation, compressors, module.hparams.vocab_size)
+    metrics_csv = run_dir / "metrics.csv"
+    if trainer.logger is not None:
+        trainer.logger.save()
+    lines = ["", "=" * 60, text]
+    if metrics_csv.exists():
+        png = plot_curves(metrics_csv, run_dir / "curves.png")
+        lines.append(f"curves: {png}")
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+    if best:
+        lines.append(f"checkpoints: {Path(best).parent}  (best: {Path(best).name}, last: last.ckpt)")
+    sample = generate_text(
+        module.model, module.tokenizer, "", max_new_tokens=120, temperature=0.8, top_k=50, seed=0
+    )
+    lines += ["sample (temperature 0.8, top-k 50):", "-" * 60, sample.strip("\n"), "-" * 60]
+    report = "\n".join(lines)
+    print(report, flush=True)
+    write_atomically(run_dir / "report.txt", report.lstrip("\n") + "\n")
+    summary = {
+        "validation": validation,
+        "compressors_bits_per_byte": compressors,
+        "global_step": trainer.global_step,
+    }
+    write_atomically(run_dir / "report.json", json.dumps(summary, indent=2) + "\n")
+    return report

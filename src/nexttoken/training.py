@@ -4,7 +4,6 @@ folder per run, ``--ckpt_path last`` that continues the latest run, and an end-o
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
@@ -17,8 +16,10 @@ from lightning.pytorch.loggers import CSVLogger
 from nexttoken.checkpoints import AtomicCheckpointIO, read_checkpoint
 from nexttoken.data.datamodule import TextDataModule
 from nexttoken.errors import UserError
-from nexttoken.module import CausalLMModule, is_hf_model
+from nexttoken.models.load import is_hf_model
+from nexttoken.module import CausalLMModule
 from nexttoken.precision import auto_precision
+from nexttoken.report import write_report
 from nexttoken.throughput import ThroughputCallback
 
 DEFAULT_ROOT = "runs"
@@ -46,8 +47,10 @@ class RunLogger(CSVLogger):
                 kept = [row for row in csv.DictReader(f) if int(row["step"]) < self._keep_before_step]
         writer = super().experiment  # this deletes the old metrics.csv
         for row in kept:
-            writer.log_metrics({k: float(v) for k, v in row.items() if v not in ("", None) and k != "step"},
-                               step=int(row["step"]))
+            writer.log_metrics(
+                {k: float(v) for k, v in row.items() if v not in ("", None) and k != "step"},
+                step=int(row["step"]),
+            )
         writer.save()
         return writer
 
@@ -65,8 +68,14 @@ def trainer_defaults() -> dict:
         "default_root_dir": DEFAULT_ROOT,
         "logger": {"class_path": RUN_LOGGER, "init_args": {"save_dir": DEFAULT_ROOT, "name": ""}},
         "callbacks": [
-            ModelCheckpoint(monitor="val/loss", mode="min", save_top_k=1, save_last=True,
-                            filename="best-{step}", auto_insert_metric_name=False),
+            ModelCheckpoint(
+                monitor="val/loss",
+                mode="min",
+                save_top_k=1,
+                save_last=True,
+                filename="best-{step}",
+                auto_insert_metric_name=False,
+            ),
             # tokens/s and MFU in the progress bar and the logs (nexttoken.throughput).
             ThroughputCallback(),
         ],
@@ -84,8 +93,10 @@ def _check_writable(folder: Path) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise UserError(f"cannot write the run folder {folder} ({probe} is not a writable folder); "
-                        "choose another with --trainer.default_root_dir")
+        raise UserError(
+            f"cannot write the run folder {folder} ({probe} is not a writable folder); "
+            "choose another with --trainer.default_root_dir"
+        )
 
 
 class NextTokenCLI(LightningCLI):
@@ -108,8 +119,10 @@ class NextTokenCLI(LightningCLI):
         if config.ckpt_path == "last":
             run = latest_run(root)
             if run is None:
-                raise UserError(f"--ckpt_path last: no run with a last.ckpt under {root}; "
-                                "start a new run without --ckpt_path, or pass a checkpoint file")
+                raise UserError(
+                    f"--ckpt_path last: no run with a last.ckpt under {root}; "
+                    "start a new run without --ckpt_path, or pass a checkpoint file"
+                )
             config.ckpt_path = str(run / "checkpoints" / "last.ckpt")
             self._resume_version = int(run.name.split("_", 1)[1])
         checkpoint = read_checkpoint(config.ckpt_path)  # missing, truncated or corrupted: one line
@@ -126,7 +139,9 @@ class NextTokenCLI(LightningCLI):
         for group, keys in SHAPE_SETTINGS.items():
             for key in keys:
                 mine, default = given[group].get(key), defaults[group].get(key)
-                theirs = checkpoint.get("hyper_parameters" if group == "model" else "datamodule_hyper_parameters", {}).get(key)
+                theirs = checkpoint.get(
+                    "hyper_parameters" if group == "model" else "datamodule_hyper_parameters", {}
+                ).get(key)
                 if theirs is not None and mine != default and mine != theirs:
                     conflicts.append(f"--{group}.{key} {mine} (checkpoint: {theirs})")
         if conflicts:
@@ -161,7 +176,9 @@ class NextTokenCLI(LightningCLI):
         if str(trainer.precision) == chosen:
             self._precision_note = f"precision: {chosen} (auto: {reason})"
         else:
-            self._precision_note = f"precision: {trainer.precision} (set by you; auto would pick {chosen}: {reason})"
+            self._precision_note = (
+                f"precision: {trainer.precision} (set by you; auto would pick {chosen}: {reason})"
+            )
 
     def add_arguments_to_parser(self, parser) -> None:
         # The model's context is the data's block size.
@@ -203,36 +220,6 @@ def _print_rank_zero(trainer: L.Trainer, message: str) -> None:
         print(message, flush=True)
 
 
-def write_report(trainer: L.Trainer, module: CausalLMModule, data: TextDataModule, run_dir: Path) -> None:
-    from nexttoken.report import compressor_bits_per_byte, format_report, plot_curves
-
-    validation = module.last_validation
-    compressors = compressor_bits_per_byte(data.val_text_bytes())
-    text = format_report(validation, compressors, module.hparams.vocab_size)
-    metrics_csv = run_dir / "metrics.csv"
-    if trainer.logger is not None:
-        trainer.logger.save()
-    lines = ["", "=" * 60, text]
-    if metrics_csv.exists():
-        png = plot_curves(metrics_csv, run_dir / "curves.png")
-        lines.append(f"curves: {png}")
-    best = getattr(trainer.checkpoint_callback, "best_model_path", "")
-    if best:
-        lines.append(f"checkpoints: {Path(best).parent}  (best: {Path(best).name}, last: last.ckpt)")
-    try:
-        sample = module.generate_text("", max_new_tokens=120, temperature=0.8, top_k=50, seed=0)
-        lines += ["sample (temperature 0.8, top-k 50):", "-" * 60, sample.strip("\n"), "-" * 60]
-    except (AttributeError, NotImplementedError):
-        pass  # a Hugging Face model without our generate(): the numbers are the report
-    report = "\n".join(lines)
-    print(report, flush=True)
-    (run_dir / "report.txt").write_text(report.lstrip("\n") + "\n")
-    (run_dir / "report.json").write_text(json.dumps({
-        "validation": validation,
-        "compressors_bits_per_byte": compressors, "global_step": trainer.global_step,
-    }, indent=2) + "\n")
-
-
 # Lightning advice that does not apply here: validation numbers are already summed over processes
 # by NextTokenMetrics (so every rank logs the same value), and our IterableDatasets' lengths are exact.
 QUIET = (".*sync_dist=True.*", ".*IterableDataset.*has `__len__` defined.*")
@@ -261,4 +248,3 @@ def _make_cli() -> NextTokenCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
-

@@ -1,9 +1,9 @@
-"""Data: corpus files -> tokenizer -> cached token streams -> next-token blocks.
+"""Data: documents -> tokenizer -> cached token streams -> next-token blocks.
 
 ``TextDataModule`` is imported lazily (it pulls in Lightning); the rest is light.
 """
 
-from nexttoken.data.corpus import (
+from nexttoken.data.documents import (
     DataError,
     DataWarning,
     Document,

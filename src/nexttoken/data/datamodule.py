@@ -19,301 +19,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from nexttoken.data.corpus import (
+from nexttoken.data.cache import CACHE_FORMAT, TokenCache, default_cache_dir
+from nexttoken.data.documents import (
     DataError,
-    DataWarning,
-    Document,
     default_corpus,
     documents_digest,
     find_documents,
     split_documents,
 )
-from nexttoken.data.packing import (
-    concat_byte_counts,
-    concat_documents,
-    num_train_blocks,
-    num_val_blocks,
-    token_dtype,
-    train_batches,
-    val_batches,
-    val_block,
-    val_block_bytes,
-)
+from nexttoken.data.loaders import ResumableDataLoader, TrainBatches, ValBatches
+from nexttoken.data.packing import num_train_blocks
 from nexttoken.data.tokenizers import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
 
-# Bump when the layout of the cached files changes, so old caches are never misread.
-CACHE_FORMAT = 1
-# Texts per call to the batch encoder: big enough to keep every core busy, small enough that the
-# encoder's per-token offsets (Python objects) stay a few hundred MB at most.
-_ENCODE_CHUNK_CHARS = 1 << 23
 
-
-def default_cache_dir() -> Path:
-    """``$NEXTTOKEN_CACHE`` if set, else ``~/.cache/nexttoken``."""
-    return Path(os.environ.get("NEXTTOKEN_CACHE") or Path.home() / ".cache" / "nexttoken").expanduser()
-
-
-# --------------------------------------------------------------------------- the token cache
-def _write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    # Readers (other ranks, the next run) must never see a half-written file under the final name.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
-def _chunks(documents: Sequence[Document], max_chars: int) -> Iterator[list[Document]]:
-    chunk: list[Document] = []
-    size = 0
-    for doc in documents:
-        chunk.append(doc)
-        size += len(doc.text)
-        if size >= max_chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-def tokenize_documents(
-    tokenizer: Tokenizer, documents: Sequence[Document], with_bytes: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The split's token stream (EOS before each document) and, if asked, per-token byte counts."""
-    token_lists: list[np.ndarray] = []
-    byte_lists: list[np.ndarray] = []
-    for chunk in _chunks(documents, _ENCODE_CHUNK_CHARS):
-        texts = [doc.text for doc in chunk]
-        if with_bytes:
-            for ids, counts in tokenizer.encode_batch_with_bytes(texts):
-                token_lists.append(ids)
-                byte_lists.append(counts)
-        else:
-            token_lists.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts))
-    stream = concat_documents(token_lists, tokenizer.eos_id, dtype=token_dtype(tokenizer.vocab_size))
-    byte_counts = concat_byte_counts(byte_lists, dtype=np.uint32) if with_bytes else None
-    return stream, byte_counts
-
-
-class TokenCache:
-    """The files of one tokenized corpus: ``train.npy``, ``val.npy``, ``val_bytes.npy``, ``val.txt``
-    and ``meta.json`` (written last: its presence means the rest is complete)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.train = directory / "train.npy"
-        self.val = directory / "val.npy"
-        self.val_bytes = directory / "val_bytes.npy"
-        self.val_text = directory / "val.txt"
-        self.meta = directory / "meta.json"
-
-    def exists(self) -> bool:
-        return self.meta.is_file() and all(p.is_file() for p in (self.train, self.val, self.val_bytes, self.val_text))
-
-    def write(
-        self, tokenizer: Tokenizer, train_docs: Sequence[Document], val_docs: Sequence[Document]
-    ) -> dict[str, Any]:
-        started = time.perf_counter()
-        train_stream, _ = tokenize_documents(tokenizer, train_docs, with_bytes=False)
-        val_stream, val_bytes = tokenize_documents(tokenizer, val_docs, with_bytes=True)
-        val_text = b"".join(doc.text.encode("utf-8") for doc in val_docs)
-        if int(val_bytes.sum()) != len(val_text):
-            # Only possible when a tokenizer turns a whole non-empty document into no tokens at all.
-            warnings.warn(
-                f"the tokenizer covers {int(val_bytes.sum())} of the {len(val_text)} validation bytes",
-                DataWarning,
-                stacklevel=2,
-            )
-        self.directory.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self.train, lambda f: np.save(f, train_stream))
-        _write_atomically(self.val, lambda f: np.save(f, val_stream))
-        _write_atomically(self.val_bytes, lambda f: np.save(f, val_bytes))
-        _write_atomically(self.val_text, lambda f: f.write(val_text))
-        meta = {
-            "format": CACHE_FORMAT,
-            "tokenizer": tokenizer.to_dict(),
-            "train_documents": len(train_docs),
-            "val_documents": len(val_docs),
-            "train_tokens": len(train_stream),
-            "val_tokens": len(val_stream),
-            "val_bytes": int(val_bytes.sum()),
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        _write_atomically(self.meta, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        return meta
-
-    def read_meta(self) -> dict[str, Any]:
-        return json.loads(self.meta.read_text())
-
-
-# --------------------------------------------------------------------------- datasets
-def _worker_share() -> tuple[int, int]:
-    """(worker id, number of workers) of the DataLoader worker running this, (0, 1) in-process."""
-    info = get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-class TrainBatches(IterableDataset):
-    """One rank's training batches ``(input_ids, targets)`` for one epoch, from ``start_batch`` on.
-
-    It yields whole batches: DataLoader workers each take every n-th batch, and the DataLoader
-    returns them round-robin, so the order is the same for any number of workers.
-    """
-
-    def __init__(
-        self, stream_file: Path, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
-    ) -> None:
-        self.stream_file = str(stream_file)
-        self.block_size = block_size
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.num_blocks = num_train_blocks(len(np.load(self.stream_file, mmap_mode="r")), block_size)
-        self.num_batches = len(self.batch_plan(epoch=0))
-        # Set by the loader just before each epoch starts.
-        self.epoch = 0
-        self.start_batch = 0
-
-    def batch_plan(self, epoch: int) -> np.ndarray:
-        return train_batches(
-            self.num_blocks, self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size
-        )
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker, num_workers = _worker_share()
-        stream = np.load(self.stream_file, mmap_mode="r")
-        plan = self.batch_plan(self.epoch)
-        T = self.block_size
-        for b in range(self.start_batch + worker, len(plan), num_workers):
-            blocks = np.stack([stream[i * T : i * T + T + 1] for i in plan[b]]).astype(np.int64)
-            yield torch.from_numpy(blocks[:, :-1].copy()), torch.from_numpy(blocks[:, 1:].copy())
-
-
-class ValBatches(IterableDataset):
-    """One rank's validation batches ``(input_ids, targets, n_bytes)``: this rank's share of the
-    blocks that together score every target of the validation stream once."""
-
-    def __init__(
-        self,
-        stream_file: Path,
-        bytes_file: Path,
-        block_size: int,
-        batch_size: int,
-        pad_id: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.stream_file = str(stream_file)
-        self.bytes_file = str(bytes_file)
-        self.block_size = block_size
-        self.pad_id = pad_id
-        num_blocks = num_val_blocks(len(np.load(self.stream_file, mmap_mode="r")), block_size)
-        self.batches = val_batches(num_blocks, batch_size, rank=rank, world_size=world_size)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        worker, num_workers = _worker_share()
-        stream = np.load(self.stream_file, mmap_mode="r")
-        block_bytes = val_block_bytes(np.load(self.bytes_file, mmap_mode="r"), self.block_size)
-        for blocks in self.batches[worker::num_workers]:
-            rows = [val_block(stream, i, self.block_size, self.pad_id) for i in blocks]
-            yield (
-                torch.from_numpy(np.stack([r[0] for r in rows])),
-                torch.from_numpy(np.stack([r[1] for r in rows])),
-                torch.from_numpy(block_bytes[blocks.start : blocks.stop].astype(np.int64)),
-            )
-
-
-# --------------------------------------------------------------------------- resumable loader
-class _CountingIterator(Iterator):
-    """Starts the epoch lazily (on the first ``next``, after Lightning has restored any state) and
-    counts the batches actually handed to the caller: worker prefetching does not count."""
-
-    def __init__(self, loader: ResumableDataLoader) -> None:
-        self._loader = loader
-        self._inner: Iterator | None = None
-
-    def __next__(self):
-        if self._inner is None:
-            self._inner = self._loader._start_epoch()
-        batch = next(self._inner)
-        self._loader.batches_consumed += 1
-        return batch
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader over :class:`TrainBatches` whose position (epoch, batches handed out) is saved
-    in checkpoints: Lightning stores ``state_dict()`` of loaders that have one, and restores it
-    before the first batch of a resumed run.
-
-    A new iterator continues where the previous one stopped; once an epoch's batches are all out,
-    the next iterator starts the next epoch (with its own permutation).
-    """
-
-    def __init__(self, dataset: TrainBatches, num_workers: int = 0) -> None:
-        # Workers must not persist across epochs: each epoch hands them a fresh (epoch, start) copy.
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
-        self.epoch = 0
-        self.batches_consumed = 0
-
-    def __iter__(self) -> Iterator:
-        return _CountingIterator(self)
-
-    def _start_epoch(self) -> Iterator:
-        if self.batches_consumed >= len(self.dataset):
-            self.epoch += 1
-            self.batches_consumed = 0
-        self.dataset.epoch = self.epoch
-        self.dataset.start_batch = self.batches_consumed
-        return super().__iter__()
-
-    def _layout(self) -> dict[str, int]:
-        d = self.dataset
-        return {
-            "num_blocks": d.num_blocks,
-            "block_size": d.block_size,
-            "batch_size": d.batch_size,
-            "seed": d.seed,
-            "world_size": d.world_size,
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        # Plain ints only: checkpoints are loaded with weights_only=True.
-        return {"epoch": int(self.epoch), "batches_consumed": int(self.batches_consumed), "layout": self._layout()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.batches_consumed = int(state["batches_consumed"])
-        if state.get("layout") != self._layout():
-            warnings.warn(
-                f"the training data layout changed since the checkpoint ({state.get('layout')} -> "
-                f"{self._layout()}); restarting epoch {self.epoch} from its first batch",
-                DataWarning,
-                stacklevel=2,
-            )
-            self.batches_consumed = 0
-
-
-# --------------------------------------------------------------------------- the datamodule
 class TextDataModule(L.LightningDataModule):
     """Train and validate on a text corpus.
 
@@ -413,8 +140,12 @@ class TextDataModule(L.LightningDataModule):
             meta = cache.write(tokenizer, train_docs, val_docs)
             log.info(
                 "tokenized %d + %d documents into %d + %d tokens in %.1f s (cached in %s)",
-                meta["train_documents"], meta["val_documents"], meta["train_tokens"], meta["val_tokens"],
-                meta["seconds"], cache.directory,
+                meta["train_documents"],
+                meta["val_documents"],
+                meta["train_tokens"],
+                meta["val_tokens"],
+                meta["seconds"],
+                cache.directory,
             )
         self._check_sizes(meta)
         self.tokenizer = tokenizer

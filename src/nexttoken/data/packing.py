@@ -1,21 +1,31 @@
 """Pure functions from documents to blocks of ``(input_ids, targets)``, and which blocks each rank reads.
 
-The one shift of the whole project happens here: a block of ``T + 1`` consecutive stream tokens
-gives ``input_ids = block[:-1]`` and ``targets = block[1:]``. Nothing downstream shifts again.
+The one shift of the whole project happens here, in :func:`shift`: a block of ``T + 1``
+consecutive tokens gives ``input_ids = block[:-1]`` and ``targets = block[1:]``. Training batches,
+validation batches and evaluation windows are all cut by it; nothing downstream shifts again.
 
-Stream layout: ``EOS doc0 EOS doc1 ... EOS docN``. The EOS *before* each document means the first
-real token of every document is a scored target (predicted from "a document starts here"), and no
-document is ever read as the continuation of the previous one without a separator in between.
+Stream layout: each document's tokens framed by :func:`nexttoken.data.tokenizers.document_frame`,
+e.g. ``EOS doc0 EOS doc1 ... EOS docN`` for nexttoken's tokenizers. The token *before* each
+document means its first real token is a scored target (predicted from "a document starts here"),
+and no document is ever read as the continuation of the previous one without a separator.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from nexttoken.loss import IGNORE_INDEX
+
+Block = TypeVar("Block")
+
+
+def shift(block: Block) -> tuple[Block, Block]:
+    """``(inputs, targets)`` of a block of consecutive tokens (last axis): THE next-token shift."""
+    return block[..., :-1], block[..., 1:]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -23,20 +33,27 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 - 1 else np.uint32)
 
 
-def concat_documents(token_lists: Sequence[Sequence[int]], eos_id: int, dtype=np.int64) -> np.ndarray:
-    """One stream: an EOS before each document's tokens."""
+def concat_documents(
+    token_lists: Sequence[Sequence[int]], before: Sequence[int], after: Sequence[int] = (), dtype=np.int64
+) -> np.ndarray:
+    """One stream: each document's tokens with ``before`` in front and ``after`` behind."""
+    frame = len(before) + len(after)
     lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
-    stream = np.empty(int(lengths.sum()) + len(token_lists), dtype=dtype)
-    starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64)
+    stream = np.empty(int(lengths.sum()) + frame * len(token_lists), dtype=dtype)
+    starts = np.concatenate([[0], np.cumsum(lengths + frame)[:-1]]).astype(np.int64)
     for start, tokens in zip(starts, token_lists, strict=True):
-        stream[start] = eos_id
-        stream[start + 1 : start + 1 + len(tokens)] = tokens
+        end = start + len(before) + len(tokens)
+        stream[start : start + len(before)] = before
+        stream[start + len(before) : end] = tokens
+        stream[end : end + len(after)] = after
     return stream
 
 
-def concat_byte_counts(byte_lists: Sequence[Sequence[int]], dtype=np.int64) -> np.ndarray:
-    """Per-token byte counts aligned with :func:`concat_documents`' stream (each EOS covers 0 bytes)."""
-    return concat_documents(byte_lists, 0, dtype=dtype)
+def concat_byte_counts(
+    byte_lists: Sequence[Sequence[int]], before: Sequence[int], after: Sequence[int] = (), dtype=np.int64
+) -> np.ndarray:
+    """Per-token byte counts aligned with :func:`concat_documents`' stream (frame tokens cover 0 bytes)."""
+    return concat_documents(byte_lists, [0] * len(before), [0] * len(after), dtype=dtype)
 
 
 # --------------------------------------------------------------------------- training blocks
@@ -46,12 +63,15 @@ def num_train_blocks(num_tokens: int, block_size: int) -> int:
     return max(0, (num_tokens - 1) // block_size)
 
 
-def train_block(stream: np.ndarray, index: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(input_ids, targets)`` of training block ``index`` as int64; every position is scored."""
-    if not 0 <= index < num_train_blocks(len(stream), block_size):
-        raise IndexError(f"training block {index} out of range for {len(stream)} tokens")
-    block = np.asarray(stream[index * block_size : index * block_size + block_size + 1], dtype=np.int64)
-    return block[:-1], block[1:]
+def train_batch(stream: np.ndarray, blocks: Sequence[int], block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, targets)``, each ``(len(blocks), block_size)`` int64, of the training blocks
+    numbered ``blocks``; every position is scored."""
+    blocks = np.asarray(blocks, dtype=np.int64)
+    n = num_train_blocks(len(stream), block_size)
+    if blocks.size and (blocks.min() < 0 or blocks.max() >= n):
+        raise IndexError(f"training blocks {blocks.min()}..{blocks.max()} out of range 0..{n - 1}")
+    positions = blocks[:, None] * block_size + np.arange(block_size + 1)
+    return shift(np.asarray(stream[positions], dtype=np.int64))
 
 
 # --------------------------------------------------------------------------- validation blocks
@@ -60,21 +80,20 @@ def num_val_blocks(num_tokens: int, block_size: int) -> int:
     return math.ceil(max(num_tokens - 1, 0) / block_size)
 
 
-def val_block(
-    stream: np.ndarray, index: int, block_size: int, pad_id: int
+def val_batch(
+    stream: np.ndarray, blocks: Sequence[int], block_size: int, pad_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(input_ids, targets)`` of validation block ``index``: targets are stream positions
-    ``index*T + 1 .. index*T + T``; past the end, inputs hold ``pad_id`` and targets ``IGNORE_INDEX``."""
-    if not 0 <= index < num_val_blocks(len(stream), block_size):
-        raise IndexError(f"validation block {index} out of range for {len(stream)} tokens")
-    start = index * block_size
-    stop = min(start + block_size + 1, len(stream))
-    block = np.asarray(stream[start:stop], dtype=np.int64)
-    input_ids = np.full(block_size, pad_id, dtype=np.int64)
-    targets = np.full(block_size, IGNORE_INDEX, dtype=np.int64)
-    input_ids[: len(block) - 1] = block[:-1]
-    targets[: len(block) - 1] = block[1:]
-    return input_ids, targets
+    """``(input_ids, targets)``, each ``(len(blocks), block_size)`` int64: block ``i`` scores stream
+    positions ``i*T + 1 .. i*T + T``; past the end, inputs hold ``pad_id`` and targets ``IGNORE_INDEX``."""
+    blocks = np.asarray(blocks, dtype=np.int64)
+    n = num_val_blocks(len(stream), block_size)
+    if blocks.size and (blocks.min() < 0 or blocks.max() >= n):
+        raise IndexError(f"validation blocks {blocks.min()}..{blocks.max()} out of range 0..{n - 1}")
+    positions = blocks[:, None] * block_size + np.arange(block_size + 1)
+    tokens = np.asarray(stream[np.minimum(positions, len(stream) - 1)], dtype=np.int64)
+    input_ids, targets = shift(tokens)
+    scored = shift(positions < len(stream))[1]  # a position counts only if its target exists
+    return np.where(scored, input_ids, pad_id), np.where(scored, targets, IGNORE_INDEX)
 
 
 def val_block_bytes(byte_counts: np.ndarray, block_size: int) -> np.ndarray:

@@ -7,11 +7,19 @@ string. Kinds:
 - ``bytes``: UTF-8 bytes, token id == byte value, plus ``<|endoftext|>`` (vocabulary 257).
   Built as a byte-level BPE with no merges, so it behaves like every other kind.
 - ``bpe``: byte-level BPE trained here on the training split (every byte stays representable).
-- a path: a local Hugging Face tokenizer folder (with ``tokenizer.json``) or file.
+- ``hf``: a pretrained model's tokenizer (a local folder or ``tokenizer.json``, a GGUF file, or the
+  tokenizer ``transformers`` loaded beside a model).
+
+Training, evaluation, sampling and export all use this one class, so they cannot disagree.
 
 Text is encoded without adding special tokens, and special-token strings that occur in the text
 (a literal ``<|endoftext|>`` in a document) are encoded as plain text: document boundaries come
-only from the packer, never from the data.
+only from :func:`document_start`/:func:`document_frame`, never from the data.
+
+**What starts a document** is decided by :func:`document_start` alone: the EOS for nexttoken's own
+tokenizers (training streams read ``EOS doc0 EOS doc1 ...``), the BOS for a pretrained tokenizer
+that itself puts one in front of every text (Llama, Gemma, ...), and nothing for one that does not
+(GPT-2, SmolLM2, Qwen: each document's first token then has no left context and is not scored).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +37,8 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nexttoken.data.corpus import DataError, content_digest
+from nexttoken.data.documents import DataError, content_digest
+from nexttoken.io import write_atomically
 
 EOS_TOKEN = "<|endoftext|>"
 BUILTIN_KINDS = ("bytes", "bpe")
@@ -40,7 +50,11 @@ _DICT_FORMAT = 1
 
 def _gpt2_byte_alphabet() -> list[str]:
     """The printable character GPT-2's byte-level scheme uses for each byte value 0..255."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = {}
     shifted = 0
     for byte in range(256):
@@ -134,6 +148,16 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eos={self.eos_token!r})"
 
+    @cached_property
+    def adds_bos(self) -> bool:
+        """True when the tokenizer's own post-processing puts ``bos_id`` in front of every text
+        (what ``transformers`` does with ``add_special_tokens=True``)."""
+        if self.bos_id is None:
+            return False
+        with_special = self._hf.encode("a", add_special_tokens=True).ids
+        without = self._hf.encode("a", add_special_tokens=False).ids
+        return with_special[:1] == [self.bos_id] and without[:1] != [self.bos_id]
+
     @property
     def fingerprint(self) -> str:
         """A sha256 naming exactly this tokenizer (for cache keys)."""
@@ -147,6 +171,11 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Many texts at once, in parallel (the fast batch encoder: no offsets are computed)."""
         return [enc.ids for enc in self._hf.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``(ids, offsets)``: ``offsets[i]`` = (start, end) characters of ``text`` token ``i`` covers."""
+        encoding = self._hf.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(o) for o in encoding.offsets]
 
     def encode_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
         """``(ids, nbytes)``: ``nbytes[i]`` = UTF-8 bytes of ``text`` token ``i`` covers; they sum to
@@ -184,27 +213,59 @@ class Tokenizer:
         if state.get("format") != _DICT_FORMAT or "tokenizer_json" not in state:
             raise DataError("this stored tokenizer is from another version of nexttoken; re-save it")
         return cls(
-            state["tokenizer_json"], kind=state["kind"], eos_token=state["eos_token"], bos_token=state["bos_token"]
+            state["tokenizer_json"],
+            kind=state["kind"],
+            eos_token=state["eos_token"],
+            bos_token=state["bos_token"],
         )
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``tokenizer.json`` and a minimal ``tokenizer_config.json`` (transformers-loadable)."""
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` that ``transformers`` loads.
+
+        The saved tokenizer puts :func:`document_start` in front of every text it encodes with
+        special tokens (transformers' default), so whoever loads it (``AutoTokenizer``, ``nexttoken
+        eval`` of an exported folder) starts documents exactly as this tokenizer's model was trained.
+        """
+        from tokenizers import processors
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_text_atomically(directory / "tokenizer.json", self._json)
+        start = document_start(self)
+        tokenizer_json, bos_token = self._json, self.bos_token
+        if start is not None and not self.adds_bos:
+            hf = HFTokenizer.from_str(self._json)
+            token = self._hf.id_to_token(start)
+            hf.post_processor = processors.TemplateProcessing(
+                single=f"{token} $A", pair=f"{token} $A {token} $B", special_tokens=[(token, start)]
+            )
+            tokenizer_json, bos_token = hf.to_str(), token
+        write_atomically(directory / "tokenizer.json", tokenizer_json)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token}
-        if self.bos_token is not None:
-            config["bos_token"] = self.bos_token
+        if bos_token is not None:
+            config["bos_token"] = bos_token
         config["clean_up_tokenization_spaces"] = False
-        _write_text_atomically(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        write_atomically(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         return directory
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    # A crash mid-write must never leave a truncated file where a reader (or a cache lookup) sees it.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def document_start(tokenizer: Tokenizer) -> int | None:
+    """The token put before every document, or None: THE rule, for training streams, evaluation,
+    sampling and export alike (see the module docstring)."""
+    if tokenizer.kind in BUILTIN_KINDS:
+        return tokenizer.eos_id
+    return tokenizer.bos_id if tokenizer.adds_bos else None
+
+
+def document_frame(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """``(before, after)``: the tokens around each document's own tokens in a training stream.
+
+    ``before`` is :func:`document_start`; ``after`` is the EOS unless the EOS already starts the
+    next document, so consecutive documents are always separated.
+    """
+    start = document_start(tokenizer)
+    before = [] if start is None else [start]
+    after = [] if start == tokenizer.eos_id else [tokenizer.eos_id]
+    return before, after
 
 
 # --------------------------------------------------------------------------- building
@@ -285,9 +346,26 @@ def _gguf_tokenizer(path: Path) -> Tokenizer:
         fast = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     except Exception as e:  # transformers raises many kinds here; all mean "not readable"
         raise DataError(f"could not read a tokenizer from {path} ({e}); check --data.tokenizer") from None
+    return from_transformers(fast, str(path))
+
+
+def from_transformers(fast: Any, source: str = "the model") -> Tokenizer:
+    """A ``transformers`` fast tokenizer as a nexttoken :class:`Tokenizer` (same vocabulary, same
+    special tokens, same post-processing)."""
+    backend = getattr(fast, "backend_tokenizer", None)
+    if backend is None:
+        raise DataError(
+            f"the tokenizer of {source} has no fast (Rust) version; save it with a tokenizer.json "
+            "(AutoTokenizer.from_pretrained(..., use_fast=True) converts most slow tokenizers)"
+        )
     if fast.eos_token is None:
-        raise DataError(f"the tokenizer in {path} has no end-of-document token; use --data.tokenizer bpe")
-    return Tokenizer(fast.backend_tokenizer.to_str(), kind="hf", eos_token=fast.eos_token, bos_token=fast.bos_token)
+        raise DataError(f"the tokenizer of {source} has no end-of-document token; use --data.tokenizer bpe")
+    return Tokenizer(backend.to_str(), kind="hf", eos_token=fast.eos_token, bos_token=fast.bos_token)
+
+
+def as_tokenizer(tokenizer: Tokenizer | Any) -> Tokenizer:
+    """A nexttoken :class:`Tokenizer` as it is; a ``transformers`` fast tokenizer converted."""
+    return tokenizer if isinstance(tokenizer, Tokenizer) else from_transformers(tokenizer)
 
 
 def _bpe_cache_file(cache_dir: Path, training_texts: list[str], vocab_size: int) -> Path:
@@ -324,7 +402,6 @@ def build_tokenizer(
         if cached.is_file():
             return Tokenizer.from_dict(json.loads(cached.read_text(encoding="utf-8")))
         tokenizer = train_bpe(texts, vocab_size)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        _write_text_atomically(cached, json.dumps(tokenizer.to_dict()))
+        write_atomically(cached, json.dumps(tokenizer.to_dict()))
         return tokenizer
     return load_local_tokenizer(kind)

@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from nexttoken.models.protocol import evaluating
+
 # Named sizes; the vocabulary comes from the tokenizer, so it is not part of a preset. Comments give the
 # total with a 4096-token vocab (non-embedding in brackets); exact counts are in GPTConfig.from_preset.
 PRESETS: dict[str, dict] = {
@@ -143,10 +145,20 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden(self, input_ids: Tensor) -> Tensor:
+    @property
+    def max_context(self) -> int:
+        return self.config.block_size
+
+    @property
+    def logits_are_linear(self) -> bool:
+        return True  # logits = ln_f(x) @ wte.T, nothing after
+
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Final hidden states (B, T, C) after ``ln_f``: ``logits = hidden @ lm_head.weight.T``.
 
         This is what a fused linear + cross-entropy loss consumes, so (B, T, V) logits never exist.
+        ``attention_mask`` may only mark right padding, which causal attention already keeps out of
+        every real position, so it is not needed here.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
@@ -162,9 +174,15 @@ class GPT(nn.Module):
             x = block(x)
         return self.ln_f(x)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """Logits (B, T, V); ``logits[:, t]`` predicts the token after ``input_ids[:, t]``."""
-        return self.lm_head(self.hidden(input_ids))
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, logits_to_keep: int = 0
+    ) -> Tensor:
+        """Logits (B, T, V); ``logits[:, t]`` predicts the token after ``input_ids[:, t]``.
+
+        ``logits_to_keep=k > 0``: only the last ``k`` positions go through ``lm_head`` (B, k, V).
+        """
+        x = self.hidden(input_ids)
+        return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters; the tied wte/lm_head weight is counted once.
@@ -198,6 +216,7 @@ class GPT(nn.Module):
         self,
         input_ids: Tensor,
         max_new_tokens: int,
+        *,
         temperature: float = 1.0,
         top_k: int | None = None,
         eos_id: int | None = None,
@@ -209,16 +228,13 @@ class GPT(nn.Module):
         ``top_k`` keeps only the k most likely tokens before sampling. With ``eos_id``, a row that has
         produced it keeps emitting ``eos_id`` (rows stay rectangular), and generation stops once every
         row has. ``generator`` (on the same device as the model) makes sampling reproducible. Runs in eval
-        mode (no dropout), then
-        restores the previous mode.
+        mode (no dropout), then restores the previous mode.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
         if top_k is not None and top_k <= 0:
             raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
             for _ in range(max_new_tokens):
                 context = input_ids[:, -self.config.block_size :]
@@ -239,6 +255,4 @@ class GPT(nn.Module):
                 input_ids = torch.cat([input_ids, next_id.to(input_ids.dtype)], dim=1)
                 if eos_id is not None and bool(done.all()):
                     break
-        finally:
-            self.train(was_training)
         return input_ids

@@ -3,9 +3,10 @@
 Nothing is ever fetched from the Hub: every load is ``local_files_only=True``, and a model's own
 Python code (``trust_remote_code``) runs only when the user asks for it.
 
-``HFCausalLM`` gives a Hugging Face ``AutoModelForCausalLM`` the same face as nexttoken's GPT:
-``forward(input_ids) -> logits``, ``hidden(input_ids)`` plus ``lm_head`` for the fused loss, and
-``max_context``. It calls the model WITHOUT ``labels``: Hugging Face shifts labels inside the model,
+``HFCausalLM`` gives a Hugging Face ``AutoModelForCausalLM`` the same face as nexttoken's GPT (the
+:class:`~nexttoken.models.protocol.CausalLM` protocol): ``forward(input_ids) -> logits``,
+``hidden(input_ids)`` plus ``lm_head`` for the fused loss, ``max_context``, ``flops_per_token`` and
+``generate``. It calls the model WITHOUT ``labels``: Hugging Face shifts labels inside the model,
 while nexttoken's targets are already shifted (ARCHITECTURE.md, "One shift, in one place").
 """
 
@@ -14,11 +15,16 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from nexttoken.errors import UserError
+from nexttoken.models.protocol import CausalLM, evaluating
+
+if TYPE_CHECKING:
+    from nexttoken.data.tokenizers import Tokenizer
 
 WEIGHT_PATTERNS = (
     "*.safetensors",
@@ -126,7 +132,76 @@ class HFCausalLM(nn.Module):
         """Final hidden states ``(B, T, C)`` (after the last norm): ``lm_head(hidden)`` are the logits
         whenever :attr:`logits_are_linear`."""
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return out[0]  # last_hidden_state
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: ``6 N + 12 n_layer d_model seq_len`` (PaLM's convention), with
+        N = all parameters minus the input (and position) embedding tables, plus the output head's
+        matmul when it is tied to the input embedding (a lookup table once, a matmul once)."""
+        params = {id(p): p for p in self.model.parameters()}
+        embeddings = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Embedding)}
+        n = sum(p.numel() for p in params.values()) - sum(
+            params[i].numel() for i in embeddings if i in params
+        )
+        if id(self.lm_head.weight) in embeddings:
+            n += self.lm_head.weight.numel()
+        config = self.model.config
+        n_layer = _config_int(config, "num_hidden_layers", "n_layer", "num_layers")
+        d_model = _config_int(config, "hidden_size", "n_embd", "d_model")
+        attention = 12 * n_layer * d_model * seq_len if n_layer and d_model else 0
+        return int(6 * n + attention)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sampling with the model's own ``generate`` (its KV cache), never past ``max_context``
+        tokens in all. transformers takes no ``torch.Generator``: a given one seeds torch's global
+        generator instead."""
+        if self.max_context is not None:
+            max_new_tokens = min(max_new_tokens, max(0, self.max_context - input_ids.shape[1]))
+        if max_new_tokens == 0:
+            return input_ids
+        if generator is not None:
+            torch.manual_seed(int(generator.initial_seed()))
+        with evaluating(self):
+            return self.model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=temperature > 0,
+                temperature=temperature or None,
+                top_k=top_k,
+                eos_token_id=eos_id,
+                pad_token_id=eos_id,
+            )
+
+
+def _config_int(config, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def as_causal_lm(model: nn.Module) -> CausalLM:
+    """``model`` itself when it is a :class:`CausalLM`; a bare ``transformers`` causal LM wrapped in
+    :class:`HFCausalLM`."""
+    if isinstance(model, CausalLM):
+        return model
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return HFCausalLM(model)
+    raise TypeError(f"{type(model).__name__} is neither a nexttoken CausalLM nor a transformers model")
 
 
 # --------------------------------------------------------------------------- loading
@@ -169,10 +244,20 @@ def _check_gguf(path: Path) -> None:
             )
 
 
+def _forget_gguf_quantization(model: nn.Module) -> None:
+    """transformers dequantizes a GGUF file into ordinary float weights but keeps a "gguf quantizer"
+    attached, which makes ``save_pretrained`` refuse the model; the weights are plain floats, so
+    drop it (exported folders and adapters then save as for any model)."""
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
 def load_hf_causal_lm(
     path: str | Path, *, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
-) -> tuple[HFCausalLM, object]:
-    """``(HFCausalLM, tokenizer)`` from a local model folder (config.json + weights + tokenizer) or a
+) -> tuple[HFCausalLM, Tokenizer]:
+    """``(HFCausalLM, nexttoken Tokenizer)`` from a local model folder (config.json + weights + tokenizer) or a
     ``.gguf`` file (dequantized; the tokenizer comes from the same file). Never touches the Hub.
 
     ``dtype``: ``None`` (float32), a torch dtype, or ``"float32"``/``"bfloat16"``/``"float16"``.
@@ -180,6 +265,8 @@ def load_hf_causal_lm(
     something that is not a causal LM.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nexttoken.data.tokenizers import from_transformers
 
     path = Path(path).expanduser()
     torch_dtype = resolve_dtype(dtype)
@@ -208,6 +295,8 @@ def load_hf_causal_lm(
             ) from None
         raise UserError(f"could not load a causal language model from {path}: {message}") from None
     model = model.to(torch_dtype)
+    if "gguf_file" in extra:
+        _forget_gguf_quantization(model)
     if model.get_output_embeddings() is None:
         raise UserError(f"{path} has no language-model head ({type(model).__name__}); use a causal LM")
-    return HFCausalLM(model, name=str(path)).eval(), tokenizer
+    return HFCausalLM(model, name=str(path)).eval(), from_transformers(tokenizer, str(path))

@@ -1,4 +1,5 @@
-"""Finding, reading and splitting the text a model trains and validates on.
+"""The one document reader: finding, reading and splitting the text a model trains, validates and
+is evaluated on (``nexttoken fit``'s ``--data.path`` and ``nexttoken eval``'s DATA alike).
 
 A corpus is a set of documents; each text file is one document. Everything here is deterministic
 (sorted paths, hash-based splits computed from paths relative to the corpus root), so two machines
@@ -53,7 +54,9 @@ def default_corpus(include: Sequence[str] | None = None, exclude: Sequence[str] 
         # Empty files (package markers) are left out here rather than warned about on every run.
         if _STDLIB_SKIPPED_DIRS.intersection(relative.parts[:-1]) or path.stat().st_size == 0:
             continue
-        if (include and not _matches(relative.as_posix(), include)) or (exclude and _matches(relative.as_posix(), exclude)):
+        if (include and not _matches(relative.as_posix(), include)) or (
+            exclude and _matches(relative.as_posix(), exclude)
+        ):
             continue
         files.append(path)
     if not files:
@@ -90,12 +93,15 @@ def find_documents(
     paths: Iterable[str | os.PathLike] | str | os.PathLike,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    *,
+    flag: str = "--data.path",
 ) -> list[Path]:
     """The text files named by ``paths`` (files, or folders searched recursively), sorted and deduplicated.
 
     ``include``/``exclude`` are glob patterns matched against each file's path relative to the folder
     it was found in (or its bare name); they filter folder contents, while a file named explicitly is
     always taken. Hidden files and folders are skipped. Binary files are skipped with a warning.
+    ``flag`` names the option the paths came from, for error messages.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -103,28 +109,27 @@ def find_documents(
     for given in paths:
         path = Path(given).expanduser()
         if not path.exists():
-            raise DataError(f"corpus path not found: {path}; pass an existing file or folder")
+            raise DataError(f"{flag}: path not found: {path}; pass an existing file or folder")
         if path.is_file():
             candidates = [path]
         else:
             candidates = [
                 file
                 for file, relative in _walk_files(path)
-                if (not include or _matches(relative, include)) and not (exclude and _matches(relative, exclude))
+                if (not include or _matches(relative, include))
+                and not (exclude and _matches(relative, exclude))
             ]
-        texts = []
-        for file in candidates:
-            if is_binary(file):
-                warnings.warn(f"skipping binary file {file} (it has NUL bytes)", DataWarning, stacklevel=2)
-            else:
-                texts.append(file.resolve())
+        binary = [file for file in candidates if is_binary(file)]
+        texts = [file.resolve() for file in candidates if file not in binary]
         if not texts:
             what = "is a binary file" if path.is_file() else "holds no text files"
             filters = f" matching include={list(include or [])} exclude={list(exclude or [])}"
-            raise DataError(f"{path} {what}{filters if path.is_dir() else ''}; point --data.path at text")
+            raise DataError(f"{path} {what}{filters if path.is_dir() else ''}; point {flag} at UTF-8 text")
+        for file in binary:
+            warnings.warn(f"skipping binary file {file} (it has NUL bytes)", DataWarning, stacklevel=2)
         found.update(texts)
     if not found:
-        raise DataError("no corpus paths given; pass --data.path with at least one file or folder")
+        raise DataError(f"no paths given; pass {flag} with at least one file or folder")
     return sorted(found)
 
 
@@ -132,13 +137,15 @@ def find_documents(
 def read_document(path: str | os.PathLike, errors: str = "strict") -> str:
     """The file's text, decoded as UTF-8 exactly as stored (no newline translation, so bytes add up).
 
-    Invalid UTF-8 is an error naming the byte offset; with ``errors="replace"`` the bad bytes become
-    U+FFFD and a warning says so.
+    A binary file (NUL bytes near its start) is an error. Invalid UTF-8 is an error naming the byte
+    offset; with ``errors="replace"`` the bad bytes become U+FFFD and a warning says so.
     """
     if errors not in ("strict", "replace"):
         raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
     path = Path(path)
     data = path.read_bytes()
+    if b"\0" in data[:BINARY_SNIFF_BYTES]:
+        raise DataError(f"{path} is a binary file (it has NUL bytes), not text; pass UTF-8 text files")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -161,23 +168,31 @@ def corpus_root(paths: Sequence[Path]) -> Path:
 
 
 def load_documents(
-    paths: Sequence[str | os.PathLike], errors: str = "strict", root: Path | None = None
+    paths: Sequence[str | os.PathLike],
+    errors: str = "strict",
+    root: Path | None = None,
+    *,
+    flag: str = "--data.path",
 ) -> list[Document]:
     """Read every path into a :class:`Document`; empty files are skipped with a warning."""
     paths = [Path(p).resolve() for p in paths]
     if not paths:
-        raise DataError("no documents to read; pass --data.path with at least one text file")
+        raise DataError(f"no documents to read; pass {flag} with at least one text file")
     root = root if root is not None else corpus_root(paths)
-    documents = []
+    documents, empty = [], []
     for path in paths:
         text = read_document(path, errors=errors)
         if text:
             documents.append(Document(path.relative_to(root).as_posix(), text))
         else:
-            warnings.warn(f"skipping empty file {path}", DataWarning, stacklevel=2)
+            empty.append(path)
     if not documents:
+        if len(paths) == 1:
+            raise DataError(f"{paths[0]} is empty: there is no text in it; point {flag} at text")
         shown = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
-        raise DataError(f"every document in the corpus is empty ({shown}); point --data.path at text")
+        raise DataError(f"every file is empty ({shown}); point {flag} at text")
+    for path in empty:
+        warnings.warn(f"skipping empty file {path}", DataWarning, stacklevel=2)
     return documents
 
 
@@ -225,7 +240,9 @@ def split_text(document: Document, val_fraction: float) -> tuple[Document, Docum
             f"{document.name} is too short ({len(data)} bytes) to hold out a validation part; "
             "add text or pass --data.val_path"
         )
-    return Document(f"{document.name}[train]", train.decode()), Document(f"{document.name}[val]", val.decode())
+    return Document(f"{document.name}[train]", train.decode()), Document(
+        f"{document.name}[val]", val.decode()
+    )
 
 
 def split_documents(

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from nexttoken.data.corpus import (
+from nexttoken.data.documents import (
     DataError,
     DataWarning,
     Document,
@@ -69,12 +69,12 @@ def test_find_documents_include_exclude(tmp_path):
 
 
 def test_find_documents_errors(tmp_path):
-    with pytest.raises(DataError, match="corpus path not found: .*missing"):
+    with pytest.raises(DataError, match="--data.path: path not found: .*missing"):
         find_documents([tmp_path / "missing"])
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(DataError, match="holds no text files"):
         find_documents([tmp_path / "empty_dir"])
-    with pytest.raises(DataError, match="no corpus paths given"):
+    with pytest.raises(DataError, match="no paths given"):
         find_documents([])
 
 
@@ -83,8 +83,10 @@ def test_binary_file_is_skipped_with_a_warning(tmp_path):
     binary = write(tmp_path / "blob.bin", b"\x00\x01\x02" * 10)
     with pytest.warns(DataWarning, match="skipping binary file .*blob.bin"):
         assert find_documents([tmp_path]) == [text.resolve()]
-    with pytest.raises(DataError, match="is a binary file"), pytest.warns(DataWarning):
+    with pytest.raises(DataError, match="is a binary file"):
         find_documents([binary])
+    with pytest.raises(DataError, match="is a binary file"):
+        read_document(binary)
 
 
 def test_read_document_keeps_exact_bytes(tmp_path):
@@ -108,14 +110,18 @@ def test_empty_files_are_skipped_but_an_all_empty_corpus_is_an_error(tmp_path):
     with pytest.warns(DataWarning, match="skipping empty file .*empty.txt"):
         docs = load_documents([full, empty])
     assert docs == [Document("full.txt", "text\n")]
-    with pytest.raises(DataError, match="every document in the corpus is empty"), pytest.warns(DataWarning):
+    with pytest.raises(DataError, match="empty.txt is empty"):
         load_documents([empty])
 
 
 def test_split_is_stable_and_by_relative_path(tmp_path):
-    train_a, val_a = split_documents(find_documents([make_corpus(tmp_path / "one", 40)[0].parent.parent]), 0.2)
+    train_a, val_a = split_documents(
+        find_documents([make_corpus(tmp_path / "one", 40)[0].parent.parent]), 0.2
+    )
     # Same files under another root (another machine): the same split.
-    train_b, val_b = split_documents(find_documents([make_corpus(tmp_path / "two" / "deeper", 40)[0].parent.parent]), 0.2)
+    train_b, val_b = split_documents(
+        find_documents([make_corpus(tmp_path / "two" / "deeper", 40)[0].parent.parent]), 0.2
+    )
     assert [d.name for d in val_a] == [d.name for d in val_b]
     assert [d.name for d in train_a] == [d.name for d in train_b]
     assert {d.name for d in train_a}.isdisjoint(d.name for d in val_a)

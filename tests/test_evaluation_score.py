@@ -1,5 +1,3 @@
-import argparse
-import json
 import math
 
 import pytest
@@ -7,61 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_TEXT
+from nexttoken.data.tokenizers import document_start
 from nexttoken.errors import UserError
-from nexttoken.evaluate import (
-    Window,
-    add_eval_arguments,
-    bos_to_prepend,
-    check_window_settings,
-    encode,
-    evaluate_texts,
-    make_windows,
-    run_eval,
-    score_text,
-)
+from nexttoken.evaluation.score import evaluate_texts, score_text, start_token
 from nexttoken.models.hf import load_hf_causal_lm
 
 LONG = TINY_TEXT * 2  # ~100 tokens with the tiny tokenizer
-
-
-# --------------------------------------------------------------------------- pure windows
-def test_windows_worked_example():
-    # 10 tokens -> targets 1..9; context 4, stride 2
-    assert make_windows(10, 4, 2) == [
-        Window(0, 0, 4, 4),  # inputs x0..x3, scores x1..x4
-        Window(0, 2, 6, 2),  # inputs x2..x5, scores x5, x6
-        Window(0, 4, 8, 2),
-        Window(0, 5, 9, 1),  # the last window keeps a full context and scores what is left
-    ]
-    assert make_windows(1, 4, 2) == [] and make_windows(0, 4, 2) == []
-    assert make_windows(3, 4, 4) == [Window(0, 0, 2, 2)]
-
-
-@pytest.mark.parametrize("n_tokens", [2, 3, 7, 8, 9, 16, 17, 50, 101])
-@pytest.mark.parametrize("context, stride", [(1, 1), (4, 1), (4, 3), (4, 4), (8, 3), (16, 8)])
-def test_every_target_scored_once_with_enough_context(n_tokens, context, stride):
-    seen = []
-    for w in make_windows(n_tokens, context, stride):
-        assert 1 <= w.length <= context and 1 <= w.n_scored <= w.length
-        for t in range(w.end - w.n_scored + 1, w.end + 1):  # target positions scored by w
-            seen.append(t)
-            left = t - w.begin  # tokens x[begin : t] condition the prediction of x[t]
-            assert left >= min(t, context - stride + 1)
-    assert sorted(seen) == list(range(1, n_tokens)), "each target exactly once"
-
-
-@pytest.mark.parametrize(
-    "context, stride, max_context, message",
-    [
-        (8, 9, None, "--stride 9 is larger than --context 8"),
-        (8, 0, None, "--stride must be a positive"),
-        (0, 1, None, "--context must be a positive"),
-        (128, 64, 64, "above the model's maximum context of 64"),
-    ],
-)
-def test_bad_window_settings(context, stride, max_context, message):
-    with pytest.raises(UserError, match=message):
-        check_window_settings(context, stride, max_context)
 
 
 # --------------------------------------------------------------------------- references
@@ -90,19 +39,21 @@ def next_nll(hf_model, context: list[int], token: int) -> float:
     return F.cross_entropy(logits.double()[None], torch.tensor([token])).item()
 
 
-def test_bos_rule(gpt2, llama):
-    assert bos_to_prepend(gpt2[1]) is None  # defines <s> but does not add it
-    assert bos_to_prepend(llama[1]) == llama[1].bos_token_id == 0  # adds <s> to every text
-    assert bos_to_prepend(gpt2[1], "yes") == 0 and bos_to_prepend(llama[1], "no") is None
+def test_start_token_follows_the_document_start_rule(gpt2, llama):
+    assert start_token(gpt2[1]) is None == document_start(gpt2[1])  # defines <s> but does not add it
+    assert start_token(llama[1]) == llama[1].bos_id == 0 == document_start(llama[1])  # adds <s> itself
+    assert start_token(gpt2[1], "yes") == 0 and start_token(llama[1], "no") is None
+    with pytest.raises(UserError, match="--bos must be"):
+        start_token(gpt2[1], "maybe")
 
 
 def test_stride_equals_context_is_disjoint_windows(gpt2):
     model, tok = gpt2
     N = 16
-    ids = encode(tok, LONG)
+    ids = tok.encode(LONG)
     ids = ids[: 1 + (len(ids) - 1) // N * N]  # whole blocks (a shorter tail window keeps a full context)
     text = tok.decode(ids)
-    assert encode(tok, text) == ids
+    assert tok.encode(text) == ids
     expected, count = 0.0, 0
     for i in range(0, len(ids) - 1, N):  # blocks of N+1 tokens overlapping by one: x[i:i+N] -> x[i+1:i+N+1]
         targets = ids[i + 1 : i + N + 1]
@@ -115,9 +66,9 @@ def test_stride_equals_context_is_disjoint_windows(gpt2):
 
 def test_stride_one_equals_full_context_when_the_document_fits(gpt2):
     model, tok = gpt2
-    ids = encode(tok, TINY_TEXT)[:40]
+    ids = tok.encode(TINY_TEXT)[:40]
     text = tok.decode(ids)
-    assert encode(tok, text) == ids
+    assert tok.encode(text) == ids
     with torch.no_grad():
         x = torch.tensor([ids])
         full = model.model(input_ids=x, labels=x).loss.item() * (len(ids) - 1)  # one pass, HF's own loss
@@ -138,7 +89,7 @@ def test_batch_size_invariance_and_token_count(which, request):
     results = [evaluate_texts(model, tok, texts, context=16, stride=5, batch_size=b) for b in (1, 5)]
     r1, r5 = results
     bos = 1 if which == "llama" else 0  # llama's tokenizer adds <s>: the first real token is scored too
-    expected_tokens = sum(len(encode(tok, t)) - 1 + bos for t in texts)
+    expected_tokens = sum(len(tok.encode(t)) - 1 + bos for t in texts)
     assert r1.tokens == r5.tokens == expected_tokens
     assert r1.bos_prepended == bool(bos)
     assert r5.nll_sum == pytest.approx(r1.nll_sum, rel=1e-6)
@@ -176,94 +127,6 @@ def test_score_text_matches_evaluate(llama):
     assert torch.all(scores.top_probs[:, :-1] >= scores.top_probs[:, 1:])
 
 
-# --------------------------------------------------------------------------- CLI glue
-def cli(*argv):
-    parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
-    return run_eval(parser.parse_args([str(a) for a in argv]))
-
-
-def test_cli_json_prints_one_object(tiny_gpt2_dir, tmp_path, capfd):
-    data = tmp_path / "data"
-    (data / "sub").mkdir(parents=True)
-    (data / "a.txt").write_text(LONG)
-    (data / "sub" / "b.md").write_text(TINY_TEXT)
-    (data / ".hidden").write_text("ignored")
-    assert cli(tiny_gpt2_dir, data, "--context", 32, "--stride", 8, "--json") == 0
-    out, err = capfd.readouterr()
-    assert out.count("\n") == 1
-    obj = json.loads(out)
-    for key in (
-        "documents",
-        "tokens",
-        "bytes",
-        "words",
-        "loss",
-        "perplexity",
-        "bits_per_byte",
-        "word_perplexity",
-        "context",
-        "stride",
-    ):
-        assert key in obj, key
-    assert obj["documents"] == 2 and obj["context"] == 32 and obj["stride"] == 8
-    assert obj["bytes"] == len(LONG.encode()) + len(TINY_TEXT.encode())
-    assert "tok/s" in err  # the progress bar (tokens and tokens/s) is on stderr
-
-
-def test_cli_table(tiny_gpt2_dir, tmp_path, capfd):
-    f = tmp_path / "a.txt"
-    f.write_text(LONG)
-    assert cli(tiny_gpt2_dir, f, "--no-progress") == 0
-    out, err = capfd.readouterr()
-    assert "perplexity" in out and "bits per byte" in out and "not scored" in out
-    assert "context 64 (the model's maximum), stride 32 (context // 2)" in err
-
-
-A_TXT = ("a.txt", LONG.encode())
-
-
-@pytest.mark.parametrize(
-    "file, extra, message",
-    [
-        (("missing.txt", None), [], "DATA path not found"),
-        (("empty.txt", b""), [], "is empty"),
-        (("blank.txt", b" \n\n "), [], "is empty"),
-        (("bin.txt", b"\0\1\2"), [], "binary"),
-        (("latin1.txt", "café".encode("latin-1")), [], "not valid UTF-8"),
-        (("emptydir", "dir"), [], "holds no non-empty text files"),
-        (A_TXT, ["--context", 8, "--stride", 9], "larger than --context 8"),
-        (A_TXT, ["--context", 65], "maximum context of 64"),
-        (A_TXT, ["--stride", 0], "--stride must be a positive"),
-        (A_TXT, ["--batch-size", 0], "--batch-size must be"),
-        (A_TXT, ["--bos", "yes", "--dtype", "float16", "--device", "tpu"], "unknown --device"),
-    ],
-)
-def test_cli_bad_inputs(tiny_gpt2_dir, tmp_path, capfd, file, extra, message):
-    name, content = file
-    path = tmp_path / name
-    if content == "dir":
-        path.mkdir()
-    elif content is not None:
-        path.write_bytes(content)
-    with pytest.raises(UserError, match=message) as info:
-        cli(tiny_gpt2_dir, path, *extra)
-    assert "\n" not in str(info.value)
-    assert capfd.readouterr().out == ""  # nothing half-printed on stdout
-
-
-def test_cli_bad_model(tmp_path):
-    f = tmp_path / "a.txt"
-    f.write_text(LONG)
-    with pytest.raises(UserError, match="MODEL not found"):
-        cli(tmp_path / "nope", f)
-    with pytest.raises(UserError, match="neither a Hugging Face model folder nor a .gguf"):
-        cli(f, f)
-    # window settings are checked before anything is read or loaded
-    with pytest.raises(UserError, match="larger than --context"):
-        cli(tmp_path / "nope", tmp_path / "missing.txt", "--context", 8, "--stride", 9)
-
-
 # --------------------------------------------------------------------------- real model
 def hf_doc_loop_corrected(hf_model, ids: torch.Tensor, max_length: int, stride: int) -> tuple[float, int]:
     """The sliding-window loop of the transformers docs ("Perplexity of fixed-length models"), each
@@ -293,33 +156,17 @@ def test_smollm2_wikitext_matches_reference(smollm2_gguf, shared_data):
     if not test_file.is_file():
         pytest.skip(f"{test_file} is absent")
     model, tok = load_hf_causal_lm(smollm2_gguf)
-    assert bos_to_prepend(tok) is None  # SmolLM2's tokenizer defines <|im_start|> as BOS but never adds it
+    assert document_start(tok) is None  # SmolLM2's tokenizer defines <|im_start|> as BOS but never adds it
     N, S = 256, 128
-    ids = encode(tok, test_file.read_text(encoding="utf-8")[:8000])
+    ids = tok.encode(test_file.read_text(encoding="utf-8")[:8000])
     # A length where the docs' last window is full too: (N + 1) + k * S tokens (their max_length is
     # N + 1 input tokens, of which the last one's prediction is unused: N tokens of context at most).
     k = (len(ids) - (N + 1)) // S
     ids = ids[: N + 1 + k * S]
     text = tok.decode(ids)
-    assert encode(tok, text) == ids
+    assert tok.encode(text) == ids
     ref_sum, ref_tokens = hf_doc_loop_corrected(model.model, torch.tensor([ids]), N + 1, S)
     got = evaluate_texts(model, tok, [text], context=N, stride=S, batch_size=2)
     assert got.tokens == ref_tokens == len(ids) - 1
     assert got.loss == pytest.approx(ref_sum / ref_tokens, rel=1e-5)
     assert 5 < got.perplexity < 60, got.perplexity  # a 135M model on Wikipedia text
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu(tiny_llama_dir, tmp_path, capfd):
-    model, tok = load_hf_causal_lm(tiny_llama_dir)
-    texts = [LONG, "short one", TINY_TEXT]
-    cpu = evaluate_texts(model, tok, texts, context=16, stride=5, batch_size=3)
-    gpu = evaluate_texts(model.to("cuda"), tok, texts, context=16, stride=5, batch_size=3)
-    assert gpu.device.startswith("cuda") and gpu.tokens == cpu.tokens
-    assert gpu.nll_sum == pytest.approx(cpu.nll_sum, rel=1e-4)
-    f = tmp_path / "a.txt"
-    f.write_text(LONG)
-    assert cli(tiny_llama_dir, f, "--device", "cuda", "--json", "--no-progress") == 0
-    obj = json.loads(capfd.readouterr().out)
-    assert obj["device"].startswith("cuda") and obj["dtype"] in ("bfloat16", "float32")

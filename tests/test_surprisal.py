@@ -8,9 +8,9 @@ import pytest
 
 from conftest import TINY_TEXT
 from nexttoken.errors import UserError
-from nexttoken.evaluate import encode, encode_with_offsets, score_text
-from nexttoken.inspect import add_inspect_arguments, render_html, run_inspect, text_pieces, token_views
+from nexttoken.evaluation.score import score_text
 from nexttoken.models.hf import load_hf_causal_lm
+from nexttoken.surprisal import add_inspect_arguments, render_html, run_inspect, text_pieces, token_views
 
 NASTY = 'x</script><script>alert("pwned")</script> & &amp; \'q\' "dq" <b>not bold</b>\n\tcafé 日本 😀 end'
 TEXT = TINY_TEXT + NASTY + "\n"
@@ -65,12 +65,11 @@ def gpt2(tiny_gpt2_dir):
     return load_hf_causal_lm(tiny_gpt2_dir)
 
 
-@pytest.mark.parametrize("use_offsets", [True, False])
-def test_pieces_concatenate_to_the_text(gpt2, use_offsets):
+def test_pieces_concatenate_to_the_text(gpt2):
     _, tok = gpt2
-    ids, offsets = encode_with_offsets(tok, TEXT)
-    assert offsets is not None and ids == encode(tok, TEXT)
-    pieces = text_pieces(tok, ids, offsets if use_offsets else None, TEXT)
+    ids, offsets = tok.encode_with_offsets(TEXT)
+    assert ids == tok.encode(TEXT)
+    pieces = text_pieces(offsets, TEXT)
     assert len(pieces) == len(ids)
     assert "".join(pieces) == TEXT
     assert "quick" in pieces[1] or "quick" in pieces[2]  # pieces follow the tokens, not one big blob

@@ -5,8 +5,8 @@ context and the model's own best guess). ``--html`` writes one self-contained pa
 JS, no external assets): the text with each token coloured by its surprisal ``-log2 p`` of the actual
 token; hovering a token shows that probability and the model's top-5 guesses.
 
-Tokens are scored with the same sliding windows and BOS rule as ``nexttoken eval``
-(:func:`nexttoken.evaluate.score_text`).
+Tokens are scored with the same sliding windows and document-start rule as ``nexttoken eval``
+(:func:`nexttoken.evaluation.score.score_text`).
 """
 
 from __future__ import annotations
@@ -20,17 +20,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from nexttoken.data.documents import read_document
+from nexttoken.data.tokenizers import Tokenizer
 from nexttoken.errors import UserError
-from nexttoken.evaluate import (
-    TokenScores,
-    add_model_arguments,
-    check_arguments_early,
-    decode,
-    load_model,
-    read_text_file,
-    score_text,
-)
+from nexttoken.evaluation.command import add_model_arguments, check_arguments_early
+from nexttoken.evaluation.score import TokenScores, score_text
+from nexttoken.io import write_atomically
 from nexttoken.metrics import summarize
+from nexttoken.models.load import load_model
 
 LN2 = math.log(2.0)
 MAX_BITS_COLOUR = 16.0  # surprisal at which the colour scale saturates (p = 1/65536)
@@ -52,42 +49,33 @@ def visible(s: str) -> str:
     return s.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥").replace("\r", "␍")
 
 
-def text_pieces(tokenizer, ids: list[int], offsets: list[tuple[int, int]] | None, text: str) -> list[str]:
-    """Split ``text`` into one piece per token; the pieces always concatenate back to ``text``.
+def text_pieces(offsets: list[tuple[int, int]], text: str) -> list[str]:
+    """Split ``text`` into one piece per token (``offsets``: each token's character span); the
+    pieces always concatenate back to ``text``.
 
-    With character offsets each token takes the text up to the end of its span (so gaps such as
-    trimmed spaces join the next token, and a character split over several byte-level tokens goes
-    to the first token that reaches its end). Without offsets the pieces come from decoding.
+    Each token takes the text up to the end of its span, so gaps such as trimmed spaces join the
+    next token, and a character split over several byte-level tokens goes to the first token that
+    reaches its end.
     """
-    n = len(ids)
-    pieces = [""] * n
+    pieces = [""] * len(offsets)
     cursor = 0
-    if offsets is not None and len(offsets) == n:
-        for i, (_, end) in enumerate(offsets):
-            end = min(max(cursor, end), len(text))
-            pieces[i], cursor = text[cursor:end], end
-    else:
-        start = 0  # first token not yet given its characters
-        for i in range(n):
-            decoded = decode(tokenizer, ids[start : i + 1])
-            if decoded and not decoded.endswith("\ufffd") and text.startswith(decoded, cursor):
-                pieces[i] = decoded
-                cursor += len(decoded)
-                start = i + 1
-    if n:
+    for i, (_, end) in enumerate(offsets):
+        end = min(max(cursor, end), len(text))
+        pieces[i], cursor = text[cursor:end], end
+    if pieces:
         pieces[-1] += text[cursor:]
     return pieces
 
 
-def token_views(tokenizer, text: str, scores: TokenScores) -> list[TokenView]:
-    pieces = text_pieces(tokenizer, scores.ids, scores.offsets, text)
+def token_views(tokenizer: Tokenizer, text: str, scores: TokenScores) -> list[TokenView]:
+    pieces = text_pieces(scores.offsets, text)
     views = []
     for i, token_id in enumerate(scores.ids):
         nll = float(scores.nll[i])
         scored = not math.isnan(nll)
         guesses = (
             [
-                (decode(tokenizer, [int(g)]), float(p))
+                (tokenizer.decode([int(g)]), float(p))
                 for g, p in zip(scores.top_ids[i], scores.top_probs[i], strict=True)
             ]
             if scored
@@ -97,7 +85,7 @@ def token_views(tokenizer, text: str, scores: TokenScores) -> list[TokenView]:
             TokenView(
                 index=i,
                 piece=pieces[i],
-                token=decode(tokenizer, [token_id]),
+                token=tokenizer.decode([token_id]),
                 bits=nll / LN2 if scored else None,
                 prob=math.exp(-nll) if scored else None,
                 guesses=guesses,
@@ -281,7 +269,7 @@ def read_inspect_text(spec: str) -> tuple[str, str]:
         name = "<stdin>"
     elif Path(spec).expanduser().is_file():
         path = Path(spec).expanduser()
-        text = read_text_file(path, explicit=True)
+        text = read_document(path)
         name = str(path)
     else:
         looks_like_path = not any(c.isspace() for c in spec) and (
@@ -306,12 +294,6 @@ def _check_html_target(out: str | None) -> Path | None:
     if not path.parent.is_dir():
         raise UserError(f"--html {path}: folder {path.parent} does not exist; create it first")
     return path
-
-
-def _write_atomically(path: Path, content: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(content, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -342,9 +324,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         )
     numbers = summarize(float(nll.sum()), len(nll), n_bytes)
     first = (
-        "first token scored after a prepended BOS"
+        "first token scored after the document-start token"
         if scores.bos_prepended
-        else "first token not scored (the tokenizer adds no BOS)"
+        else "first token not scored (the tokenizer starts documents with no token)"
     )
     summary = (
         f"{Path(str(args.model)).name} on {name}: {len(scores.ids):,} tokens, {n_bytes:,} bytes — "
@@ -364,7 +346,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             )
     if out is not None:
         title = f"nexttoken inspect — {Path(str(args.model)).name}"
-        _write_atomically(out, render_html(views, title=title, summary=summary, top=max(args.top, 10)))
+        write_atomically(out, render_html(views, title=title, summary=summary, top=max(args.top, 10)))
         print(f"\nwrote {out}")
     return 0
 

@@ -1,0 +1,145 @@
+"""``nexttoken eval MODEL DATA...``: perplexity and bits per byte of any causal LM on any text.
+
+The arguments shared with ``nexttoken inspect`` (windows, dtype, device, BOS) are defined here once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nexttoken.data.documents import find_documents, load_documents
+from nexttoken.errors import UserError
+from nexttoken.evaluation.score import BOS_MODES, EvalResult, evaluate_texts
+from nexttoken.evaluation.windows import check_window_settings
+from nexttoken.models.load import DTYPE_CHOICES, load_model
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``eval`` and ``inspect``."""
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens per window (default: the model's maximum context)",
+    )
+    parser.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        metavar="S",
+        help="new tokens scored per window after the first; each token sees >= N-S tokens of context "
+        "(default: context // 2)",
+    )
+    parser.add_argument("--batch-size", type=int, default=None, metavar="B", help="windows per forward pass")
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: float32 on CPU, bfloat16 on GPU"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."
+    )
+    parser.add_argument(
+        "--bos",
+        choices=BOS_MODES,
+        default="auto",
+        help="start each document with a BOS so its first token is scored: auto = as the model was trained",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a Hugging Face model folder run its own Python code",
+    )
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar on stderr"
+    )
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """``nexttoken eval MODEL DATA... [--context N] [--stride S] [--batch-size B] [--json] ...``"""
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="nexttoken checkpoint (.ckpt), Hugging Face model folder, or .gguf file",
+    )
+    parser.add_argument(
+        "data", metavar="DATA", nargs="+", help="text files, or folders searched recursively for them"
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout instead of a table"
+    )
+
+
+def check_arguments_early(args: argparse.Namespace) -> None:
+    """What can be checked before a model is loaded (the model's maximum context is checked after)."""
+    context = args.context
+    check_window_settings(
+        context if context is not None else max(args.stride or 1, 1),
+        args.stride if args.stride is not None else 1,
+    )
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be a positive number of windows, got {args.batch_size!r}")
+
+
+def settings_note(context: int | None, stride: int | None, max_context: int | None) -> str:
+    c = context if context is not None else max_context
+    parts = [f"context {c}" + (" (the model's maximum)" if context is None else "")]
+    if stride is None and c is not None:
+        parts.append(f"stride {max(1, c // 2)} (context // 2)")
+    elif stride is not None:
+        parts.append(f"stride {stride}")
+    return ", ".join(parts)
+
+
+def format_table(result: EvalResult) -> str:
+    first = (
+        "scored (a start token is prepended to each document)"
+        if result.bos_prepended
+        else "not scored (the tokenizer starts documents with no token; see --bos)"
+    )
+    rows = [
+        ("model", f"{result.model} ({result.dtype}, {result.device})"),
+        ("documents", f"{result.documents:,} ({result.bytes:,} bytes, {result.words:,} words)"),
+        (
+            "windows",
+            f"context {result.context}, stride {result.stride}: every token sees "
+            f">= {result.context - result.stride + 1} tokens of context where the text has them",
+        ),
+        ("first token", first),
+        ("tokens scored", f"{result.tokens:,}"),
+        ("loss", f"{result.loss:.4f} nats/token ({result.bits_per_token:.4f} bits/token)"),
+        ("perplexity", f"{result.perplexity:.4f}"),
+        ("bits per byte", f"{result.bits_per_byte:.4f}"),
+        ("word perplexity", f"{result.word_perplexity:.4f}"),
+        ("speed", f"{result.tokens_per_second:,.1f} tokens/s ({result.seconds:.1f} s)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    check_arguments_early(args)
+    documents = load_documents(find_documents(args.data, flag="DATA"), flag="DATA")
+    model, tokenizer = load_model(
+        args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+    )
+    print(
+        f"nexttoken eval: {len(documents)} document(s); "
+        f"{settings_note(args.context, args.stride, model.max_context)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    result = evaluate_texts(
+        model,
+        tokenizer,
+        [d.text for d in documents],
+        args.context,
+        args.stride,
+        args.batch_size,
+        bos=args.bos,
+        progress=args.progress,
+        model_name=str(args.model),
+    )
+    print(result.to_json() if args.json else format_table(result), flush=True)
+    return 0

@@ -1,0 +1,95 @@
+"""``nexttoken generate MODEL``: sample text from any model nexttoken can load.
+
+A sample starts where a document starts (:func:`nexttoken.data.tokenizers.document_start`), so a
+model sees the same beginning it was trained on; for a tokenizer that starts documents with no
+token, an empty prompt begins after an end-of-document token, as in its training stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from nexttoken.data.tokenizers import Tokenizer, document_start
+from nexttoken.errors import UserError
+from nexttoken.models.protocol import CausalLM
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The token ids a sample continues: the document start (if any), then the prompt's tokens."""
+    start = document_start(tokenizer)
+    ids = ([] if start is None else [start]) + (tokenizer.encode(prompt) if prompt else [])
+    return ids or [tokenizer.eos_id]
+
+
+def generate_text(
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    prompt: str = "",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int | None = 0,
+) -> str:
+    """``prompt`` followed by up to ``max_new_tokens`` sampled tokens, stopping at the end of the
+    document; ``temperature`` 0 is greedy; the same ``seed`` gives the same text."""
+    if max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    device = model.lm_head.weight.device
+    ids = prompt_ids(tokenizer, prompt)
+    context = torch.tensor([ids], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    out = model.generate(
+        context,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        eos_id=tokenizer.eos_id,
+        generator=generator,
+    )
+    new = [t for t in out[0, len(ids) :].tolist() if t != tokenizer.eos_id]
+    return prompt + tokenizer.decode(new)
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        nargs="?",
+        default=None,
+        help="nexttoken checkpoint (.ckpt), Hugging Face model folder, or .gguf file",
+    )
+    parser.add_argument("--checkpoint", default=None, help="the same as MODEL (kept for older scripts)")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from nexttoken.models.load import load_model
+
+    path = args.model or args.checkpoint
+    if path is None:
+        raise UserError(
+            "no MODEL given; pass a checkpoint (.ckpt), a Hugging Face model folder or a .gguf file"
+        )
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    model, tokenizer = load_model(path, device=args.device)
+    text = generate_text(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        seed=args.seed,
+    )
+    print(text)
+    return 0

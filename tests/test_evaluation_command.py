@@ -1,0 +1,115 @@
+import argparse
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_TEXT
+from nexttoken.errors import UserError
+from nexttoken.evaluation.command import add_eval_arguments, run_eval
+from nexttoken.evaluation.score import evaluate_texts
+from nexttoken.models.hf import load_hf_causal_lm
+
+LONG = TINY_TEXT * 2
+
+
+def cli(*argv):
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    return run_eval(parser.parse_args([str(a) for a in argv]))
+
+
+def test_cli_json_prints_one_object(tiny_gpt2_dir, tmp_path, capfd):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text(LONG)
+    (data / "sub" / "b.md").write_text(TINY_TEXT)
+    (data / ".hidden").write_text("ignored")
+    assert cli(tiny_gpt2_dir, data, "--context", 32, "--stride", 8, "--json") == 0
+    out, err = capfd.readouterr()
+    assert out.count("\n") == 1
+    obj = json.loads(out)
+    for key in (
+        "documents",
+        "tokens",
+        "bytes",
+        "words",
+        "loss",
+        "perplexity",
+        "bits_per_byte",
+        "word_perplexity",
+        "context",
+        "stride",
+    ):
+        assert key in obj, key
+    assert obj["documents"] == 2 and obj["context"] == 32 and obj["stride"] == 8
+    assert obj["bytes"] == len(LONG.encode()) + len(TINY_TEXT.encode())
+    assert "tok/s" in err  # the progress bar (tokens and tokens/s) is on stderr
+
+
+def test_cli_table(tiny_gpt2_dir, tmp_path, capfd):
+    f = tmp_path / "a.txt"
+    f.write_text(LONG)
+    assert cli(tiny_gpt2_dir, f, "--no-progress") == 0
+    out, err = capfd.readouterr()
+    assert "perplexity" in out and "bits per byte" in out and "not scored" in out
+    assert "context 64 (the model's maximum), stride 32 (context // 2)" in err
+
+
+A_TXT = ("a.txt", LONG.encode())
+
+
+@pytest.mark.parametrize(
+    "file, extra, message",
+    [
+        (("missing.txt", None), [], "DATA: path not found"),
+        (("empty.txt", b""), [], "is empty"),
+        (("bin.txt", b"\0\1\2"), [], "binary"),
+        (("latin1.txt", "café".encode("latin-1")), [], "not valid UTF-8"),
+        (("emptydir", "dir"), [], "holds no text files"),
+        (A_TXT, ["--context", 8, "--stride", 9], "larger than --context 8"),
+        (A_TXT, ["--context", 65], "maximum context of 64"),
+        (A_TXT, ["--stride", 0], "--stride must be a positive"),
+        (A_TXT, ["--batch-size", 0], "--batch-size must be"),
+        (A_TXT, ["--bos", "yes", "--dtype", "float16", "--device", "tpu"], "unknown --device"),
+    ],
+)
+def test_cli_bad_inputs(tiny_gpt2_dir, tmp_path, capfd, file, extra, message):
+    name, content = file
+    path = tmp_path / name
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=message) as info:
+        cli(tiny_gpt2_dir, path, *extra)
+    assert "\n" not in str(info.value)
+    assert capfd.readouterr().out == ""  # nothing half-printed on stdout
+
+
+def test_cli_bad_model(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text(LONG)
+    with pytest.raises(UserError, match="MODEL not found"):
+        cli(tmp_path / "nope", f)
+    with pytest.raises(UserError, match="neither a Hugging Face model folder nor a .gguf"):
+        cli(f, f)
+    # window settings are checked before anything is read or loaded
+    with pytest.raises(UserError, match="larger than --context"):
+        cli(tmp_path / "nope", tmp_path / "missing.txt", "--context", 8, "--stride", 9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(tiny_llama_dir, tmp_path, capfd):
+    model, tok = load_hf_causal_lm(tiny_llama_dir)
+    texts = [LONG, "short one", TINY_TEXT]
+    cpu = evaluate_texts(model, tok, texts, context=16, stride=5, batch_size=3)
+    gpu = evaluate_texts(model.to("cuda"), tok, texts, context=16, stride=5, batch_size=3)
+    assert gpu.device.startswith("cuda") and gpu.tokens == cpu.tokens
+    assert gpu.nll_sum == pytest.approx(cpu.nll_sum, rel=1e-4)
+    f = tmp_path / "a.txt"
+    f.write_text(LONG)
+    assert cli(tiny_llama_dir, f, "--device", "cuda", "--json", "--no-progress") == 0
+    obj = json.loads(capfd.readouterr().out)
+    assert obj["device"].startswith("cuda") and obj["dtype"] in ("bfloat16", "float32")
