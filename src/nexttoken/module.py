@@ -16,11 +16,12 @@ import torch
 from torch import Tensor
 
 from nexttoken.errors import UserError
-from nexttoken.loss import count_scored, fused_loss_available, fused_next_token_loss, next_token_loss
+from nexttoken.loss import count_scored, fused_next_token_loss, next_token_loss
 from nexttoken.metrics import NextTokenMetrics
 from nexttoken.models.gpt import PRESETS
 from nexttoken.models.load import is_hf_model
 from nexttoken.models.protocol import CausalLM
+from nexttoken.nonfinite import NonFiniteGuard, OnNonFinite
 from nexttoken.optim import build_optimizer, decay_audit
 
 # The fused linear+cross-entropy path pays once the vocabulary is much wider than the model
@@ -30,7 +31,6 @@ FUSED_LOSS_MIN_VOCAB_RATIO = 8
 FALLBACK_SCHEDULE_STEPS = 100_000
 
 FusedLoss = Literal["auto", "on", "off"]
-OnNonFinite = Literal["stop", "skip"]
 
 
 class CausalLMModule(L.LightningModule):
@@ -77,11 +77,6 @@ class CausalLMModule(L.LightningModule):
             )
         if on_nonfinite not in OnNonFinite.__args__:
             raise UserError(f"--model.on_nonfinite must be stop or skip, got {on_nonfinite!r}")
-        if fused_loss == "on" and not fused_loss_available():
-            raise UserError(
-                f"--model.fused_loss on: torch {torch.__version__} has no fused linear + cross-entropy "
-                "(F.linear_cross_entropy, torch >= 2.13); use --model.fused_loss auto or off"
-            )
         if model not in PRESETS and not is_hf_model(model):
             raise UserError(
                 f"--model.model {model!r} is neither a GPT preset ({', '.join(PRESETS)}) nor a local "
@@ -94,6 +89,7 @@ class CausalLMModule(L.LightningModule):
         self._window_nll = torch.zeros((), dtype=torch.float64)
         self._window_tokens = torch.zeros((), dtype=torch.int64)
         self._loss_scale: int | None = None
+        self._nonfinite = NonFiniteGuard(on_nonfinite)
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -132,8 +128,6 @@ class CausalLMModule(L.LightningModule):
             return False  # softcapped or scaled logits (some HF models) are not hidden @ W.T
         if mode != "auto":
             return mode == "on"
-        if not fused_loss_available():
-            return False
         head = self.model.lm_head
         return head.weight.shape[0] >= FUSED_LOSS_MIN_VOCAB_RATIO * head.weight.shape[1]
 
@@ -180,16 +174,11 @@ class CausalLMModule(L.LightningModule):
             window_nll = self.trainer.strategy.reduce(window_nll, reduce_op="sum")
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size * self._loss_scale
         factor = scale / window_tokens.clamp(min=1)
-        # One multi-tensor kernel per (device, dtype) instead of one small kernel per parameter.
-        grads: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for p in self.parameters():
-            if p.grad is not None:
-                grads.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-        for (device, dtype), group in grads.items():
-            torch._foreach_mul_(group, factor.to(device=device, dtype=dtype))
         loss = (window_nll / window_tokens.clamp(min=1)).float()
-        if not torch.isfinite(loss):  # one host sync per optimizer step; a NaN must not reach the weights
-            self._handle_nonfinite(optimizer, loss)
+        # Rescale every gradient and look for NaN/inf in them and in the loss on the device, without
+        # waiting for it: a non-finite step is skipped inside the optimizer's own kernel (optimizers
+        # without that are checked on the host at once) and reported at the next check.
+        self._nonfinite.before_step(self, optimizer, loss, factor)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/perplexity", loss.exp(), prog_bar=False)
         # A CPU tensor: logging a Python float would copy it to the GPU, which waits for the GPU.
@@ -197,19 +186,15 @@ class CausalLMModule(L.LightningModule):
         self._window_nll = torch.zeros_like(self._window_nll)
         self._window_tokens = torch.zeros_like(self._window_tokens)
 
-    def _handle_nonfinite(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
-        step = self.trainer.global_step + 1
-        if self.hparams.on_nonfinite == "skip":
-            # Dropping the gradients makes AdamW leave every parameter and its moments untouched.
-            optimizer.zero_grad(set_to_none=True)
-            self.print(f"warning: non-finite loss ({loss.item()}) at step {step}; the step was skipped")
-            return
-        callback = self.trainer.checkpoint_callback
-        last_good = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-        raise UserError(
-            f"non-finite loss ({loss.item()}) at step {step}; training stopped, the last good checkpoint is "
-            f"{last_good or '(none saved yet)'}; lower --model.lr, or pass --model.on_nonfinite skip to skip such steps"
-        )
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Every log_every_n_steps steps, when Lightning reads the logged values anyway.
+        self._nonfinite.maybe_check(self, self.trainer.log_every_n_steps)
+
+    def on_validation_start(self) -> None:
+        self._nonfinite.check(self)
+
+    def on_train_end(self) -> None:
+        self._nonfinite.check(self)
 
     def configure_gradient_clipping(
         self,
@@ -286,6 +271,8 @@ class CausalLMModule(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Never save weights past an unreported non-finite step (and call the previous ones good).
+        self._nonfinite.check(self)
         # A checkpoint carries its tokenizer, so it can be evaluated or sampled on its own.
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.to_dict()
