@@ -103,11 +103,13 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
 def _chunk_softmax_and_nll(logits: Tensor, targets: Tensor, scored: Tensor) -> tuple[Tensor, Tensor]:
     """Turn ``logits`` (rows, V) into softmax probabilities in place; return (nll per row, log-sum-exp).
 
-    Ignored rows get nll 0 (their target is replaced by 0 for the gather, then masked)."""
-    safe_targets = torch.where(scored, targets, 0)
-    target_logit = logits.gather(1, safe_targets[:, None]).squeeze(1)
-    lse = torch.logsumexp(logits, dim=1)
-    logits.sub_(lse[:, None]).exp_()
+    In place, so a chunk never needs a second (rows, V) buffer. Ignored rows get nll 0 (their target
+    is replaced by 0 for the gather, then masked)."""
+    target_logit = logits.gather(1, torch.where(scored, targets, 0)[:, None]).squeeze(1)
+    row_max = logits.amax(dim=1)
+    sums = logits.sub_(row_max[:, None]).exp_().sum(dim=1)
+    logits.div_(sums[:, None])
+    lse = row_max + sums.log()
     return torch.where(scored, lse - target_logit, 0.0), lse
 
 

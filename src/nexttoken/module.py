@@ -23,6 +23,7 @@ from nexttoken.models.load import is_hf_model
 from nexttoken.models.protocol import CausalLM
 from nexttoken.nonfinite import NonFiniteGuard, OnNonFinite
 from nexttoken.optim import build_optimizer, decay_audit
+from nexttoken.schedule import timer_clock
 
 # The fused linear+cross-entropy path pays once the vocabulary is much wider than the model
 # (the logits dominate memory); below that the plain matmul is cheaper (benchmarks/loss_memory.py).
@@ -241,15 +242,16 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         total = self.trainer.estimated_stepping_batches
-        if math.isfinite(total):
-            max_steps = int(total)
-        else:
+        # A time limit (--trainer.max_time) puts the cosine on the clock too (nexttoken.schedule).
+        clock = timer_clock(self.trainer)
+        max_steps = int(total) if math.isfinite(total) else None
+        if max_steps is None and clock is None:
             max_steps = FALLBACK_SCHEDULE_STEPS
             self.print(
-                f"note: the run has no step limit, so the cosine schedule spans {max_steps:,} steps; "
-                "set --trainer.max_steps to fit it to the run"
+                f"note: the run has no step or time limit, so the cosine schedule spans {max_steps:,} steps; "
+                "set --trainer.max_steps or --trainer.max_time to fit it to the run"
             )
-        warmup_steps = min(hp.warmup_steps, max(max_steps // 10, 1))
+        warmup_steps = hp.warmup_steps if max_steps is None else min(hp.warmup_steps, max(max_steps // 10, 1))
         if warmup_steps < hp.warmup_steps:
             self.print(
                 f"note: warmup capped at {warmup_steps} steps (a tenth of the run's {max_steps:,}) "
@@ -263,6 +265,7 @@ class CausalLMModule(L.LightningModule):
             warmup_steps=warmup_steps,
             max_steps=max_steps,
             min_lr=hp.min_lr,
+            clock=clock,
             # fp16's loss scaler must unscale before clipping, which Lightning cannot do for a fused
             # optimizer (it unscales inside its own step): use the foreach kernel there.
             fused=False if str(self.trainer.precision) in ("16-mixed", "16") else None,
