@@ -18,8 +18,10 @@ from nexttoken.data.datamodule import TextDataModule
 from nexttoken.errors import UserError
 from nexttoken.models.load import is_hf_model
 from nexttoken.module import CausalLMModule
+from nexttoken.phases import RunPhases, fit_called
 from nexttoken.precision import auto_precision
 from nexttoken.report import write_report
+from nexttoken.threads import AutoThreads
 from nexttoken.throughput import ThroughputCallback
 
 DEFAULT_ROOT = "runs"
@@ -76,6 +78,10 @@ def trainer_defaults() -> dict:
                 filename="best-{step}",
                 auto_insert_metric_name=False,
             ),
+            # Speed and time (nexttoken.threads, nexttoken.phases): the thread count, measured
+            # before the throughput clock starts; where the run's time goes, for the report.
+            AutoThreads(),
+            RunPhases(),
             # tokens/s and MFU in the progress bar and the logs (nexttoken.throughput).
             ThroughputCallback(),
         ],
@@ -191,6 +197,7 @@ class NextTokenCLI(LightningCLI):
 
     def before_fit(self) -> None:
         _print_rank_zero(self.trainer, self._precision_note)
+        fit_called()  # nexttoken.phases: the set-up ends, the data phase starts
 
     def before_validate(self) -> None:
         _print_rank_zero(self.trainer, self._precision_note)

@@ -7,7 +7,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +115,20 @@ class TokenCache:
 
     def read_meta(self) -> dict[str, Any]:
         return json.loads(self.meta.read_text())
+
+
+def cached_json(cache: TokenCache, name: str, compute: Callable[[], Any]) -> Any:
+    """A small JSON result about a cached corpus (such as the compressors' bits per byte on its
+    held-out text), computed once and kept as ``name`` beside the token files. A cache folder that
+    cannot be written only means computing it again next time."""
+    path = cache.directory / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    value = compute()
+    try:
+        write_atomically(path, json.dumps(value, indent=1))
+    except OSError:
+        pass
+    return value
