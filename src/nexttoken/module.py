@@ -24,6 +24,7 @@ from nexttoken.models.protocol import CausalLM
 from nexttoken.nonfinite import NonFiniteGuard, OnNonFinite
 from nexttoken.optim import build_optimizer, decay_audit
 from nexttoken.schedule import timer_clock
+from nexttoken.throughput import LogThrottle
 
 # The fused linear+cross-entropy path pays once the vocabulary is much wider than the model
 # (the logits dominate memory); below that the plain matmul is cheaper (benchmarks/loss_memory.py).
@@ -91,6 +92,7 @@ class CausalLMModule(L.LightningModule):
         self._window_tokens = torch.zeros((), dtype=torch.int64)
         self._loss_scale: int | None = None
         self._nonfinite = NonFiniteGuard(on_nonfinite)
+        self._log_throttle = LogThrottle()
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -180,10 +182,11 @@ class CausalLMModule(L.LightningModule):
         # waiting for it: a non-finite step is skipped inside the optimizer's own kernel (optimizers
         # without that are checked on the host at once) and reported at the next check.
         self._nonfinite.before_step(self, optimizer, loss, factor)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/perplexity", loss.exp(), prog_bar=False)
-        # A CPU tensor: logging a Python float would copy it to the GPU, which waits for the GPU.
-        self.log("train/lr", torch.tensor(float(optimizer.param_groups[0]["lr"])))
+        if self._log_throttle(self.trainer, self.trainer.global_step + 1):  # self.log costs Python time
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/perplexity", loss.exp(), prog_bar=False)
+            # A CPU tensor: logging a Python float would copy it to the GPU, which waits for the GPU.
+            self.log("train/lr", torch.tensor(float(optimizer.param_groups[0]["lr"])))
         self._window_nll = torch.zeros_like(self._window_nll)
         self._window_tokens = torch.zeros_like(self._window_tokens)
 
