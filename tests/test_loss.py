@@ -8,6 +8,7 @@ from nexttoken.loss import (
     chunk_rows,
     chunked_linear_cross_entropy,
     count_scored,
+    fused_loss_backend,
     fused_next_token_loss,
     next_token_loss,
 )
@@ -265,3 +266,25 @@ def test_bad_fused_implementation():
     hidden, weight, _, targets = fused_case()
     with pytest.raises(ValueError, match="implementation"):
         fused_next_token_loss(hidden, weight, targets, implementation="magic")
+
+
+def test_fused_path_under_bf16_autocast_is_the_plain_path_under_autocast():
+    # Under autocast the head's matmuls run in bf16 exactly as the plain path's nn.Linear does
+    # (logits rounded to bf16); the log-softmax and the loss are fp32. "auto" takes the chunked
+    # implementation there: torch 2.13's op returns a bf16 loss (a sum rounded to 3 digits).
+    hidden, weight, b, targets = fused_case(bias=True, V=500, seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_loss_backend(torch.get_autocast_dtype("cpu")) == "chunked"
+        fused, grads = loss_and_grads(
+            lambda: fused_next_token_loss(hidden, weight, targets, bias=b, reduction="sum"), hidden, weight, b
+        )
+        plain, plain_grads = loss_and_grads(
+            lambda: next_token_loss(F.linear(hidden, weight, b), targets, reduction="sum"), hidden, weight, b
+        )
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-4)
+    for got, want in zip(grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)  # both from bf16 matmuls
+    # ...which is not the fp32 loss: the head really ran in bf16.
+    full = next_token_loss(hidden @ weight.T + b, targets, reduction="sum")
+    assert (fused - full).abs() > 100 * (fused - plain).abs() + 1e-3

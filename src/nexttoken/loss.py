@@ -77,6 +77,9 @@ def chunk_rows(rows: int, classes: int) -> int:
     return max(1, min(rows, chunk))
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def _fused_options(rows: int, classes: int, device: torch.device) -> torch.nn.LinearCrossEntropyOptions:
     if device.type != "cpu":
         return torch.nn.LinearCrossEntropyOptions()
@@ -91,13 +94,52 @@ def torch_has_fused_loss() -> bool:
     return hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
 
 
-def fused_loss_backend() -> Literal["torch", "chunked"]:
-    """Which implementation ``fused_next_token_loss(..., implementation="auto")`` runs here."""
-    return "torch" if torch_has_fused_loss() else "chunked"
+def fused_loss_backend(matmul_dtype: torch.dtype = torch.float32) -> Literal["torch", "chunked"]:
+    """Which implementation ``fused_next_token_loss(..., implementation="auto")`` runs for the head's
+    matmul dtype: torch's op for fp32 where torch has it, the chunked one otherwise. (Under a
+    bf16/fp16 autocast torch 2.13's op returns its loss in that dtype, a summed loss rounded to 3
+    significant digits; the chunked one gives exactly the plain path's fp32 loss.)"""
+    return "torch" if torch_has_fused_loss() and matmul_dtype == torch.float32 else "chunked"
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+class _Head:
+    """The output projection in its matmul dtype: logits from ``hidden @ weight.T + bias`` as fp32, and
+    the two gradient matmuls. With a low-precision ``dtype`` (bf16/fp16 under autocast) the matmuls
+    run in it exactly as autocast runs the plain path's ``nn.Linear`` (logits rounded to it, then
+    upcast), while the softmax and every gradient buffer stay fp32."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.weight = weight.to(dtype)
+        self.bias = None if bias is None else bias.to(dtype)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        hidden = hidden.to(self.dtype)
+        out = hidden @ self.weight.T if self.bias is None else torch.addmm(self.bias, hidden, self.weight.T)
+        return out.float()
+
+    def backprop(
+        self,
+        grad_logits: Tensor,
+        hidden: Tensor,
+        grad_hidden: Tensor | None,
+        grad_weight: Tensor | None,
+        grad_bias: Tensor | None,
+    ) -> None:
+        """Add this chunk's share: ``grad_hidden`` (the chunk's rows) = g @ W, ``grad_weight`` += g.T @ h."""
+        if grad_bias is not None:
+            grad_bias.add_(grad_logits.sum(0))
+        if self.dtype == torch.float32:
+            if grad_hidden is not None:
+                torch.mm(grad_logits, self.weight, out=grad_hidden)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, hidden)
+            return
+        g = grad_logits.to(self.dtype)
+        if grad_hidden is not None:
+            grad_hidden.copy_(g @ self.weight)
+        if grad_weight is not None:
+            grad_weight.add_(g.T @ hidden.to(self.dtype))
 
 
 def _chunk_softmax_and_nll(logits: Tensor, targets: Tensor, scored: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,39 +167,35 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index: int, rows: int, per_row: bool):
+    def forward(ctx, hidden, weight, bias, targets, ignore_index: int, rows: int, per_row: bool, dtype):
         scored = targets != ignore_index
         n = hidden.shape[0]
-        nll = hidden.new_empty(n)
+        nll = hidden.new_empty(n, dtype=torch.float32)
         grads = ctx.needs_input_grad[:3]
+        head = _Head(weight, bias, dtype)
         ctx.per_row = per_row
         if per_row:
-            lse = hidden.new_empty(n)
+            lse = torch.empty_like(nll)
             for start in range(0, n, rows):
                 chunk = slice(start, start + rows)
-                logits = _chunk_logits(hidden[chunk], weight, bias)
+                logits = head.logits(hidden[chunk])
                 nll[chunk], lse[chunk] = _chunk_softmax_and_nll(logits, targets[chunk], scored[chunk])
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
-            ctx.rows, ctx.ignore_index = rows, ignore_index
+            ctx.rows, ctx.ignore_index, ctx.dtype = rows, ignore_index, dtype
             return nll
         grad_hidden = torch.zeros_like(hidden) if grads[0] else None
         grad_weight = torch.zeros_like(weight) if grads[1] else None
         grad_bias = torch.zeros_like(bias) if bias is not None and grads[2] else None
         for start in range(0, n, rows):
             chunk = slice(start, start + rows)
-            logits = _chunk_logits(hidden[chunk], weight, bias)
+            logits = head.logits(hidden[chunk])
             nll[chunk], _ = _chunk_softmax_and_nll(logits, targets[chunk], scored[chunk])
             if not any(grads):
                 continue
             # d nll / d logits = softmax - onehot(target), zero on ignored rows.
-            probs = logits
-            _subtract_target_and_mask(probs, targets[chunk], scored[chunk])
-            if grad_hidden is not None:
-                torch.mm(probs, weight, out=grad_hidden[chunk])
-            if grad_weight is not None:
-                grad_weight.addmm_(probs.T, hidden[chunk])
-            if grad_bias is not None:
-                grad_bias.add_(probs.sum(0))
+            _subtract_target_and_mask(logits, targets[chunk], scored[chunk])
+            rows_grad = None if grad_hidden is None else grad_hidden[chunk]
+            head.backprop(logits, hidden[chunk], rows_grad, grad_weight, grad_bias)
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
         return nll.sum()
 
@@ -165,25 +203,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         if not ctx.per_row:
             scaled = [None if g is None else g * grad_output for g in ctx.grads]
-            return *scaled, None, None, None, None
+            return *scaled, None, None, None, None, None
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad
         scored = targets != ctx.ignore_index
+        head = _Head(weight, bias, ctx.dtype)
         grad_hidden = torch.empty_like(hidden) if needs[0] else None
         grad_weight = torch.zeros_like(weight) if needs[1] else None
         grad_bias = torch.zeros_like(bias) if bias is not None and needs[2] else None
         for start in range(0, hidden.shape[0], ctx.rows):
             chunk = slice(start, start + ctx.rows)
-            probs = _chunk_logits(hidden[chunk], weight, bias).sub_(lse[chunk, None]).exp_()
+            probs = head.logits(hidden[chunk]).sub_(lse[chunk, None]).exp_()
             _subtract_target_and_mask(probs, targets[chunk], scored[chunk])
             probs.mul_(grad_output[chunk, None])
-            if grad_hidden is not None:
-                torch.mm(probs, weight, out=grad_hidden[chunk])
-            if grad_weight is not None:
-                grad_weight.addmm_(probs.T, hidden[chunk])
-            if grad_bias is not None:
-                grad_bias.add_(probs.sum(0))
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+            rows_grad = None if grad_hidden is None else grad_hidden[chunk]
+            head.backprop(probs, hidden[chunk], rows_grad, grad_weight, grad_bias)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _subtract_target_and_mask(probs: Tensor, targets: Tensor, scored: Tensor) -> None:
@@ -202,15 +237,17 @@ def chunked_linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     reduction: Literal["sum", "none"] = "sum",
     rows: int | None = None,
+    matmul_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` (``hidden`` (N, C), ``targets`` (N,)) without the
     (N, V) logits: ``rows`` of them at a time (default :func:`chunk_rows`). ``reduction``: ``"sum"``
-    (a scalar) or ``"none"`` (N per-row nats, 0 where ignored)."""
+    (a scalar) or ``"none"`` (N per-row nats, 0 where ignored). ``matmul_dtype``: the head's matmuls
+    run in it (bf16/fp16 as under autocast); logits, softmax and gradients are fp32 always."""
     if reduction not in ("sum", "none"):
         raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
     rows = rows or chunk_rows(hidden.shape[0], weight.shape[0])
     return _ChunkedLinearCrossEntropy.apply(
-        hidden, weight, bias, targets, ignore_index, rows, reduction == "none"
+        hidden, weight, bias, targets, ignore_index, rows, reduction == "none", matmul_dtype
     )
 
 
@@ -228,19 +265,26 @@ def fused_next_token_loss(
     materializing the (B·T, V) logits.
 
     ``hidden`` (B, T, C) are the final hidden states, ``weight`` (V, C) the output projection.
-    Inputs are taken to fp32 so the result matches the plain path under mixed precision.
-    ``implementation``: ``"torch"`` is torch's chunked ``F.linear_cross_entropy`` (torch >= 2.13),
-    ``"chunked"`` the implementation in this module (any torch), ``"auto"`` torch's where it exists.
+    The head's matmuls run as the plain path's would: under a bf16/fp16 autocast in that dtype (its
+    logits rounded to it, as autocast's ``nn.Linear`` gives them), otherwise in fp32 (inputs of
+    another dtype are upcast); the log-softmax and the loss are fp32 always. ``implementation``:
+    ``"torch"`` is torch's chunked ``F.linear_cross_entropy`` (torch >= 2.13; fp32 matmuls),
+    ``"chunked"`` the implementation in this module (any torch, any matmul dtype), ``"auto"``
+    (:func:`fused_loss_backend`) torch's where it applies.
     """
     _check(reduction, targets)
+    device_type = hidden.device.type
+    matmul_dtype = torch.float32
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in LOW_PRECISION:
+        matmul_dtype = torch.get_autocast_dtype(device_type)
     if implementation == "auto":
-        implementation = fused_loss_backend()
+        implementation = fused_loss_backend(matmul_dtype)
     if implementation not in ("torch", "chunked"):
         raise ValueError(f"implementation must be auto, torch or chunked, got {implementation!r}")
     flat_targets = targets.reshape(-1).long()
     flat_hidden = hidden.reshape(-1, hidden.size(-1))
     summed = "sum" if reduction != "none" else "none"
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
+    with torch.autocast(device_type=device_type, enabled=False):
         if implementation == "torch":
             nll = F.linear_cross_entropy(
                 flat_hidden.float(),
@@ -259,6 +303,7 @@ def fused_next_token_loss(
                 bias=None if bias is None else bias.float(),
                 ignore_index=ignore_index,
                 reduction=summed,
+                matmul_dtype=matmul_dtype,
             )
     if reduction == "none":
         return nll.view(targets.shape)
