@@ -406,6 +406,72 @@ def report(result: dict, args: argparse.Namespace) -> None:
     )
 
 
+def compile_check(shape_name: str, dtype: torch.dtype | None, args: argparse.Namespace) -> dict:
+    """torch.compile of nexttoken's model, loss and optimizer step vs eager, on the shape's step:
+    paired steady-state step times and the compile time (the first compiled steps less steady ones)."""
+    from _common import random_batches
+
+    from nexttoken.loss import next_token_loss
+    from nexttoken.models.gpt import GPT, GPTConfig
+    from nexttoken.optim import build_optimizer
+
+    s = SHAPES[shape_name]
+    config = GPTConfig(257, s["block_size"], s["n_layer"], s["n_head"], s["n_embd"])
+    batches = random_batches(args.warmup + args.steps + 2, s["batch_size"], s["block_size"], 257)
+
+    def make(compiled: bool):
+        torch.manual_seed(0)
+        model = GPT(config).train()
+        optimizer, schedule = build_optimizer(model, lr=LR, warmup_steps=WARMUP, max_steps=1000)
+
+        def loss_fn(x, y):
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                return next_token_loss(model(x), y)
+
+        def update():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+
+        if compiled:
+            loss_fn = torch.compile(loss_fn)
+            update = torch.compile(update)
+
+        def step(x, y):
+            loss_fn(x, y).backward()
+            update()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    eager, compiled = make(False), make(True)
+    first = {}
+    for name, step in (("eager", eager), ("compiled", compiled)):
+        start = time.perf_counter()
+        for x, y in batches[:2]:
+            step(x, y)
+        first[name] = time.perf_counter() - start
+    te, tc = [], []
+    for x, y in batches[2:]:
+        t = time.perf_counter()
+        eager(x, y)
+        te.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        compiled(x, y)
+        tc.append(time.perf_counter() - t)
+    step_e, step_c = statistics.median(te[args.warmup :]), statistics.median(tc[args.warmup :])
+    compile_s = first["compiled"] - first["eager"]
+    gain = step_e - step_c
+    return {
+        "shape": shape_name,
+        "dtype": str(dtype or torch.float32).replace("torch.", ""),
+        "eager_ms": step_e * 1e3,
+        "compiled_ms": step_c * 1e3,
+        "compile_s": compile_s,
+        "break_even_steps": compile_s / gain if gain > 0 else math.inf,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -426,6 +492,12 @@ def main() -> None:
         "benchmark stops after --warmup + --steps of them (default 1000: the start of a 1000-step run)",
     )
     parser.add_argument("--profile", action="store_true", help="profile each side's steps instead")
+    parser.add_argument(
+        "--compile-check",
+        action="store_true",
+        help="torch.compile (model, loss, clipping + AdamW step) vs eager per shape: steady-state gain, "
+        "compile time (TORCHINDUCTOR_CACHE_DIR decides cold or warm), break-even steps",
+    )
     parser.add_argument("--profile-steps", type=int, default=10)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra fit flags")
     parser.add_argument("--data", default=str(DATA))
@@ -435,6 +507,8 @@ def main() -> None:
     if not Path(args.data).is_file():
         sys.exit(f"no corpus at {args.data}")
     os.environ.setdefault("NEXTTOKEN_CACHE", str(Path(tempfile.gettempdir()) / "nexttoken-bench-cache"))
+    from nexttoken.precision import auto_precision
+
     shapes = ["a", "b"] if args.shape == "both" else [args.shape]
     precisions = (
         [None, "32-true"]
@@ -444,6 +518,19 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True
     )
+    if args.compile_check:
+        for shape in shapes:
+            for precision in precisions:
+                dtype = torch.bfloat16 if precision is None and "bf16" in auto_precision()[0] else None
+                r = compile_check(shape, dtype, args)
+                print(
+                    f"compile[{shape}, {r['dtype']}, {torch.get_num_threads()} threads]: eager {r['eager_ms']:.1f} ms, "
+                    f"compiled {r['compiled_ms']:.1f} ms per step (steady: {r['compiled_ms'] / r['eager_ms']:.3f}); "
+                    f"compile {r['compile_s']:.1f} s; pays after {r['break_even_steps']:.0f} steps  "
+                    f"(load {os.getloadavg()[0]:.2f})",
+                    flush=True,
+                )
+        return
     for shape in shapes:
         for precision in precisions:
             result = run(shape, precision, args)

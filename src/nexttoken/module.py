@@ -33,6 +33,12 @@ FUSED_LOSS_MIN_VOCAB_RATIO = 8
 FALLBACK_SCHEDULE_STEPS = 100_000
 
 FusedLoss = Literal["auto", "on", "off"]
+# torch.compile, when left to "auto": measured on a 2-core CPU at small GPT shapes it makes a step
+# only 5-8% faster and costs 1-2 minutes of compilation on a cold inductor cache, which a run repays
+# only after 500-15,000 steps (benchmarks/README.md, small_model_speed.py --compile-check): off on
+# CPUs. On a GPU the fused kernels pay for long runs: on from this many optimizer steps (or with no
+# step limit); gpu_check.py measures it.
+COMPILE_MIN_STEPS_GPU = 1000
 
 
 class CausalLMModule(L.LightningModule):
@@ -48,7 +54,8 @@ class CausalLMModule(L.LightningModule):
         fused_loss: ``auto`` (fused where the vocabulary is ≥ 8x the width), ``on`` or ``off``.
         on_nonfinite: a NaN/inf loss ``stop``s training (naming the step and the last good
             checkpoint, which is kept) or ``skip``s that optimizer step.
-        compile: ``torch.compile`` the model.
+        compile: ``torch.compile`` the model and its loss together (one graph per mode); ``auto``:
+            on a GPU for runs of 1000+ steps, off on a CPU (see ``COMPILE_MIN_STEPS_GPU``).
         trust_remote_code: allow a HF model folder's own code to run (off unless you ask).
     """
 
@@ -69,7 +76,7 @@ class CausalLMModule(L.LightningModule):
         min_lr: float | None = None,
         fused_loss: FusedLoss = "auto",
         on_nonfinite: OnNonFinite = "stop",
-        compile: bool = False,
+        compile: bool | Literal["auto"] = "auto",
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -93,6 +100,7 @@ class CausalLMModule(L.LightningModule):
         self._loss_scale: int | None = None
         self._nonfinite = NonFiniteGuard(on_nonfinite)
         self._log_throttle = LogThrottle()
+        self.compiled, self.compile_reason = False, ""
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -107,8 +115,23 @@ class CausalLMModule(L.LightningModule):
                 raise ValueError("vocab_size is unknown: pass it, or train with a TextDataModule")
             self.hparams.vocab_size = self.tokenizer.vocab_size
         self.model = self._build_network()
-        if self.hparams.compile:
-            self.model.compile()
+        self.compiled, self.compile_reason = self._compile_choice()
+        if self.compiled:
+            # The network and the loss in one graph: elementwise work around the head (and the
+            # fused loss, which calls model.hidden) is compiled too, not only model.forward.
+            self._compiled_nll_sum = torch.compile(self._nll_sum)
+
+    def _compile_choice(self) -> tuple[bool, str]:
+        mode = self.hparams.compile
+        if mode is True or mode is False:
+            return mode, "set by you"
+        trainer = self._trainer
+        if trainer is None or trainer.strategy.root_device.type != "cuda":
+            return False, "auto: off on a CPU"
+        steps = trainer.max_steps
+        if steps is None or steps < 0 or steps >= COMPILE_MIN_STEPS_GPU:
+            return True, f"auto: a GPU run of {COMPILE_MIN_STEPS_GPU:,}+ steps"
+        return False, f"auto: a GPU run shorter than {COMPILE_MIN_STEPS_GPU:,} steps"
 
     def _build_network(self) -> CausalLM:
         hp = self.hparams
@@ -139,6 +162,10 @@ class CausalLMModule(L.LightningModule):
 
     def nll_sum(self, input_ids: Tensor, targets: Tensor) -> Tensor:
         """Σ -log Q(target) over the scored positions of a batch, in fp32."""
+        compiled = getattr(self, "_compiled_nll_sum", None)
+        return (compiled or self._nll_sum)(input_ids, targets)
+
+    def _nll_sum(self, input_ids: Tensor, targets: Tensor) -> Tensor:
         if self.uses_fused_loss:
             head = self.model.lm_head
             return fused_next_token_loss(
@@ -150,6 +177,8 @@ class CausalLMModule(L.LightningModule):
     def on_train_start(self) -> None:
         audit = decay_audit(self.model)
         self.print(f"model: {self.model_summary_line()}")
+        if self.compiled:
+            self.print(f"compile: on ({self.compile_reason})")
         self.print(f"weight decay: {audit.summary()}")
 
     def model_summary_line(self) -> str:

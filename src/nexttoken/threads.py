@@ -96,6 +96,12 @@ class AutoThreads(L.Callback):
         elif fixed:
             self.candidates = []
             self.choice = f"{threads} ({fixed}={os.environ[fixed]})"
+        elif getattr(pl_module, "compiled", False):
+            # Compiled CPU code is specialized to its thread count: every change would recompile.
+            self.candidates = []
+            self.choice = (
+                f"{threads} (torch's default: torch.compile fixes the count; OMP_NUM_THREADS=N sets it)"
+            )
         else:
             self.candidates = sorted({1, available_cores()})
             if len(self.candidates) < 2:
