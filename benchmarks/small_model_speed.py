@@ -67,6 +67,9 @@ LR, BETAS, WEIGHT_DECAY, WARMUP = 3e-3, (0.9, 0.95), 0.1, 50  # CausalLMModule's
 
 # --------------------------------------------------------------------------- the textbook
 class TextbookAttention(nn.Module):
+    # --textbook-qkv fused: one (C, 3C) projection, as nexttoken's GPT has (to measure that lever).
+    FUSED_QKV = False
+
     def __init__(self, n_embd: int, n_head: int) -> None:
         super().__init__()
         self.n_head = n_head
@@ -77,10 +80,12 @@ class TextbookAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (
-            layer(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-            for layer in (self.query, self.key, self.value)
-        )
+        if self.FUSED_QKV:
+            weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+            qkv = F.linear(x, weight).split(C, dim=2)
+        else:
+            qkv = (layer(x) for layer in (self.query, self.key, self.value))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
@@ -363,8 +368,22 @@ def run(shape_name: str, precision: str | None, args: argparse.Namespace) -> dic
     return result
 
 
+def machine_peak(dtype: torch.dtype) -> float:
+    """The CPU's matmul peak for ``dtype``: the highest cached reading over every thread count (a
+    reading taken while other programs share the cores is low, never high), measured now if none."""
+    from nexttoken.peak import cached_matmul_peak, read_peak_cache
+
+    name = str(dtype).replace("torch.", "")
+    readings = [
+        entry["flops"]
+        for key, entry in read_peak_cache().items()
+        if key.startswith("cpu |") and f"| {name} |" in key and f"torch {torch.__version__}" in key
+    ]
+    return max(readings) if readings else cached_matmul_peak("cpu", dtype)
+
+
 def report(result: dict, args: argparse.Namespace) -> None:
-    from nexttoken.peak import cached_matmul_peak, precision_dtype
+    from nexttoken.peak import precision_dtype
 
     shape = SHAPES[result["shape"]]
     name = f"{result['shape']}, {result['precision']}"
@@ -377,13 +396,13 @@ def report(result: dict, args: argparse.Namespace) -> None:
         f"  median of per-pair ratios: {result['pair_ratio']:.3f}"
     )
     if result["shape"] == "b":
-        peak_n = cached_matmul_peak("cpu", precision_dtype(result["precision"]))
-        peak_32 = cached_matmul_peak("cpu", torch.float32)
+        peak_n = machine_peak(precision_dtype(result["precision"]))
+        peak_32 = machine_peak(torch.float32)
         f = result["flops_per_token"]
         print(
-            f"  MFU: nexttoken {tps_n * f / peak_n:.3f} of the {result['precision']} matmul peak "
-            f"({peak_n / 1e9:.0f} GFLOP/s, {torch.get_num_threads()} threads), textbook {tps_t * f / peak_32:.3f} "
-            f"of the fp32 peak ({peak_32 / 1e9:.0f} GFLOP/s)"
+            f"  MFU: nexttoken {tps_n * f / peak_n:.3f} of this CPU's {result['precision']} matmul peak "
+            f"({peak_n / 1e9:.0f} GFLOP/s), textbook {tps_t * f / peak_32:.3f} of its fp32 peak "
+            f"({peak_32 / 1e9:.0f} GFLOP/s); {result['flops_per_token'] / 1e6:.1f} MFLOP/token"
         )
     losses = result["losses"][:CURVE_STEPS]
     if args.verbose:
@@ -500,10 +519,26 @@ def main() -> None:
     )
     parser.add_argument("--profile-steps", type=int, default=10)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra fit flags")
+    parser.add_argument(
+        "--textbook-qkv",
+        choices=["separate", "fused"],
+        default="separate",
+        help="the textbook's query/key/value projections (default: three nn.Linear, as tutorials write them)",
+    )
+    parser.add_argument(
+        "--log-every-step",
+        action="store_true",
+        help="nexttoken's per-step values through self.log every step (the lever LogThrottle removes)",
+    )
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--verbose", action="store_true", help="print nexttoken fit's output")
     args = parser.parse_args()
     args.steps = max(args.steps, CURVE_STEPS)
+    TextbookAttention.FUSED_QKV = args.textbook_qkv == "fused"
+    if args.log_every_step:
+        from nexttoken.throughput import LogThrottle
+
+        LogThrottle.__init__.__defaults__ = (0.0,)
     if not Path(args.data).is_file():
         sys.exit(f"no corpus at {args.data}")
     os.environ.setdefault("NEXTTOKEN_CACHE", str(Path(tempfile.gettempdir()) / "nexttoken-bench-cache"))

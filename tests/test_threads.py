@@ -27,8 +27,10 @@ class FakeTrainer:
         self.global_step = 0
 
 
-def test_auto_threads_reprobe_keeps_the_faster_count(monkeypatch):
-    # A fake clock: a step takes 10 ms with 2 threads and 4 ms with 1 (a busy machine).
+def run_steps(monkeypatch, seconds_per_step: dict[int, float], steps: int):
+    """Drive AutoThreads (re-probe every 5 steps, 3 probed steps) over ``steps`` fake steps that take
+    ``seconds_per_step[threads]`` on a fake clock, from 2 threads; returns the thread count after each
+    step and the callback."""
     import nexttoken.threads as threads
 
     now = [0.0]
@@ -37,46 +39,31 @@ def test_auto_threads_reprobe_keeps_the_faster_count(monkeypatch):
     try:
         torch.set_num_threads(2)
         callback = threads.AutoThreads(reprobe_every=5, probe_steps=3)
-        callback.candidates = [1, 2]
-        callback._first = False
-        trainer = FakeTrainer()
-        history = []
-        for _ in range(19):
+        callback.candidates, callback._first = [1, 2], False
+        trainer, history = FakeTrainer(), []
+        for _ in range(steps):
             callback.on_train_batch_start(trainer, None, None, 0)
-            now[0] += 0.010 if torch.get_num_threads() == 2 else 0.004
+            now[0] += seconds_per_step[torch.get_num_threads()]
             trainer.global_step += 1
             callback.on_train_batch_end(trainer, None, None, None, 0)
             history.append(torch.get_num_threads())
-        assert history[:5] == [2] * 4 + [1]  # at step 5 it tries 1 thread...
-        assert history[9:] == [1] * 5 + [2, 2, 1, 1, 1]  # ...keeps it; 2 threads again at 15: slower, back
-        assert callback.switches == [(9, 1)]
+        return history, callback
     finally:
         torch.set_num_threads(original)
+
+
+def test_auto_threads_reprobe_keeps_the_faster_count(monkeypatch):
+    # A busy machine: a step takes 10 ms with 2 threads and 4 ms with 1.
+    history, callback = run_steps(monkeypatch, {2: 0.010, 1: 0.004}, 19)
+    assert history[:5] == [2] * 4 + [1]  # at step 5 it tries 1 thread...
+    assert history[9:] == [1] * 5 + [2, 2, 1, 1, 1]  # ...keeps it; 2 threads again at 15: slower, back
+    assert callback.switches == [(9, 1)]
 
 
 def test_auto_threads_drops_a_clearly_slower_probe_at_once(monkeypatch):
-    import nexttoken.threads as threads
-
-    now = [0.0]
-    monkeypatch.setattr(threads.time, "perf_counter", lambda: now[0])
-    original = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        callback = threads.AutoThreads(reprobe_every=5, probe_steps=3)
-        callback.candidates = [1, 2]
-        callback._first = False
-        trainer = FakeTrainer()
-        history = []
-        for _ in range(8):
-            callback.on_train_batch_start(trainer, None, None, 0)
-            now[0] += 0.010 if torch.get_num_threads() == 2 else 0.050
-            trainer.global_step += 1
-            callback.on_train_batch_end(trainer, None, None, None, 0)
-            history.append(torch.get_num_threads())
-        assert history == [2, 2, 2, 2, 1, 1, 2, 2]  # two probed steps (the first settles), then back
-        assert callback.switches == []
-    finally:
-        torch.set_num_threads(original)
+    history, callback = run_steps(monkeypatch, {2: 0.010, 1: 0.050}, 8)
+    assert history == [2, 2, 2, 2, 1, 1, 2, 2]  # two probed steps (the first settles), then back
+    assert callback.switches == []
 
 
 class RngAndGrads(L.Callback):

@@ -108,7 +108,10 @@ class AutoThreads(L.Callback):
                 self.choice = f"{threads} (the only core)"
 
     def _probe_first_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
-        input_ids, targets = batch[0], batch[1]
+        # A quarter of the batch: what decides the count on a shared machine is the load, which a
+        # smaller step sees as well, and the slow candidate can cost 5x a step (re-probes use real steps).
+        rows = max(1, batch[0].shape[0] // 4)
+        input_ids, targets = batch[0][:rows], batch[1][:rows]
         plugin = trainer.precision_plugin
 
         def forward_backward() -> None:

@@ -66,6 +66,9 @@ def trainer_defaults() -> dict:
         "check_val_every_n_epoch": None,
         "log_every_n_steps": 10,
         "gradient_clip_val": 1.0,
+        # No validation pass before training: it costs start-up time on every run (nexttoken.phases),
+        # and the first validation comes at val_check_interval anyway.
+        "num_sanity_val_steps": 0,
         "precision": precision,
         "default_root_dir": DEFAULT_ROOT,
         "logger": {"class_path": RUN_LOGGER, "init_args": {"save_dir": DEFAULT_ROOT, "name": ""}},
