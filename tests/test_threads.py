@@ -28,7 +28,7 @@ class FakeTrainer:
 
 
 def run_steps(monkeypatch, seconds_per_step: dict[int, float], steps: int):
-    """Drive AutoThreads (re-probe every 5 steps, 3 probed steps) over ``steps`` fake steps that take
+    """Drive AutoThreads (re-probe after 45 ms, 3 probed steps) over ``steps`` fake steps that take
     ``seconds_per_step[threads]`` on a fake clock, from 2 threads; returns the thread count after each
     step and the callback."""
     import nexttoken.threads as threads
@@ -38,7 +38,7 @@ def run_steps(monkeypatch, seconds_per_step: dict[int, float], steps: int):
     original = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        callback = threads.AutoThreads(reprobe_every=5, probe_steps=3)
+        callback = threads.AutoThreads(reprobe_seconds=0.045, probe_steps=3)
         callback.candidates, callback._first = [1, 2], False
         trainer, history = FakeTrainer(), []
         for _ in range(steps):
@@ -54,9 +54,10 @@ def run_steps(monkeypatch, seconds_per_step: dict[int, float], steps: int):
 
 def test_auto_threads_reprobe_keeps_the_faster_count(monkeypatch):
     # A busy machine: a step takes 10 ms with 2 threads and 4 ms with 1.
-    history, callback = run_steps(monkeypatch, {2: 0.010, 1: 0.004}, 19)
-    assert history[:5] == [2] * 4 + [1]  # at step 5 it tries 1 thread...
-    assert history[9:] == [1] * 5 + [2, 2, 1, 1, 1]  # ...keeps it; 2 threads again at 15: slower, back
+    history, callback = run_steps(monkeypatch, {2: 0.010, 1: 0.004}, 26)
+    assert history[:5] == [2] * 4 + [1]  # 45 ms in (step 5) it tries 1 thread...
+    # ...keeps it; 45 ms later (step 21) it tries 2 threads again: slower, back to 1.
+    assert history[9:] == [1] * 11 + [2, 2] + [1] * 4
     assert callback.switches == [(9, 1)]
 
 
@@ -105,7 +106,7 @@ def test_auto_threads_probes_the_first_batch_without_touching_the_run(monkeypatc
     original = torch.get_num_threads()
     try:
         before, after = RngAndGrads(), RngAndGrads()
-        auto = threads.AutoThreads(reprobe_every=0)
+        auto = threads.AutoThreads(reprobe_seconds=0)
         _fit([before, auto, after])
         assert torch.equal(before.seen[0][0], after.seen[0][0])  # the probe left the RNG as it was
         assert after.seen[0][1] == 0  # and no gradients behind

@@ -65,18 +65,20 @@ class AutoThreads(L.Callback):
     * At the first training batch: :func:`fastest_num_threads` over 1 thread and all cores, timing
       forward + backward of the model on that batch (in a forked RNG, gradients dropped), so the
       run's own numbers are untouched.
-    * Every ``reprobe_every`` steps (0: never) it runs ``probe_steps`` real training steps with the
-      other thread count and keeps whichever was faster: on a shared machine the best choice
-      changes as other programs come and go. A probe whose first timed step is 1.5x slower stops
-      at once. Validation time never counts.
+    * Every ``reprobe_seconds`` of training (0: never) it runs ``probe_steps`` real training steps
+      with the other thread count and keeps whichever was faster: on a shared machine the best
+      choice changes as other programs come and go, and a wrong count can make every step several
+      times slower, so the check is on the clock, not every N steps. A probe whose first timed step
+      is 1.5x slower stops at once. Validation time never counts.
 
     ``choice`` holds what was decided and why (for the report); ``switches`` the (step, threads)
     history.
     """
 
-    def __init__(self, reprobe_every: int = 200, probe_steps: int = 4) -> None:
+    def __init__(self, reprobe_seconds: float = 30.0, probe_steps: int = 4) -> None:
         super().__init__()
-        self.reprobe_every, self.probe_steps = reprobe_every, probe_steps
+        self.reprobe_seconds, self.probe_steps = reprobe_seconds, probe_steps
+        self._last_probe = 0.0  # when the current count was last confirmed (perf_counter)
         self.choice: str | None = None
         self.switches: list[tuple[int, int]] = []
         self.candidates: list[int] = []
@@ -136,18 +138,22 @@ class AutoThreads(L.Callback):
     ) -> None:
         if self._first and len(self.candidates) > 1:
             self._probe_first_batch(trainer, pl_module, batch)
-        self._first = False
         self._start = time.perf_counter()
+        if self._first:
+            self._last_probe = self._start
+        self._first = False
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if len(self.candidates) < 2 or not self.reprobe_every:
+        if len(self.candidates) < 2 or not self.reprobe_seconds:
             return
-        seconds = time.perf_counter() - self._start
+        now = time.perf_counter()
+        seconds = now - self._start
         if self._probing is None:
             self._recent = (self._recent + [seconds])[-self.probe_steps :]
-            if trainer.global_step % self.reprobe_every == 0 and len(self._recent) == self.probe_steps:
+            due = now - self._last_probe >= self.reprobe_seconds
+            if due and len(self._recent) == self.probe_steps:
                 self._back_to = torch.get_num_threads()
                 self._probing = next(n for n in self.candidates if n != self._back_to)
                 self._probe = []
@@ -162,6 +168,7 @@ class AutoThreads(L.Callback):
 
     def _end_probe(self, trainer: L.Trainer, keep: int) -> None:
         torch.set_num_threads(keep)
+        self._last_probe = time.perf_counter()
         if keep != self._back_to:
             self.switches.append((trainer.global_step, keep))
         self._probing, self._recent = None, []
