@@ -127,6 +127,8 @@ class CausalLMModule(L.LightningModule):
 
     @property
     def uses_fused_loss(self) -> bool:
+        """Whether :meth:`nll_sum` takes the fused linear + cross-entropy path (``fused_loss`` and
+        the model decide; ``auto``: a vocabulary at least 8x the model's width)."""
         mode = self.hparams.fused_loss
         if not self.model.logits_are_linear:
             return False  # softcapped or scaled logits (some HF models) are not hidden @ W.T
@@ -141,7 +143,11 @@ class CausalLMModule(L.LightningModule):
         return self.model(input_ids)
 
     def nll_sum(self, input_ids: Tensor, targets: Tensor) -> Tensor:
-        """Σ -log Q(target) over the scored positions of a batch, in fp32."""
+        """Σ -log Q(target) in nats over the scored positions of a batch, in fp32.
+
+        ``input_ids`` and ``targets`` are (B, T) token ids, already shifted (``targets[:, t]`` follows
+        ``input_ids[:, t]``); targets equal to ``IGNORE_INDEX`` (padding) are not scored.
+        """
         if self.uses_fused_loss:
             head = self.model.lm_head
             return fused_next_token_loss(

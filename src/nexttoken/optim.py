@@ -59,6 +59,7 @@ class DecayAudit:
         return [r.name for r in self.records if r.reason == UNCLASSIFIED]
 
     def count(self, decay: bool) -> int:
+        """Parameters (elements, not tensors) that decay (``True``) or do not (``False``)."""
         return sum(r.numel for r in self.records if r.decay == decay)
 
     def summary(self) -> str:
@@ -138,7 +139,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier: linear warmup to 1, then cosine down to ``min_lr_ratio``."""
+    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warmup to 1 over
+    ``warmup_steps``, then cosine down to ``min_lr_ratio`` (of the peak) at ``max_steps``, flat after."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if max_steps <= warmup_steps:
@@ -164,7 +166,12 @@ def build_optimizer(
     fused: bool | None = None,
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the Golden Rule groups (fused kernel where torch has one, unless ``fused=False``)
-    + warmup/cosine."""
+    + warmup/cosine.
+
+    ``lr`` is the peak learning rate, reached after ``warmup_steps`` optimizer steps; the cosine ends at
+    ``min_lr`` (an absolute rate; default ``lr / 10``) at ``max_steps``. ``weight_decay`` applies to
+    matmul weights only. The schedule is stepped once per optimizer step.
+    """
     groups = [g for g in param_groups(model, weight_decay) if g["params"]]
     all_params = [p for g in groups for p in g["params"]]
     if not all_params:

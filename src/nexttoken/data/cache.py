@@ -85,6 +85,8 @@ class TokenCache:
     def write(
         self, tokenizer: Tokenizer, train_docs: Sequence[Document], val_docs: Sequence[Document]
     ) -> dict[str, Any]:
+        """Tokenize both splits with ``tokenizer`` and write every file, ``meta.json`` last; returns
+        what ``meta.json`` holds (document, token and validation byte counts, seconds taken)."""
         started = time.perf_counter()
         train_stream, _ = tokenize_documents(tokenizer, train_docs, with_bytes=False)
         val_stream, val_bytes = tokenize_documents(tokenizer, val_docs, with_bytes=True)

@@ -85,6 +85,7 @@ def _walk_files(folder: Path) -> Iterable[tuple[Path, str]]:
 
 
 def is_binary(path: Path) -> bool:
+    """True when a NUL byte appears in the file's first ``BINARY_SNIFF_BYTES`` bytes."""
     with open(path, "rb") as f:
         return b"\0" in f.read(BINARY_SNIFF_BYTES)
 

@@ -166,6 +166,8 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ encoding
     def encode(self, text: str) -> list[int]:
+        """The token ids of ``text`` alone: no special tokens added (what goes around a document is
+        :func:`document_frame`'s job); special-token strings inside the text are encoded as plain text."""
         return self._hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -195,6 +197,7 @@ class Tokenizer:
         ]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """The text of ``ids``; special tokens (EOS, BOS) are kept unless ``skip_special_tokens``."""
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ storage
