@@ -1,4 +1,3 @@
-import lightning as L
 import pytest
 import torch
 
@@ -9,6 +8,7 @@ from nexttoken.models.hf import HFCausalLM
 from nexttoken.models.load import is_hf_model, load_model, load_module, resolve_device, resolve_eval_dtype
 from nexttoken.module import CausalLMModule
 from test_datamodule import write_corpus
+from test_module import quiet_trainer
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -26,15 +26,7 @@ def trained(tmp_path_factory):
     )
     torch.manual_seed(0)
     module = CausalLMModule(model="tiny", block_size=8, n_layer=1, n_head=2, n_embd=16)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=1)
     trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(folder / "last.ckpt")
     return folder / "last.ckpt", module.eval()

@@ -1,6 +1,5 @@
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -8,6 +7,7 @@ from torch.utils.data import DataLoader
 import nexttoken.throughput as throughput
 from nexttoken.module import CausalLMModule
 from nexttoken.throughput import ThroughputCallback, mfu
+from test_module import quiet_trainer
 
 
 def test_mfu_arithmetic():
@@ -77,16 +77,7 @@ def test_callback_shows_tokens_per_sec_and_mfu():
     module = CausalLMModule(model="tiny", vocab_size=V, block_size=T, n_layer=1, n_head=2, n_embd=16)
     batches = [(torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))) for _ in range(6)]
     callback = ThroughputCallback(window=3, peak_flops=1e9)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[callback],
-    )
+    trainer = quiet_trainer(max_steps=6, callbacks=[callback])
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     assert callback.tokens_per_sec > 0
     expected = mfu(callback.tokens_per_sec, module.model.flops_per_token(T), 1e9)
