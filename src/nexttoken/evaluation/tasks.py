@@ -55,7 +55,7 @@ from typing import Any
 
 import lm_eval
 import torch
-from lm_eval.api.model import TemplateLM
+from lm_eval.api.model import LM, TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from torch import Tensor
@@ -651,7 +651,7 @@ def _task_error(name: str, error: BaseException) -> UserError:
 
 
 def evaluate_tasks(
-    lm: NextTokenLM,
+    lm: LM,
     tasks: Sequence,
     manager,
     *,
@@ -661,8 +661,8 @@ def evaluate_tasks(
     log_samples: bool = False,
     bootstrap_iters: int = 100_000,
 ) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` of ``lm`` on loaded ``tasks``, offline; the results dict gets
-    nexttoken's settings under ``"nexttoken"``."""
+    """``lm_eval.simple_evaluate`` of ``lm`` (a :class:`NextTokenLM`, or any lm-eval model) on loaded
+    ``tasks``, offline; a :class:`NextTokenLM`'s settings are recorded under ``"nexttoken"``."""
     with offline():
         results = lm_eval.simple_evaluate(
             model=lm,
@@ -674,7 +674,8 @@ def evaluate_tasks(
             log_samples=log_samples,
             bootstrap_iters=bootstrap_iters,
         )
-    results["nexttoken"] = lm.settings()
+    if isinstance(lm, NextTokenLM):
+        results["nexttoken"] = lm.settings()
     return results
 
 
