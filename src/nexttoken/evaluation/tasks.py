@@ -16,7 +16,8 @@ Work it saves, compared with lm-eval's ``HFLM`` on the same model:
   comparing a packed row against separate ones (Hugging Face models; the built-in GPT has no such
   mask and runs every request in its own row);
 * **prefix reuse**: a request whose input is a prefix of another's (identical inputs included) is read
-  from that one's forward pass (``HFLM`` does this only for one-token continuations);
+  from that one's forward pass (``HFLM`` shares one only between identical inputs, such as one-token
+  continuations of one context);
 * **scored positions only**: hidden states are gathered at the scored positions and only those are
   projected onto the vocabulary (in chunks of at most ~128 MB of logits), never the whole padded batch.
 
