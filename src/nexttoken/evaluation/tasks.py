@@ -175,7 +175,7 @@ def plan_rows(requests: Sequence[_Request], share_context: bool, max_length: int
             if row is None or len(row.ids) + len(branch) > max_length:
                 row = _Row(list(context), [0] * c, list(range(c)), [])
                 rows.append(row)
-            offset, segment = len(row.ids), max(row.segments) + 1
+            offset, segment = len(row.ids), max(row.segments, default=0) + 1
             row.ids += branch
             row.segments += [segment] * len(branch)
             row.positions += range(c, c + len(branch))
@@ -211,6 +211,7 @@ class NextTokenLM(TemplateLM):
         stride: new tokens scored per rolling window after the first (default: ``context``, lm-eval's
             disjoint windows); see :mod:`nexttoken.evaluation.windows`.
         batch_size: sequences per forward pass (default: about 1k tokens' worth on CPU, 8k on GPU).
+        device, dtype, trust_remote_code: how ``pretrained`` is loaded (a given ``model`` stays as it is).
         bos: the document-start policy, as ``nexttoken eval --bos`` (``auto`` | ``yes`` | ``no``).
         share_context: run the choices of a question in one packed row where the model allows.
         chat_tokenizer: a ``transformers`` tokenizer with a chat template, for tasks run with
@@ -248,7 +249,7 @@ class NextTokenLM(TemplateLM):
             raise UserError("NextTokenLM needs pretrained=PATH, or a model and its tokenizer")
         self.model: CausalLM = as_causal_lm(model)
         self.tokenizer: Tokenizer = as_tokenizer(tokenizer)
-        self.name = name or str(pretrained or getattr(self.model, "name", type(self.model).__name__))
+        self.name = name or (str(pretrained) if pretrained is not None else type(self.model).__name__)
         context = int(context) if context is not None else None
         stride = int(stride) if stride is not None else None
         if stride is None:
