@@ -20,7 +20,7 @@ Train and evaluate causal language models, with a scoreboard you can trust.
 commands:
   fit        train a model on text (LightningCLI: every --trainer.* flag works; see `nexttoken fit --help`)
   validate   score a checkpoint on the validation split of the data (`--ckpt_path`)
-  eval       perplexity / bits per byte of any causal LM on any text, sliding windows
+  eval       perplexity / bits per byte of any causal LM on any text; lm-eval tasks with --tasks
   inspect    per-token surprisal of a text as an HTML page, and the most surprising tokens
   generate   sample text from a checkpoint, a Hugging Face folder or a GGUF file
   export     write a checkpoint as a Hugging Face folder (config, safetensors, tokenizer)
