@@ -233,7 +233,13 @@ class CausalLMModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._loss_scale is None:
-            self._loss_scale = batch[1].numel()
+            # The constant must be the same on every rank: DDP averages the ranks' gradients BEFORE
+            # on_before_optimizer_step rescales them. Micro-batches of chat examples differ in
+            # shape from rank to rank, so take the largest first micro-batch of any rank.
+            scale = torch.tensor(batch[1].numel(), device=self.device)
+            if self.trainer.world_size > 1:
+                scale = self.trainer.strategy.all_gather(scale).max()
+            self._loss_scale = int(scale)
 
     # ----------------------------------------------------------------- validation
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
