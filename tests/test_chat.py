@@ -246,6 +246,14 @@ def test_template_with_generation_markers_agrees_with_transformers(bpe, tmp_path
     assert ours.scored.sum() > 10
 
 
+def test_an_empty_reply_scores_only_its_end_of_turn(byte_chat):
+    # The reply's place is after the generation prompt, not before the assistant's header.
+    messages = [Message("user", "Say nothing."), Message("assistant", "")]
+    example = byte_chat.encode(Conversation(messages, "x"))
+    assert scored_text(byte_chat, example) == IM_END
+    assert example.scored.tolist().index(True) == len(example) - 2  # <|im_end|>, then the final newline
+
+
 def test_template_that_trims_content(byte_chat):
     template = ChatTemplate(byte_chat.tokenizer, TRIMMING_TEMPLATE, "test")
     messages = [Message("user", "  Hi  "), Message("assistant", "  Hello there \n")]

@@ -181,15 +181,25 @@ class SGDModule(CausalLMModule):
         return torch.optim.SGD(self.parameters(), lr=1.0)
 
 
-def make_module(vocab_size: int, cls: type[CausalLMModule] = SGDModule) -> CausalLMModule:
+def make_module(
+    vocab_size: int, cls: type[CausalLMModule] = SGDModule, fused_loss: str = "auto"
+) -> CausalLMModule:
     torch.manual_seed(0)
-    module = cls(model="tiny", vocab_size=vocab_size, block_size=ROW, n_layer=2, n_head=2, n_embd=16)
+    module = cls(
+        model="tiny",
+        vocab_size=vocab_size,
+        block_size=ROW,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        fused_loss=fused_loss,
+    )
     module.configure_model()
     return module
 
 
-def one_step_delta(batches, accumulate: int, vocab_size: int) -> dict[str, torch.Tensor]:
-    module = make_module(vocab_size)
+def one_step_delta(batches, accumulate: int, vocab_size: int, fused_loss: str) -> dict[str, torch.Tensor]:
+    module = make_module(vocab_size, fused_loss=fused_loss)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     trainer = L.Trainer(
         accelerator="cpu",
@@ -214,9 +224,10 @@ def reference_gradient(examples, vocab_size: int) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in module.named_parameters()}
 
 
-def test_gradient_is_the_token_mean_however_the_examples_are_batched(template, examples):
-    """8 variable-length examples as 8 micro-batches of 1, 2 of 4, 1 of 8 (padded) and 1 packed row:
-    the same gradient as the token mean over all of them, to 1e-6."""
+@pytest.mark.parametrize("fused_loss", ["on", "off"])
+def test_gradient_is_the_token_mean_however_the_examples_are_batched(template, examples, fused_loss):
+    """8 variable-length examples as 8 micro-batches of 1, 2 of 4, 1 of 8 (padded) and packed rows:
+    the same gradient as the token mean over all of them, to 1e-6 (fused and plain loss paths)."""
     vocab = template.tokenizer.vocab_size
     assert vocab == VOCAB and len({len(e) for e in examples}) == 8
     reference = reference_gradient(examples, vocab)
@@ -230,7 +241,7 @@ def test_gradient_is_the_token_mean_however_the_examples_are_batched(template, e
         collated = [collate(examples, rows, pad_id=0, width=width).for_training() for rows in batches]
         if name == "packed":
             assert len(collated[0]) == 3 and collated[0][0].shape[0] <= 3  # several examples per row
-        delta = one_step_delta(collated, accumulate, vocab)
+        delta = one_step_delta(collated, accumulate, vocab, fused_loss)
         for param, grad in reference.items():
             torch.testing.assert_close(delta[param], grad, atol=1e-6, rtol=1e-5, msg=f"{name}: {param}")
 
