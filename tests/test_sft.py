@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from nexttoken.data.chat import Conversation, Example, Message, resolve_chat_template
 from nexttoken.data.documents import DataError
@@ -17,6 +15,7 @@ from nexttoken.data.sft import collate, count_examples, fit_to_block, pack, posi
 from nexttoken.data.tokenizers import build_tokenizer
 from nexttoken.loss import IGNORE_INDEX, next_token_loss
 from nexttoken.module import CausalLMModule
+from test_module import SGDModule, one_step_delta
 
 BLOCK = 96
 ROW = 2 * BLOCK  # packed rows in the scoreboard tests (the model's context is ROW)
@@ -174,13 +173,6 @@ def test_val_plan_scores_every_example_once_across_ranks(examples):
 # --------------------------------------------------------------------------- the scoreboard
 
 
-class SGDModule(CausalLMModule):
-    """Plain SGD with lr=1: the parameter change of one step IS minus the gradient."""
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1.0)
-
-
 def make_module(
     vocab_size: int, cls: type[CausalLMModule] = SGDModule, fused_loss: str = "auto"
 ) -> CausalLMModule:
@@ -196,23 +188,6 @@ def make_module(
     )
     module.configure_model()
     return module
-
-
-def one_step_delta(batches, accumulate: int, vocab_size: int, fused_loss: str) -> dict[str, torch.Tensor]:
-    module = make_module(vocab_size, fused_loss=fused_loss)
-    before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        accumulate_grad_batches=accumulate,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
-    return {n: before[n] - p.detach() for n, p in module.named_parameters()}
 
 
 def reference_gradient(examples, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -241,7 +216,7 @@ def test_gradient_is_the_token_mean_however_the_examples_are_batched(template, e
         collated = [collate(examples, rows, pad_id=0, width=width).for_training() for rows in batches]
         if name == "packed":
             assert len(collated[0]) == 3 and collated[0][0].shape[0] <= 3  # several examples per row
-        delta = one_step_delta(collated, accumulate, vocab, fused_loss)
+        delta = one_step_delta(make_module(vocab, fused_loss=fused_loss), collated, accumulate)
         for param, grad in reference.items():
             torch.testing.assert_close(delta[param], grad, atol=1e-6, rtol=1e-5, msg=f"{name}: {param}")
 

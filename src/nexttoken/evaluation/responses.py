@@ -11,11 +11,10 @@ bytes of the text those tokens cover), divided once by :func:`nexttoken.metrics.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,13 @@ from nexttoken.data.chat import (
 from nexttoken.data.sft import count_examples
 from nexttoken.data.tokenizers import as_tokenizer
 from nexttoken.errors import UserError
-from nexttoken.evaluation.score import _progress, resolve_batch_size, resolve_windows, score_windows
+from nexttoken.evaluation.score import (
+    JSONResult,
+    _progress,
+    resolve_batch_size,
+    resolve_windows,
+    score_windows,
+)
 from nexttoken.evaluation.windows import make_windows
 from nexttoken.loss import IGNORE_INDEX
 from nexttoken.metrics import NextTokenMetrics, summarize
@@ -41,7 +46,7 @@ from nexttoken.models.protocol import evaluating
 
 
 @dataclass
-class ResponseEvalResult:
+class ResponseEvalResult(JSONResult):
     """Response-only scores. ``response_tokens``: scored tokens; ``prompt_tokens_ignored``: targets
     not scored (prompts, system messages, markup); ``bytes``: UTF-8 bytes the scored tokens cover."""
 
@@ -62,14 +67,6 @@ class ResponseEvalResult:
     device: str
     seconds: float
     tokens_per_second: float
-
-    def to_dict(self) -> dict:
-        return {
-            k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in asdict(self).items()
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), allow_nan=False)
 
 
 def evaluate_examples(

@@ -144,8 +144,20 @@ def _progress(total: int, enabled: bool, desc: str):
     )
 
 
+class JSONResult:
+    """A dataclass of results that prints as one JSON object (non-finite numbers as null)."""
+
+    def to_dict(self) -> dict:
+        return {
+            k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in asdict(self).items()
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), allow_nan=False)
+
+
 @dataclass
-class EvalResult:
+class EvalResult(JSONResult):
     """What ``nexttoken eval`` reports. ``tokens``: scored tokens; ``bytes``/``words``: UTF-8 bytes and
     whitespace-separated words of the documents' text; ``loss`` in nats per token."""
 
@@ -168,14 +180,6 @@ class EvalResult:
     device: str
     seconds: float
     tokens_per_second: float
-
-    def to_dict(self) -> dict:
-        return {
-            k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in asdict(self).items()
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), allow_nan=False)
 
 
 def _document(start: int | None, ids: Sequence[int]) -> Tensor:
