@@ -228,7 +228,7 @@ def main() -> None:
     if not Path(args.data).is_file():
         sys.exit(f"no corpus at {args.data}")
     seconds = int(round(args.minutes * 60))
-    vocab = 257 if recipe["data.tokenizer"] == "bytes" else int(recipe.get("data.vocab_size", 4096))
+    vocab = 259 if recipe["data.tokenizer"] == "bytes" else int(recipe.get("data.vocab_size", 4096))
 
     if args.threads == "auto":
         # On a CPU shared with other programs, one thread can be several times faster than all cores

@@ -26,7 +26,7 @@ def test_val_stream_is_the_val_documents_and_bytes_add_up(tmp_path):
     text = b"".join(d.text.encode() for d in val_docs)
     assert dm.val_text_bytes() == text
     assert dm.val_bytes == len(text)
-    assert dm.vocab_size == 257 and dm.tokenizer.eos_id == 256
+    assert dm.vocab_size == 259 and dm.tokenizer.eos_id == 256
 
 
 def utf8_counts(text: str) -> list[int]:

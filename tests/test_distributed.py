@@ -39,6 +39,20 @@ def test_ddp_gradient_is_the_global_token_mean(tmp_path):
         torch.testing.assert_close(delta[name], p.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_ddp_sft_gradient_is_the_global_token_mean(tmp_path):
+    """Chat examples of different lengths, padded on one rank and packed on the other: the step's
+    gradient is the token mean over all 8 examples, as one process computes it."""
+    import ddp_gradient_script as script
+    from test_sft import VOCAB, reference_gradient, sft_examples
+
+    out = tmp_path / "delta.pt"
+    run([sys.executable, str(TESTS / "ddp_gradient_script.py"), str(out), "sft"])
+    delta = torch.load(out, weights_only=True)
+    assert script.sft_rank_batches(1)[0][0].shape[0] == 1  # three examples in one packed row
+    for name, grad in reference_gradient(sft_examples(), VOCAB).items():
+        torch.testing.assert_close(delta[name], grad, atol=1e-6, rtol=1e-5)
+
+
 def test_ddp_fit_and_validation_equal_one_process(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", n_docs=6)
     cache = tmp_path / "cache"

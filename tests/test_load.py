@@ -76,7 +76,7 @@ def test_a_checkpoint_loads_as_the_trained_model_and_tokenizer(trained):
         torch.testing.assert_close(half(x).float(), module.model(x), rtol=0.05, atol=0.05)
     again = load_module(path)
     assert isinstance(again, CausalLMModule) and not again.training
-    assert again.hparams.n_embd == 16 and again.hparams.vocab_size == 257
+    assert again.hparams.n_embd == 16 and again.hparams.vocab_size == 259
 
 
 def test_a_hugging_face_folder_loads_as_transformers_would(tiny_gpt2_dir):

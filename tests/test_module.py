@@ -133,30 +133,31 @@ def test_each_optimizer_step_uses_only_its_own_window():
 
 
 class ThreadCollective:
-    """A sum all-reduce between threads that stand in for processes: every rank blocks until all
-    have contributed, as a real collective does."""
+    """A sum or max all-reduce between threads that stand in for processes: every rank blocks until
+    all have contributed, as a real collective does."""
 
     def __init__(self, world_size: int) -> None:
         self.barrier = threading.Barrier(world_size, timeout=30)
         self.slots: list[torch.Tensor | None] = [None] * world_size
 
-    def all_reduce_sum(self, rank: int, tensor: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, rank: int, tensor: torch.Tensor, op: str) -> torch.Tensor:
         self.slots[rank] = tensor.clone()
         self.barrier.wait()
-        total = sum(self.slots[1:], self.slots[0].clone())
+        stacked = torch.stack(self.slots)
+        total = stacked.sum(0) if op == "sum" else stacked.max(0).values
         self.barrier.wait()  # nobody overwrites a slot before every rank has read them all
         return total
 
 
 class RankStrategy:
-    """The part of a Lightning strategy ``on_before_optimizer_step`` uses: ``reduce``."""
+    """The part of a Lightning strategy the module's step hooks use: ``reduce`` (sum or max)."""
 
     def __init__(self, collective: ThreadCollective, rank: int) -> None:
         self.collective, self.rank = collective, rank
 
     def reduce(self, tensor, group=None, reduce_op="mean"):
-        assert reduce_op == "sum"
-        return self.collective.all_reduce_sum(self.rank, tensor)
+        assert reduce_op in ("sum", "max")
+        return self.collective.all_reduce(self.rank, tensor, reduce_op)
 
 
 def test_gradient_rescale_over_two_processes_is_the_global_token_mean():
@@ -168,7 +169,7 @@ def test_gradient_rescale_over_two_processes_is_the_global_token_mean():
     shards = [micro_batches()[:2], micro_batches()[2:]]
     collective = ThreadCollective(world_size)
     ranks, logged = [], []
-    for rank, shard in enumerate(shards):
+    for rank in range(world_size):
         module = make_module()
         module.trainer = SimpleNamespace(
             world_size=world_size,
@@ -177,10 +178,18 @@ def test_gradient_rescale_over_two_processes_is_the_global_token_mean():
             global_step=0,
         )
         module.log = lambda name, value, **kwargs: logged.append((name, float(value)))
+        ranks.append(module)
+
+    def accumulate_window(module, shard):  # the ranks run at once: the first batch agrees a scale
         for i, batch in enumerate(shard):
             module.on_train_batch_start(batch, i)
             (module.training_step(batch, i) / accumulate).backward()
-        ranks.append(module)
+
+    with ThreadPoolExecutor(world_size) as pool:
+        for done in [
+            pool.submit(accumulate_window, m, shard) for m, shard in zip(ranks, shards, strict=True)
+        ]:
+            done.result()
     with torch.no_grad():  # DDP: every rank ends the backward pass with the mean over ranks
         for params in zip(*(m.parameters() for m in ranks), strict=True):
             mean = sum(p.grad for p in params) / world_size

@@ -3,14 +3,20 @@
 A sample starts where a document starts (:func:`nexttoken.data.tokenizers.document_start`), so a
 model sees the same beginning it was trained on; for a tokenizer that starts documents with no
 token, an empty prompt begins after an end-of-document token, as in its training stream.
+
+A chat reply (:func:`generate_reply`) starts from the conversation rendered by the chat template
+with its generation prompt, exactly as conversations were rendered for fine-tuning
+(:mod:`nexttoken.data.chat`), and stops at the template's end-of-turn token.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 import torch
 
+from nexttoken.data.chat import ChatTemplate, Message
 from nexttoken.data.tokenizers import Tokenizer, document_start
 from nexttoken.errors import UserError
 from nexttoken.models.protocol import CausalLM
@@ -52,6 +58,39 @@ def generate_text(
     )
     new = [t for t in out[0, len(ids) :].tolist() if t != tokenizer.eos_id]
     return prompt + tokenizer.decode(new)
+
+
+def generate_reply(
+    model: CausalLM,
+    template: ChatTemplate,
+    messages: Sequence[Message],
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int | None = 0,
+) -> str:
+    """The assistant's next reply to ``messages``: sampled after the rendered conversation and its
+    generation prompt, up to (not including) the end-of-turn token or ``max_new_tokens`` tokens."""
+    if max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    device = model.lm_head.weight.device
+    ids = template.prompt_ids(messages)
+    end_of_turn = template.end_of_turn_id
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    out = model.generate(
+        torch.tensor([ids], dtype=torch.long, device=device),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        eos_id=end_of_turn,
+        generator=generator,
+    )
+    reply = out[0, len(ids) :].tolist()
+    if end_of_turn in reply:
+        reply = reply[: reply.index(end_of_turn)]
+    return template.tokenizer.decode(reply)
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:

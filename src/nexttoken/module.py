@@ -142,18 +142,18 @@ class CausalLMModule(L.LightningModule):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
 
-    def nll_sum(self, input_ids: Tensor, targets: Tensor) -> Tensor:
+    def nll_sum(self, input_ids: Tensor, targets: Tensor, document_ids: Tensor | None = None) -> Tensor:
         """Σ -log Q(target) in nats over the scored positions of a batch, in fp32.
 
         ``input_ids`` and ``targets`` are (B, T) token ids, already shifted (``targets[:, t]`` follows
         ``input_ids[:, t]``); targets equal to ``IGNORE_INDEX`` (padding) are not scored.
+        ``document_ids`` (B, T): packed documents or chat examples, kept apart (``CausalLM.forward``).
         """
         if self.uses_fused_loss:
             head = self.model.lm_head
-            return fused_next_token_loss(
-                self.model.hidden(input_ids), head.weight, targets, bias=head.bias, reduction="sum"
-            )
-        return next_token_loss(self.model(input_ids), targets, reduction="sum")
+            hidden = self.model.hidden(input_ids, document_ids=document_ids)
+            return fused_next_token_loss(hidden, head.weight, targets, bias=head.bias, reduction="sum")
+        return next_token_loss(self.model(input_ids, document_ids=document_ids), targets, reduction="sum")
 
     # ----------------------------------------------------------------- training
     def on_train_start(self) -> None:
@@ -165,9 +165,9 @@ class CausalLMModule(L.LightningModule):
         n = sum(p.numel() for p in self.model.parameters())
         return f"{self.hparams.model} ({n / 1e6:.2f}M parameters, vocab {self.hparams.vocab_size})"
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        input_ids, targets = batch
-        nll = self.nll_sum(input_ids, targets)
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        input_ids, targets, *document_ids = batch  # (input_ids, targets[, document_ids])
+        nll = self.nll_sum(input_ids, targets, *document_ids)
         tokens = count_scored(targets)
         self._window_nll = self._window_nll.to(nll.device) + nll.detach().double()
         self._window_tokens = self._window_tokens.to(tokens.device) + tokens
@@ -239,12 +239,19 @@ class CausalLMModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._loss_scale is None:
-            self._loss_scale = batch[1].numel()
+            # The constant must be the same on every rank: DDP averages the ranks' gradients BEFORE
+            # on_before_optimizer_step rescales them. Micro-batches of chat examples differ in
+            # shape from rank to rank, so take the largest first micro-batch of any rank.
+            scale = torch.tensor(batch[1].numel(), device=self.device)
+            if self.trainer.world_size > 1:
+                scale = self.trainer.strategy.reduce(scale, reduce_op="max")
+            self._loss_scale = int(scale)
 
     # ----------------------------------------------------------------- validation
-    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
-        input_ids, targets, n_bytes = batch
-        self.val_metrics.update(self.nll_sum(input_ids, targets), count_scored(targets), n_bytes.sum())
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        input_ids, targets, n_bytes, *document_ids = batch  # (input_ids, targets, n_bytes[, document_ids])
+        nll = self.nll_sum(input_ids, targets, *document_ids)
+        self.val_metrics.update(nll, count_scored(targets), n_bytes.sum())
 
     def on_validation_epoch_end(self) -> None:
         if int(self.val_metrics.tokens) == 0 and self.trainer.world_size == 1:

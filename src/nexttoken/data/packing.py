@@ -105,6 +105,35 @@ def val_block_bytes(byte_counts: np.ndarray, block_size: int) -> np.ndarray:
     return np.add.reduceat(targets, np.arange(n_blocks) * block_size)
 
 
+# --------------------------------------------------------------------------- document masking
+def mask_documents(
+    input_ids: np.ndarray, targets: np.ndarray, start_id: int | None, end_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training or validation blocks with attention kept inside each document (``--data.document_mask``):
+    ``(input_ids, targets, document_ids)``, the targets that cross a document boundary unscored.
+
+    The documents are found from the stream's framing (:func:`nexttoken.data.tokenizers.document_frame`):
+    ``start_id`` is :func:`~nexttoken.data.tokenizers.document_start` (a document begins AT each
+    one), or None when documents have no start token (one begins right AFTER each ``end_id``, the
+    EOS). Special-token text inside a document is never encoded as these ids, so they are framing.
+
+    A target is scored when its input token is in the same document, or when it is the EOS (ending
+    a document is predicted from that document, also when the EOS doubles as the next start, as in
+    ``EOS doc0 EOS doc1``). So without a start token a document's first token is not scored (it
+    has no context of its own), exactly as ``nexttoken eval`` scores documents.
+    """
+    # The block's T + 1 tokens; a validation block's unscored tail (IGNORE_INDEX) matches no id.
+    block = np.concatenate([input_ids, targets[..., -1:]], axis=-1)
+    if start_id is not None:
+        documents = np.cumsum(block == start_id, axis=-1)
+    else:
+        ends = block == end_id
+        documents = np.cumsum(ends, axis=-1) - ends  # the EOS still belongs to the document it ends
+    input_documents, target_documents = shift(documents)
+    keep = (input_documents == target_documents) | (targets == end_id)
+    return input_ids, np.where(keep, targets, IGNORE_INDEX), input_documents
+
+
 # --------------------------------------------------------------------------- who reads what
 def train_batches(
     num_blocks: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1
