@@ -239,6 +239,27 @@ def test_real_process_prints_one_line_in_all(tmp_path):
     assert snapshot(tmp_path) == before  # no runs/ folder, no cache
 
 
+@pytest.mark.slow
+def test_bad_data_under_ddp_stops_before_any_process_starts(tmp_path):
+    """The data is read before Lightning launches its DDP processes, so one process says it once."""
+    (tmp_path / "empty.txt").write_text("")
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    args = fit_args(tmp_path / "empty.txt", tmp_path / "runs", tmp_path / "cache", 2, *ddp)
+    before = snapshot(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "nexttoken", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2
+    assert result.stdout.splitlines() == [
+        f"error: {tmp_path / 'empty.txt'} is empty: there is no text in it; point --data.path at text"
+    ]
+    assert snapshot(tmp_path) == before
+
+
 # ------------------------------------------------------------------ checkpoints written atomically
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
