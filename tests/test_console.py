@@ -22,8 +22,14 @@ def _warn_and_log_in_a_bare_process():
     warnings.warn("the vocabulary is small\nconsider a larger one", UserWarning, stacklevel=1)
     warnings.warn("this function moves in v3", DeprecationWarning, stacklevel=1)
     warnings.warn("this argument changes in v3", FutureWarning, stacklevel=1)
+    # A library that sets itself up as Lightning does: its own handler, its own level, INFO.
+    chatty = logging.getLogger("chatty_library")
+    chatty.handlers[:] = [logging.StreamHandler(sys.stderr)]
+    chatty.setLevel(logging.INFO)
+    chatty.propagate = False
+    chatty.info("Seed set to 1337")
     library = logging.getLogger("some_library.module")  # no handler of its own, like most libraries
-    library.info("Seed set to 1337")
+    library.info("loading the data")
     library.warning("disk nearly full\n(92%)")
 
 
@@ -44,7 +50,8 @@ def test_verbose_shows_everything_as_the_libraries_print_it(capfd):
         with console(verbose=True):
             _warn_and_log()
     assert [w.category for w in caught] == [UserWarning, DeprecationWarning, FutureWarning]
-    assert capfd.readouterr().err == "disk nearly full\n(92%)\n"  # logging's own last resort
+    # The library's own handler, and logging's own last resort for the one without.
+    assert capfd.readouterr().err == "Seed set to 1337\ndisk nearly full\n(92%)\n"
 
 
 def test_everything_is_restored_afterwards():
