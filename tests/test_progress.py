@@ -7,6 +7,7 @@ import types
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Timer
 from torch.utils.data import DataLoader
 
 from nexttoken import throughput
@@ -56,8 +57,10 @@ def _data():
     return train, val
 
 
-def _fit(monkeypatch, progress_bar: bool):
+def _fit(monkeypatch, progress_bar: bool, *extra_callbacks: L.Callback):
     clock = FakeClock()
+    for callback in extra_callbacks:
+        callback.clock = clock
     monkeypatch.setattr(throughput, "time", types.SimpleNamespace(perf_counter=clock))
     torch.manual_seed(0)
     # lr 0: the weights stay as initialised, so every step's loss can be computed here afterwards.
@@ -83,7 +86,7 @@ def _fit(monkeypatch, progress_bar: bool):
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress_bar,
-        callbacks=[EachStepTakesOneSecond(clock), ThroughputCallback(peak_flops=peak), log],
+        callbacks=[EachStepTakesOneSecond(clock), ThroughputCallback(peak_flops=peak), log, *extra_callbacks],
     )
     train, val = _data()
     trainer.fit(module, DataLoader(train, batch_size=None), DataLoader(val, batch_size=None))
@@ -115,6 +118,39 @@ def test_lines_for_a_short_fit_without_a_terminal(monkeypatch):
 def test_no_lines_where_a_progress_bar_is_shown(monkeypatch):
     _, lines, _, _ = _fit(monkeypatch, progress_bar=True)
     assert lines == []
+
+
+class StopAfterStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        trainer.should_stop = trainer.global_step >= self.step
+
+
+class TimeLimitOnTheFakeClock(Timer):
+    """Lightning's time limit (2.5 s), measured on the test's clock."""
+
+    def __init__(self) -> None:
+        super().__init__(duration={"seconds": 2.5})
+
+    def time_elapsed(self, stage: str = "train") -> float:
+        return self.clock.now
+
+
+@pytest.mark.parametrize("progress_bar", [False, True])
+@pytest.mark.parametrize(
+    "stopper, last_line",
+    [
+        (StopAfterStep(4), "training stopped at step 4 of 6"),
+        (TimeLimitOnTheFakeClock(), "training stopped at step 3 of 6: the time limit was reached"),
+    ],
+    ids=["stopped", "time-limit"],
+)
+def test_a_run_that_stops_early_says_so(monkeypatch, progress_bar, stopper, last_line):
+    _, lines, _, _ = _fit(monkeypatch, progress_bar, stopper)
+    assert lines[-1] == last_line
+    assert sum(line.startswith("training stopped") for line in lines) == 1
 
 
 def test_clock_time():

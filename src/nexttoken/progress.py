@@ -33,7 +33,8 @@ def clock_time(seconds: float) -> str:
 
 class ProgressLog(L.Callback):
     """A plain progress line every ``every_n_steps`` optimizer steps or ``every_seconds`` seconds,
-    whichever comes first, and at the last step; each validation's numbers during ``fit``.
+    whichever comes first, and at the last step; each validation's numbers during ``fit``; and, bar
+    or no bar, a line when training stops before its last step (and why, for a time limit).
 
     It prints only when the trainer shows no progress bar. Tokens/s and MFU are those of the
     trainer's :class:`~nexttoken.throughput.ThroughputCallback`; the ETA is the time per step so
@@ -83,8 +84,7 @@ class ProgressLog(L.Callback):
             return  # a micro-batch that ended no optimizer step
         self._last_step = step
         now = self.clock()
-        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        total = int(total) if math.isfinite(total) else None
+        total = _total_steps(trainer)
         if step % self.every_n_steps and now - self._last_line < self.every_seconds and step != total:
             return
         self._last_line = now
@@ -100,13 +100,24 @@ class ProgressLog(L.Callback):
                 parts.append(f"MFU {speed.mfu:.1%}")
         parts.append(f"elapsed {clock_time(elapsed)}")
         eta = elapsed / (step - self._first_step) * (total - step) if total else None
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        timer = _timer(trainer)
         left = timer.time_remaining() if timer is not None else None
         if left is not None:
             eta = left if eta is None else min(eta, left)
         if eta is not None:
             parts.append(f"ETA {clock_time(eta)}")
         self._print("  ".join(parts))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Said with or without a progress bar: Lightning's own line for it is off (nexttoken.console).
+        total, step = _total_steps(trainer), trainer.global_step
+        if not trainer.is_global_zero or total is None or step >= total:
+            return
+        timer = _timer(trainer)
+        if timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
+            self._print(f"training stopped at step {step} of {total}: the time limit was reached")
+        else:
+            self._print(f"training stopped at step {step} of {total}")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not self._active(trainer):
@@ -123,6 +134,15 @@ class ProgressLog(L.Callback):
         ]
         if numbers:
             self._print(f"validation at step {trainer.global_step}: {', '.join(numbers)}")
+
+
+def _total_steps(trainer: L.Trainer) -> int | None:
+    total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+    return int(total) if math.isfinite(total) else None
+
+
+def _timer(trainer: L.Trainer) -> Timer | None:
+    return next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
 
 
 class StartSummary(L.Callback):
