@@ -153,7 +153,7 @@ def test_checkpoint_that_does_not_match_the_model_or_data(trained, corpus, tmp_p
         assert_clean_failure(capfd, args, expect=expect, untouched=trained.parents[2])
 
 
-@pytest.mark.parametrize("command", ["fit", "eval", "generate", "export"])
+@pytest.mark.parametrize("command", ["fit", "validate", "eval", "generate", "export"])
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_truncated_or_corrupted_checkpoint(trained, corpus, tmp_path, capfd, damage, command):
     bad = tmp_path / "bad.ckpt"
@@ -162,6 +162,7 @@ def test_truncated_or_corrupted_checkpoint(trained, corpus, tmp_path, capfd, dam
     (tmp_path / "text.txt").write_text("The king and the queen.\n")
     argv = {
         "fit": fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 10, "--ckpt_path", str(bad)),
+        "validate": ["validate", "--data.path", str(corpus), "--ckpt_path", str(bad)],
         "eval": ["eval", str(bad), str(tmp_path / "text.txt")],
         "generate": ["generate", "--checkpoint", str(bad)],
         "export": ["export", str(bad), str(tmp_path / "out")],
