@@ -214,11 +214,11 @@ class NextTokenCLI(LightningCLI):
                 if version is not None:
                     logger["init_args"]["version"] = version
                     logger["init_args"]["keep_before_step"] = self._resume_step
+        check_tokenizer(config.data.tokenizer)
         # A Hugging Face model brings its own tokenizer: train on its tokens unless told otherwise.
         model_spec = config.model.model
         if is_hf_model(model_spec) and config.data.tokenizer == "bpe":
             config.data.tokenizer = model_spec
-        check_tokenizer(config.data.tokenizer)
 
         chosen, reason = auto_precision(
             "cuda" if trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
