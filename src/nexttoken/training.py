@@ -100,7 +100,8 @@ def trainer_defaults(verbose: bool = False) -> dict:
 
 # The no-argument run stops after 8 minutes at most (on 2 free cores it ends by max_steps in ~5).
 # A run whose length is chosen, by a config file or a flag, gets no such net.
-SAFETY_NET_MAX_TIME = "00:00:08:00"
+SAFETY_NET_MINUTES = 8
+SAFETY_NET_MAX_TIME = f"00:00:{SAFETY_NET_MINUTES:02d}:00"
 RUN_LENGTH_FLAGS = (
     "--config",
     "-c",
@@ -229,22 +230,24 @@ class NextTokenCLI(LightningCLI):
             self._precision_note = (
                 f"precision: {trainer.precision} (set by you; auto would pick {chosen}: {reason})"
             )
-        self._time_limit_note = None
-        if self.subcommand == "fit" and not chooses_run_length(self._args):
-            trainer.max_time = SAFETY_NET_MAX_TIME
-            self._time_limit_note = (
-                "training stops after 8 minutes at most, the safety net of a run with no config and no step "
-                "or time limit; --trainer.max_steps or --trainer.max_time choose the length"
-            )
-        elif trainer.max_time is not None:
-            self._time_limit_note = f"training stops after --trainer.max_time {trainer.max_time} at most"
+        self._time_limit_note = self._time_limit(trainer) if self.subcommand == "fit" else None
         if trainer.enable_progress_bar and importlib.util.find_spec("rich") is not None:
-            given = [getattr(c, "class_path", type(c).__name__) for c in trainer.callbacks or []]
-            if not any("ProgressBar" in str(name) for name in given):
-                self.trainer_defaults = {
-                    **self.trainer_defaults,
-                    "callbacks": [*self.trainer_defaults["callbacks"], StepProgressBar()],
-                }
+            given = [str(getattr(c, "class_path", type(c).__name__)) for c in trainer.callbacks or []]
+            if not any("ProgressBar" in name for name in given):  # Lightning would add its own
+                callbacks = [*self.trainer_defaults["callbacks"], StepProgressBar()]
+                self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}
+
+    def _time_limit(self, trainer) -> str | None:
+        """Set the no-argument run's safety net where it applies; the summary's note on a time limit."""
+        if not chooses_run_length(self._args):
+            trainer.max_time = SAFETY_NET_MAX_TIME
+            return (
+                f"training stops after {SAFETY_NET_MINUTES} minutes at most, the safety net of a run with no "
+                "config and no step or time limit; --trainer.max_steps or --trainer.max_time choose the length"
+            )
+        if trainer.max_time is not None:
+            return f"training stops after --trainer.max_time {trainer.max_time} at most"
+        return None
 
     def add_arguments_to_parser(self, parser) -> None:
         # The model's context is the data's block size.
@@ -333,19 +336,20 @@ def run_lightning_cli(args: list[str], argv: list[str] | None = None, verbose: b
             | {name: {"exit_on_error": False} for name in ("fit", "validate")},
         )
     except ArgumentError as error:
-        raise UserError(parse_error_message(str(error))) from error
+        raise UserError(parse_error_message(str(error), args[0] if args else "fit")) from error
     finally:
         sys.argv = saved
 
 
-def parse_error_message(message: str) -> str:
-    """jsonargparse's message for a refused flag, on one line and in the flag's own spelling:
-    ``--model.fused_loss 'x' is not one of auto, on, off``."""
+def parse_error_message(message: str, command: str = "fit") -> str:
+    """jsonargparse's message for a refused flag of ``nexttoken COMMAND``, on one line and in the
+    flag's own spelling: ``--model.fused_loss 'x' is not one of auto, on, off; see ...``."""
     literal = re.search(
         r'key "([^"]+)":\s*Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)', message, re.S
     )
     if literal:
         key, choices, value = literal.groups()
-        return f"--{key} {one_line(value)!r} is not one of {choices.replace(chr(39), '')}; see `nexttoken fit --help`"
-    message = re.sub(r'Parser key "([^"]+)":', r"--\1:", message)
-    return f"{one_line(message)}; see `nexttoken fit --help`"
+        message = f"--{key} {one_line(value)!r} is not one of {choices.replace(chr(39), '')}"
+    else:
+        message = one_line(re.sub(r'Parser key "([^"]+)":', r"--\1:", message))
+    return f"{message}; see `nexttoken {command} --help`"
