@@ -21,7 +21,7 @@ from nexttoken.metrics import NextTokenMetrics
 from nexttoken.models.gpt import PRESETS
 from nexttoken.models.load import is_hf_model
 from nexttoken.models.protocol import CausalLM
-from nexttoken.optim import build_optimizer, decay_audit
+from nexttoken.optim import build_optimizer
 
 # The fused linear+cross-entropy path pays once the vocabulary is much wider than the model
 # (the logits dominate memory); below that the plain matmul is cheaper (benchmarks/loss_memory.py).
@@ -156,11 +156,6 @@ class CausalLMModule(L.LightningModule):
         return next_token_loss(self.model(input_ids, document_ids=document_ids), targets, reduction="sum")
 
     # ----------------------------------------------------------------- training
-    def on_train_start(self) -> None:
-        audit = decay_audit(self.model)
-        self.print(f"model: {self.model_summary_line()}")
-        self.print(f"weight decay: {audit.summary()}")
-
     def model_summary_line(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
         return f"{self.hparams.model} ({n / 1e6:.2f}M parameters, vocab {self.hparams.vocab_size})"
@@ -269,18 +264,20 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         total = self.trainer.estimated_stepping_batches
+        # What the schedule made of the settings; `nexttoken fit` prints these in its start summary.
+        self.schedule_notes: list[str] = []
         if math.isfinite(total):
             max_steps = int(total)
         else:
             max_steps = FALLBACK_SCHEDULE_STEPS
-            self.print(
-                f"note: the run has no step limit, so the cosine schedule spans {max_steps:,} steps; "
+            self.schedule_notes.append(
+                f"the run has no step limit, so the cosine schedule spans {max_steps:,} steps; "
                 "set --trainer.max_steps to fit it to the run"
             )
         warmup_steps = min(hp.warmup_steps, max(max_steps // 10, 1))
         if warmup_steps < hp.warmup_steps:
-            self.print(
-                f"note: warmup capped at {warmup_steps} steps (a tenth of the run's {max_steps:,}) "
+            self.schedule_notes.append(
+                f"warmup capped at {warmup_steps} steps (a tenth of the run's {max_steps:,}) "
                 f"instead of --model.warmup_steps {hp.warmup_steps}"
             )
         optimizer, schedule = build_optimizer(

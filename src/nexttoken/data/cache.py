@@ -7,7 +7,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +83,15 @@ class TokenCache:
         )
 
     def write(
-        self, tokenizer: Tokenizer, train_docs: Sequence[Document], val_docs: Sequence[Document]
+        self,
+        tokenizer: Tokenizer,
+        train_docs: Sequence[Document],
+        val_docs: Sequence[Document],
+        check: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Tokenize both splits with ``tokenizer`` and write every file, ``meta.json`` last; returns
-        what ``meta.json`` holds (document, token and validation byte counts, seconds taken)."""
+        what ``meta.json`` holds (document, token and validation byte counts, seconds taken).
+        ``check(meta)`` may refuse the result (by raising) before any file is written."""
         started = time.perf_counter()
         train_stream, _ = tokenize_documents(tokenizer, train_docs, with_bytes=False)
         val_stream, val_bytes = tokenize_documents(tokenizer, val_docs, with_bytes=True)
@@ -98,10 +103,6 @@ class TokenCache:
                 DataWarning,
                 stacklevel=2,
             )
-        write_atomically(self.train, lambda f: np.save(f, train_stream))
-        write_atomically(self.val, lambda f: np.save(f, val_stream))
-        write_atomically(self.val_bytes, lambda f: np.save(f, val_bytes))
-        write_atomically(self.val_text, val_text)
         meta = {
             "format": CACHE_FORMAT,
             "tokenizer": tokenizer.to_dict(),
@@ -112,6 +113,12 @@ class TokenCache:
             "val_bytes": int(val_bytes.sum()),
             "seconds": round(time.perf_counter() - started, 3),
         }
+        if check is not None:
+            check(meta)
+        write_atomically(self.train, lambda f: np.save(f, train_stream))
+        write_atomically(self.val, lambda f: np.save(f, val_stream))
+        write_atomically(self.val_bytes, lambda f: np.save(f, val_bytes))
+        write_atomically(self.val_text, val_text)
         write_atomically(self.meta, json.dumps(meta, indent=1))
         return meta
 

@@ -137,7 +137,7 @@ class TextDataModule(L.LightningDataModule):
         if self.cache_hit:
             meta = cache.read_meta()
         else:
-            meta = cache.write(tokenizer, train_docs, val_docs)
+            meta = cache.write(tokenizer, train_docs, val_docs, check=self._check_sizes)
             log.info(
                 "tokenized %d + %d documents into %d + %d tokens in %.1f s (cached in %s)",
                 meta["train_documents"],
