@@ -1,6 +1,7 @@
 """Two processes on CPU (gloo) through Lightning's own DDP strategy: the scoreboard and the
 gradient are those of one process seeing all the data."""
 
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +61,15 @@ def test_ddp_fit_and_validation_equal_one_process(tmp_path):
     run([sys.executable, "-m", "nexttoken", *fit_args(corpus, tmp_path / "runs", cache, 6, *ddp)])
     ckpt = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file() and (tmp_path / "runs" / "version_0" / "curves.png").is_file()
+    # The report counts every held-out token and byte, not rank 0's share of them.
+    from nexttoken.data.datamodule import TextDataModule
+
+    data = TextDataModule(
+        path=str(corpus), tokenizer="bytes", block_size=32, val_fraction=0.3, cache_dir=str(cache)
+    )
+    data.setup("validate")
+    report = json.loads((tmp_path / "runs" / "version_0" / "report.json").read_text())["validation"]
+    assert (report["tokens"], report["bytes"]) == (data.val_targets, data.val_bytes)
 
     results = {}
     for name, extra in (("one", ["--trainer.devices", "1"]), ("two", ddp)):

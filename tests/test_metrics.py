@@ -66,7 +66,10 @@ def test_bits_per_byte_and_bits_per_token():
 def test_no_bytes_means_no_bits_per_byte():
     metric = NextTokenMetrics()
     metric.update(2.0, 4)
-    assert set(metric.compute()) == {"loss", "perplexity", "bits_per_token"}
+    metric.update(1.0, 3)
+    result = metric.compute()
+    assert set(result) == {"loss", "perplexity", "bits_per_token", "tokens"}
+    assert int(result["tokens"]) == 7  # the summed count the numbers came from
 
 
 def test_states_reduce_by_sum_across_processes():

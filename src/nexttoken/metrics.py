@@ -64,6 +64,12 @@ class NextTokenMetrics(Metric):
             self.bytes_seen += 1
 
     def compute(self) -> dict[str, Tensor]:
+        """The printed numbers, plus the summed ``tokens`` and ``bytes`` they came from (over every
+        process: outside ``compute`` the states are this process's share again)."""
         has_bytes = int(self.bytes_seen) > 0
         numbers = summarize(float(self.nll_sum), float(self.tokens), float(self.bytes) if has_bytes else None)
-        return {name: torch.tensor(value, dtype=torch.float64) for name, value in numbers.items()}
+        out = {name: torch.tensor(value, dtype=torch.float64) for name, value in numbers.items()}
+        out["tokens"] = self.tokens.clone()
+        if has_bytes:
+            out["bytes"] = self.bytes.clone()
+        return out

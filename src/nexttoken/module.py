@@ -9,6 +9,7 @@ number of processes, the step uses the gradient of the window's *token* mean,
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -82,6 +83,8 @@ class CausalLMModule(L.LightningModule):
                 f"--model.fused_loss on: torch {torch.__version__} has no fused linear + cross-entropy "
                 "(F.linear_cross_entropy, torch >= 2.13); use --model.fused_loss auto or off"
             )
+        if model.endswith(".gguf") and not Path(model).expanduser().is_file():
+            raise UserError(f"--model.model {model}: no such file; pass a local .gguf file or a GPT preset")
         if model not in PRESETS and not is_hf_model(model):
             raise UserError(
                 f"--model.model {model!r} is neither a GPT preset ({', '.join(PRESETS)}) nor a local "
@@ -253,7 +256,7 @@ class CausalLMModule(L.LightningModule):
             return
         # compute() sums the three states over every process, then divides once.
         results = self.val_metrics.compute()
-        scored = {"tokens": int(self.val_metrics.tokens), "bytes": int(self.val_metrics.bytes)}
+        scored = {"tokens": int(results.pop("tokens")), "bytes": int(results.pop("bytes", 0))}
         self.val_metrics.reset()
         for name, value in results.items():
             self.log(f"val/{name}", value.float(), prog_bar=name in ("loss", "perplexity"))
@@ -277,7 +280,7 @@ class CausalLMModule(L.LightningModule):
         warmup_steps = min(hp.warmup_steps, max(max_steps // 10, 1))
         if warmup_steps < hp.warmup_steps:
             self.schedule_notes.append(
-                f"warmup capped at {warmup_steps} steps (a tenth of the run's {max_steps:,}) "
+                f"warmup capped at {warmup_steps} step{'' if warmup_steps == 1 else 's'} (a tenth of the run's {max_steps:,}) "
                 f"instead of --model.warmup_steps {hp.warmup_steps}"
             )
         optimizer, schedule = build_optimizer(
