@@ -1,4 +1,5 @@
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def test_train_ranks_read_disjoint_blocks(tmp_path):
 
 def test_workers_do_not_change_the_batches(tmp_path):
     dm0 = make_dm(tmp_path, val_batch_size=3)
-    dm2 = make_dm(tmp_path, val_batch_size=3, num_workers=2)
+    dm2 = make_dm(tmp_path, val_batch_size=3, loader_workers=2)
     train0, train2 = dm0.train_dataloader(), dm2.train_dataloader()
     for _ in range(2):  # two epochs
         a, b = list(train0), list(train2)
@@ -193,6 +194,136 @@ def test_bpe_is_trained_on_the_train_split_only(tmp_path):
     assert dm.tokenizer.kind == "bpe" and dm.vocab_size <= 300
     assert len(dm.tokenizer.encode("zyzzyva")) >= 4  # unseen in training: no merge for it
     assert dm.val_bytes == len(held.read_bytes())
+
+
+# --------------------------------------------------------------------------- record formats
+RECORDS = [f"record {i}: " + LINES[i % len(LINES)] * (1 + i % 3) for i in range(60)]
+
+
+def write_record_corpus(folder: Path, kind: str) -> tuple[Path, dict]:
+    """A corpus of ``RECORDS`` in one format, and the settings that read it."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": i, "content": text, "meta": {"body": text}} for i, text in enumerate(RECORDS)]
+    if kind == "jsonl.zst":
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        (folder / "corpus.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+        return folder / "corpus.jsonl.zst", dict(text_field="content")
+    if kind == "parquet shards":
+        for shard in range(3):
+            pq.write_table(pa.Table.from_pylist(rows[shard::3]), folder / f"part-{shard}.parquet")
+        return folder, dict(text_field="meta.body")
+    if kind == "dataset":
+        datasets.Dataset.from_list(rows).save_to_disk(str(folder / "saved"))
+        return folder / "saved", dict(text_field="content")
+    if kind == "dataset dict":
+        splits = {
+            "train": datasets.Dataset.from_list(rows[:50]),
+            "validation": datasets.Dataset.from_list(rows[50:]),
+        }
+        datasets.DatasetDict(splits).save_to_disk(str(folder / "saved"))
+        return folder / "saved", dict(text_field="content")
+    raise ValueError(kind)
+
+
+def expected_val_texts(corpus: Path, kind: str, val_fraction: float) -> list[str]:
+    """The validation texts, computed here from the split rule rather than by the corpus reader."""
+    from nexttoken.data.documents import held_out
+
+    if kind == "dataset dict":
+        return RECORDS[50:]
+    if kind == "parquet shards":
+        names = [(f"part-{i % 3}.parquet#{i // 3}", i) for i in range(len(RECORDS))]
+        names.sort(key=lambda item: (item[1] % 3, item[1] // 3))  # shard by shard, row by row
+        return [RECORDS[i] for name, i in names if held_out(name, val_fraction)]
+    return [text for i, text in enumerate(RECORDS) if held_out(f"{corpus.name}#{i}", val_fraction)]
+
+
+@pytest.mark.parametrize("kind", ["jsonl.zst", "parquet shards", "dataset", "dataset dict"])
+def test_record_formats_give_exact_streams_and_bytes(tmp_path, kind):
+    corpus, settings = write_record_corpus(tmp_path / "data", kind)
+    dm = make_dm(tmp_path, corpus=corpus, val_fraction=0.2, **settings)
+    val = expected_val_texts(corpus, kind, 0.2)
+    assert 3 <= len(val) <= 25
+    # The bytes tokenizer: token == byte, each document after an EOS (256).
+    expected = [t for text in val for t in [256, *text.encode("utf-8")]]
+    assert np.load(dm.cache.val).tolist() == expected
+    assert dm.val_text_bytes() == "".join(val).encode("utf-8")
+    assert dm.val_bytes == len("".join(val).encode("utf-8")) == int(np.load(dm.cache.val_bytes).sum())
+    assert dm.train_tokens == sum(len(t.encode()) + 1 for t in RECORDS) - len(expected)
+    _, n_bytes, _ = val_targets(dm.val_dataloader())
+    assert n_bytes == dm.val_bytes
+
+
+def test_tokenizing_workers_give_identical_files(tmp_path):
+    """1 and N worker processes (and this process) write byte-identical caches, equal to tokenizing
+    the whole corpus at once in memory."""
+    from nexttoken.data.cache import TokenCache, tokenize_documents
+    from nexttoken.data.corpus import Corpus
+    from nexttoken.data.tokenizers import build_tokenizer
+
+    corpus, settings = write_record_corpus(tmp_path / "data", "jsonl.zst")
+    split_corpus = Corpus([corpus], 0.2, text_field="content")
+    tokenizer = build_tokenizer("bpe", RECORDS, vocab_size=300)
+    files = {}
+    for workers in (0, 1, 3):
+        cache = TokenCache(tmp_path / f"cache{workers}" / "tokens" / "key")
+        meta, built = cache.get_or_build(split_corpus, lambda: tokenizer, workers=workers, chunk_chars=200)
+        assert built and meta["workers"] == workers
+        files[workers] = {
+            name: (cache.directory / name).read_bytes()
+            for name in ("train.npy", "val.npy", "val_bytes.npy", "val.txt")
+        }
+    assert files[0] == files[1] == files[3]
+    train = [d.text for is_val, d in split_corpus.documents() if not is_val]
+    val = [d.text for is_val, d in split_corpus.documents() if is_val]
+    assert sum(map(len, train)) > 200 * 5  # many chunks of 200 characters
+    reference_train, _ = tokenize_documents(tokenizer, train, with_bytes=False)
+    reference_val, reference_bytes = tokenize_documents(tokenizer, val, with_bytes=True)
+    cache = TokenCache(tmp_path / "cache3" / "tokens" / "key")
+    assert np.array_equal(np.load(cache.train), reference_train)
+    assert np.array_equal(np.load(cache.val), reference_val)
+    assert np.array_equal(np.load(cache.val_bytes), reference_bytes)
+
+
+def test_num_workers_setting(tmp_path):
+    dm = make_dm(tmp_path, num_workers=2)  # explicit: two worker processes even for a small corpus
+    assert dm.cache.read_meta()["workers"] == 2
+    small = make_dm(tmp_path / "b")  # default: one per core, except a small corpus stays in this process
+    assert small.cache.read_meta()["workers"] == 0
+    with pytest.raises(DataError, match="num_workers must be 0 or more"):
+        TextDataModule(num_workers=-1)
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch, capsys):
+    make_dm(tmp_path / "quiet")
+    assert capsys.readouterr().err == ""  # not a terminal: nothing
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    make_dm(tmp_path / "shown")
+    err = capsys.readouterr().err
+    assert "tokenizing" in err and "B/s" in err and "docs=" in err
+
+
+def test_bpe_trains_on_a_bounded_sample_of_the_training_split(tmp_path, monkeypatch):
+    import nexttoken.data.tokenizers as tokenizers
+
+    seen = []
+    real = tokenizers.train_bpe
+    monkeypatch.setattr(
+        tokenizers, "train_bpe", lambda texts, size: seen.append(list(texts)) or real(texts, size)
+    )
+    corpus, settings = write_record_corpus(tmp_path / "data", "jsonl.zst")
+    dm = make_dm(tmp_path, corpus=corpus, tokenizer="bpe", vocab_size=300, bpe_sample_mb=0.0005, **settings)
+    (sample,) = seen
+    sizes = [len(t.encode()) for t in sample]
+    assert sum(sizes) - max(sizes) <= 500 < sum(sizes) + max(sizes)  # 500 bytes, give or take a record
+    assert not set(sample) & set(expected_val_texts(corpus, "jsonl.zst", 0.25))
+    assert set(sample) < set(RECORDS)
+    assert dm.tokenizer.kind == "bpe"
 
 
 # --------------------------------------------------------------------------- cache
@@ -286,8 +417,10 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize(("where", "num_workers"), [("mid_epoch", 0), ("end_of_epoch", 0), ("mid_epoch", 2)])
-def test_resume_from_a_step_checkpoint_sees_the_same_batches(tmp_path, where, num_workers):
+@pytest.mark.parametrize(
+    ("where", "loader_workers"), [("mid_epoch", 0), ("end_of_epoch", 0), ("mid_epoch", 2)]
+)
+def test_resume_from_a_step_checkpoint_sees_the_same_batches(tmp_path, where, loader_workers):
     # With workers, the DataLoader prefetches batches the model has not seen yet: they must not count.
     corpus = write_corpus(tmp_path / "corpus", n_docs=6, repeat=1)
     dm_kwargs = dict(
@@ -296,7 +429,7 @@ def test_resume_from_a_step_checkpoint_sees_the_same_batches(tmp_path, where, nu
         block_size=16,
         batch_size=4,
         val_fraction=0.2,
-        num_workers=num_workers,
+        loader_workers=loader_workers,
     )
     probe = make_dm(tmp_path, corpus=corpus, **{k: v for k, v in dm_kwargs.items() if k != "path"})
     per_epoch = len(probe.train_dataloader())
@@ -334,7 +467,7 @@ def test_resume_from_a_checkpoint_saved_after_mid_epoch_validation(tmp_path):
 def test_resume_from_an_epoch_checkpoint_with_workers(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", n_docs=6, repeat=1)
     dm_kwargs = dict(
-        path=[str(corpus)], tokenizer="bytes", block_size=16, batch_size=4, val_fraction=0.2, num_workers=2
+        path=[str(corpus)], tokenizer="bytes", block_size=16, batch_size=4, val_fraction=0.2, loader_workers=2
     )
     full, _ = fit(tmp_path / "a", dm_kwargs, max_epochs=3)
     per_epoch = len(full) // 3
