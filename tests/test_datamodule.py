@@ -583,6 +583,169 @@ def test_cli_flags_come_from_the_signature(tmp_path):
     assert dm.hparams.tokenizer == "bytes" and dm.hparams.batch_size == 2
 
 
+def write_bad_input(folder: Path, kind: str) -> Path:
+    """A corpus with one kind of bad input, written with the libraries themselves."""
+    import gzip
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    folder.mkdir(parents=True, exist_ok=True)
+    good = "".join(json.dumps({"text": text}) + "\n" for text in RECORDS).encode()
+    if kind == "malformed json line":
+        lines = good.splitlines(keepends=True)
+        (folder / "bad.jsonl").write_bytes(b"".join(lines[:3]) + b'{"text": "no end\n' + b"".join(lines[3:]))
+    elif kind == "record without the field":
+        (folder / "bad.jsonl").write_bytes(good + json.dumps({"content": "x", "id": 3}).encode() + b"\n")
+    elif kind == "text that is not a string":
+        (folder / "bad.jsonl").write_bytes(good + b'{"text": 42}\n')
+    elif kind == "empty parquet":
+        (folder / "bad.parquet").write_bytes(b"")
+    elif kind == "schema-less parquet":
+        pq.write_table(pa.table({}), folder / "bad.parquet")
+    elif kind == "parquet without the column":
+        pq.write_table(
+            pa.table({"content": RECORDS, "id": list(range(len(RECORDS)))}), folder / "bad.parquet"
+        )
+    elif kind == "truncated gz":
+        packed = gzip.compress(good * 50)
+        (folder / "bad.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    elif kind == "truncated zst":
+        packed = zstandard.ZstdCompressor().compress(good * 50)
+        (folder / "bad.jsonl.zst").write_bytes(packed[: len(packed) // 2])
+    elif kind == "datasets folder from another version":
+        datasets.Dataset.from_dict({"text": RECORDS}).save_to_disk(str(folder / "saved"))
+        info = json.loads((folder / "saved" / "dataset_info.json").read_text())
+        info["features"]["text"]["_type"] = "TextV9"
+        (folder / "saved" / "dataset_info.json").write_text(json.dumps(info))
+    return folder
+
+
+BAD_INPUTS = {
+    "malformed json line": r"bad.jsonl line 4 is not valid JSON \(",
+    "record without the field": r"bad.jsonl line 61 has no field 'text' \(its fields: content, id\)",
+    "text that is not a string": r"bad.jsonl line 61: field 'text' is a number, not a string",
+    "empty parquet": r"bad.parquet is not a readable Parquet file",
+    "schema-less parquet": r"bad.parquet has no columns",
+    "parquet without the column": r"bad.parquet has no column 'text' \(its columns: content, id\)",
+    "truncated gz": r"bad.jsonl.gz is truncated or corrupt",
+    "truncated zst": r"bad.jsonl.zst is truncated or corrupt",
+    "datasets folder from another version": r"saved is a saved dataset that datasets .* cannot read",
+}
+
+
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+def test_bad_record_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, kind):
+    import re
+
+    from nexttoken.cli import main
+    from test_cli import fit_args
+
+    corpus = write_bad_input(tmp_path / "data", kind)
+    before = sorted((p, p.stat().st_mtime_ns) for p in corpus.rglob("*"))
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    assert main(fit_args(corpus, runs, cache, 2)) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert re.search(BAD_INPUTS[kind], errors[0]), errors[0]
+    assert not runs.exists()  # no run folder
+    # No cache entry, complete or partial (the lock file beside where it would be is all).
+    assert [p.suffix for p in (cache / "tokens").iterdir()] == [".lock"]
+    assert sorted((p, p.stat().st_mtime_ns) for p in corpus.rglob("*")) == before  # the data untouched
+
+
+def random_words_jsonl(path: Path, megabytes: float, seed: int = 0) -> Path:
+    """JSON Lines of random lowercase words (slow to tokenize: few repeats for the BPE's word cache)."""
+    rng = np.random.default_rng(seed)
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz     ", dtype=np.uint8)
+    with open(path, "w") as f:
+        for i in range(int(megabytes * 1e6) // 2000):
+            text = bytes(rng.choice(letters, size=2000)).decode()
+            f.write(json.dumps({"id": i, "text": text}) + "\n")
+    return path
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the worker processes")
+def test_a_killed_tokenization_leaves_no_cache_and_the_next_run_redoes_it(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from test_cli import fit_args
+
+    corpus = random_words_jsonl(tmp_path / "words.jsonl", 6)
+    cache = tmp_path / "cache"
+    settings = ["--data.tokenizer", "bpe", "--data.vocab_size", "300", "--data.bpe_sample_mb", "0.5"]
+    args = fit_args(corpus, tmp_path / "runs", cache, 1, *settings, "--data.num_workers", "1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nexttoken", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    staged = None
+    while staged is None and process.poll() is None and time.monotonic() < deadline:
+        # Halfway: tokens already appended to a staging folder's stream (past the 128-byte header).
+        staged = next((f for f in cache.glob("tokens/.*.partial/train.npy") if f.stat().st_size > 4096), None)
+        time.sleep(0.02)
+    assert staged is not None, (
+        process.stderr.read().decode()[-2000:] if process.poll() is not None else "timeout"
+    )
+    workers = child_pids(process.pid)
+    assert workers  # the tokenizing worker (and the executor's helpers) were running
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+
+    key = staged.parent.name.split(".")[1]
+    assert not (cache / "tokens" / key).exists()  # nothing a later run could take as complete
+    assert staged.parent.is_dir()
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # no orphans left tokenizing
+
+    def build(cache_dir: Path) -> TextDataModule:
+        dm = TextDataModule(
+            path=str(corpus),
+            tokenizer="bpe",
+            vocab_size=300,
+            bpe_sample_mb=0.5,
+            val_fraction=0.3,
+            block_size=32,
+            cache_dir=str(cache_dir),
+            num_workers=1,
+        )
+        dm.prepare_data()
+        dm.setup()
+        return dm
+
+    again = build(cache)
+    assert again.cache_hit is False and again.cache.directory.name == key
+    assert not list(cache.glob("tokens/.*.partial"))  # the killed run's staging folder is gone
+    fresh = build(tmp_path / "fresh")
+    for name in ("train.npy", "val.npy", "val_bytes.npy", "val.txt", "meta.json"):
+        if name != "meta.json":
+            assert (again.cache.directory / name).read_bytes() == (
+                fresh.cache.directory / name
+            ).read_bytes(), name
+
+
 # --------------------------------------------------------------------------- real DDP
 class ShardRecorder(L.LightningModule):
     """Writes the training rows and validation targets each rank saw to ``out/rank{i}.json``."""
@@ -605,11 +768,15 @@ class ShardRecorder(L.LightningModule):
         self.val_bytes += int(n_bytes.sum())
 
     def on_fit_end(self):
+        data = self.trainer.datamodule
         record = {
             "train": self.train_rows,
             "val": self.val_targets,
             "bytes": self.val_bytes,
             "val_batches": self.trainer.num_val_batches[0],
+            "cache_hit": data.cache_hit,
+            "cache": str(data.cache.directory),
+            "corpus_reads": data.corpus_reads,
         }
         (Path(self.out) / f"rank{self.global_rank}.json").write_text(json.dumps(record))
 
@@ -617,8 +784,19 @@ class ShardRecorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+class CountingDataModule(TextDataModule):
+    """Counts how often this process read the corpus (found its files, hashed them, split them)."""
+
+    corpus_reads = 0
+
+    def corpus(self):
+        self.corpus_reads += 1
+        return super().corpus()
+
+
 @pytest.mark.slow
 def test_ddp_ranks_share_val_exactly_and_train_disjointly(tmp_path):
+    """Also: rank 0 tokenizes (prepare_data), rank 1 waits and reads its cache without touching the corpus."""
     corpus = write_corpus(tmp_path / "corpus", n_docs=10, repeat=2)
     kwargs = dict(
         path=[str(corpus)],
@@ -640,8 +818,11 @@ def test_ddp_ranks_share_val_exactly_and_train_disjointly(tmp_path):
         enable_checkpointing=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(ShardRecorder(str(tmp_path)), TextDataModule(**kwargs))
+    trainer.fit(ShardRecorder(str(tmp_path)), CountingDataModule(**kwargs))
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert [r["cache_hit"] for r in ranks] == [False, True]  # rank 0 built it, rank 1 found it
+    assert [r["corpus_reads"] for r in ranks] == [1, 0]
+    assert ranks[0]["cache"] == ranks[1]["cache"]
     dm = TextDataModule(**kwargs)
     dm.setup()
     assert ranks[0]["val"] + ranks[1]["val"] == np.load(dm.cache.val)[1:].tolist()  # no padding, no repeats
@@ -650,3 +831,47 @@ def test_ddp_ranks_share_val_exactly_and_train_disjointly(tmp_path):
     train = [{tuple(r) for r in rank["train"]} for rank in ranks]
     assert len(ranks[0]["train"]) == len(ranks[1]["train"]) > 0
     assert not train[0] & train[1]
+
+
+@pytest.mark.slow
+def test_a_cache_another_machine_is_building_is_waited_for_not_built_again(tmp_path):
+    """Two machines with one shared --data.cache_dir: the second waits on the lock, then reads."""
+    import shutil
+    import subprocess
+    import time
+
+    from filelock import FileLock
+
+    corpus = write_corpus(tmp_path / "corpus")
+    settings = dict(path=[str(corpus)], tokenizer="bytes", block_size=8, val_fraction=0.25)
+    probe = TextDataModule(cache_dir=str(tmp_path / "elsewhere"), **settings)
+    probe.prepare_data()
+    key = probe.cache.directory.name
+    shared = tmp_path / "shared" / "tokens"
+    shared.mkdir(parents=True)
+    script = (
+        "import json, sys; from nexttoken.data.datamodule import TextDataModule; "
+        f"dm = TextDataModule(cache_dir={str(tmp_path / 'shared')!r}, **json.loads(sys.argv[1])); dm.prepare_data(); "
+        "print(json.dumps([dm.cache_hit, str(dm.cache.directory)]))"
+    )
+    log = tmp_path / "stderr.txt"
+    with FileLock(str(shared / key) + ".lock"):  # the other machine is tokenizing
+        with open(log, "w") as stderr:
+            child = subprocess.Popen(
+                [sys.executable, "-c", script, json.dumps(settings)],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+        deadline = time.monotonic() + 120
+        while "waiting for another process" not in log.read_text() and time.monotonic() < deadline:
+            assert child.poll() is None, log.read_text()
+            time.sleep(0.05)
+        assert "waiting for another process to finish tokenizing" in log.read_text()
+        time.sleep(1)
+        assert child.poll() is None  # still waiting, not building its own
+        shutil.copytree(probe.cache.directory, shared / key)  # the other machine's finished cache
+    out, _ = child.communicate(timeout=120)
+    assert child.returncode == 0, log.read_text()
+    assert json.loads(out.strip().splitlines()[-1]) == [True, str(shared / key)]
+    assert not list(shared.glob(".*.partial"))

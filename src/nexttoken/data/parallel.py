@@ -6,12 +6,17 @@ whole corpus in memory. :func:`ordered_map` submits to a ``ProcessPoolExecutor``
 ``window`` items in flight, so memory stays bounded whatever the length of the stream.
 
 Workers are started with ``spawn``: a forked child of a process whose Rust thread pool (Hugging Face
-``tokenizers``) or OpenMP threads (torch) have run can deadlock on locks those threads held.
+``tokenizers``) or OpenMP threads (torch) have run can deadlock on locks those threads held. And they
+end when their parent does, however it ends: a worker of a killed ``ProcessPoolExecutor`` would wait
+for work forever (it holds both ends of its own queue's pipe, so it never sees the parent go).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
+import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -44,7 +49,9 @@ def ordered_map(
         return
     window = window or 2 * workers
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker, initargs=(initializer, initargs)
+    ) as pool:
         pending: deque[Future] = deque()
         try:
             for item in items:
@@ -56,3 +63,16 @@ def ordered_map(
         finally:
             for future in pending:
                 future.cancel()
+
+
+def _start_worker(initializer: Callable[..., Any] | None, initargs: tuple) -> None:
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _exit_with_parent() -> None:
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
