@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -37,17 +36,13 @@ from nexttoken.data.corpus import Corpus
 from nexttoken.data.documents import DataError, default_corpus, find_documents
 from nexttoken.data.loaders import ResumableDataLoader, TrainBatches, ValBatches
 from nexttoken.data.packing import num_train_blocks
+from nexttoken.data.parallel import available_cores
 from nexttoken.data.tokenizers import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
 
 # Below this much source data, tokenizing in this process is done before workers would have started.
 SMALL_CORPUS_BYTES = 4 * CHUNK_CHARS
-
-
-def available_cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class TextDataModule(L.LightningDataModule):

@@ -5,7 +5,8 @@ before the first result comes back (Python < 3.14), which for a stream of corpus
 whole corpus in memory. :func:`ordered_map` submits to a ``ProcessPoolExecutor`` and keeps at most
 ``window`` items in flight, so memory stays bounded whatever the length of the stream.
 
-Workers are started with ``spawn``: a forked child of a process whose Rust thread pool (Hugging Face
+Workers are started with ``spawn``, so each imports the main script anew: keep heavy imports (torch)
+out of a script's top level if it tokenizes with workers. Why ``spawn``: a forked child of a process whose Rust thread pool (Hugging Face
 ``tokenizers``) or OpenMP threads (torch) have run can deadlock on locks those threads held. And they
 end when their parent does, however it ends: a worker of a killed ``ProcessPoolExecutor`` would wait
 for work forever (it holds both ends of its own queue's pipe, so it never sees the parent go).
@@ -24,6 +25,11 @@ from typing import Any, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def ordered_map(
