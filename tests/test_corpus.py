@@ -147,16 +147,24 @@ def test_bpe_sample_is_the_smallest_hashes_that_fit(tmp_path):
     assert corpus.sample(10**9) == [d.text for d in train]
 
 
-def test_bpe_sample_reads_only_what_it_may_keep(tmp_path):
-    # Text files above the falling threshold are never opened: make them unreadable to prove it.
+def test_bpe_sample_reads_only_what_it_may_keep(tmp_path, monkeypatch):
+    import nexttoken.data.documents as documents
+
     folder = tmp_path / "files"
     folder.mkdir()
     for i in range(200):
         (folder / f"f{i:03d}.txt").write_text(texts(200)[i] * 5)
     corpus = Corpus(find_documents(folder), 0.1)
+    opened = []
+    read = documents.read_document
+    monkeypatch.setattr(
+        documents, "read_document", lambda path, **kw: opened.append(path) or read(path, **kw)
+    )
     read_bytes = []
-    corpus.sample(2_000, on_read=read_bytes.append)
-    assert sum(read_bytes) < 0.5 * corpus.size()
+    sample = corpus.sample(2_000, on_read=read_bytes.append)
+    # Text files above the falling threshold are never opened.
+    assert len(sample) < 20 and len(opened) < 100
+    assert sum(read_bytes) == corpus.size()  # yet the progress bar reaches its end
 
 
 def test_one_text_file_samples_its_head(tmp_path):

@@ -279,9 +279,9 @@ def test_tokenizing_workers_give_identical_files(tmp_path):
             for name in ("train.npy", "val.npy", "val_bytes.npy", "val.txt")
         }
     assert files[0] == files[1] == files[3]
-    train = [d.text for is_val, d in split_corpus.documents() if not is_val]
-    val = [d.text for is_val, d in split_corpus.documents() if is_val]
-    assert sum(map(len, train)) > 200 * 5  # many chunks of 200 characters
+    train = [d for is_val, d in split_corpus.documents() if not is_val]
+    val = [d for is_val, d in split_corpus.documents() if is_val]
+    assert sum(len(d.text) for d in train) > 200 * 5  # many chunks of 200 characters
     reference_train, _ = tokenize_documents(tokenizer, train, with_bytes=False)
     reference_val, reference_bytes = tokenize_documents(tokenizer, val, with_bytes=True)
     cache = TokenCache(tmp_path / "cache3" / "tokens" / "key")
@@ -357,6 +357,29 @@ def test_second_setup_reads_the_cache_without_tokenizing(tmp_path, monkeypatch):
     (corpus / "doc00.txt").write_text("changed\n" * 20, encoding="utf-8")
     with pytest.raises(AssertionError, match="again"):
         make_dm(tmp_path, corpus=corpus, tokenizer="bpe", vocab_size=300)
+
+
+def test_other_ranks_read_the_cache_by_rank_zeros_key_without_the_corpus(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    rank0 = make_dm(tmp_path)  # prepare_data: tokenized here
+    broadcasts = []
+
+    def broadcast(obj, src):
+        broadcasts.append((obj, src))
+        return rank0._cache_key
+
+    other = TextDataModule(
+        path=[str(tmp_path / "corpus")], tokenizer="bytes", block_size=8, cache_dir=str(tmp_path / "cache")
+    )
+    other.trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=broadcast))
+    monkeypatch.setattr(TextDataModule, "corpus", lambda self: pytest.fail("another rank read the corpus"))
+    other.setup("fit")
+    assert broadcasts == [(None, 0)] and other.cache_hit is True
+    assert other.cache.directory == rank0.cache.directory and other.val_bytes == rank0.val_bytes
+    assert other.tokenizer.fingerprint == rank0.tokenizer.fingerprint
+    other.setup("validate")  # once set up, no second collective
+    assert len(broadcasts) == 1
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):

@@ -214,7 +214,7 @@ def test_invalid_utf8_in_a_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(jsonl_bytes(ROWS[:1]) + '{"text": "café"}\n'.encode("latin-1"))
     with pytest.raises(
-        DataError, match=r"latin1.jsonl line 2 is not valid UTF-8 \(byte 13 .*replace_invalid_utf8"
+        DataError, match=r"latin1.jsonl line 2 is not valid UTF-8 \(byte offset 13: .*replace_invalid_utf8"
     ):
         read(path)
     with pytest.warns(

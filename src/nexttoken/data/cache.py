@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from nexttoken.data.corpus import Corpus
-from nexttoken.data.documents import DataWarning
+from nexttoken.data.documents import DataWarning, Document
 from nexttoken.data.packing import concat_byte_counts, concat_documents, token_dtype
 from nexttoken.data.parallel import ordered_map
 from nexttoken.data.tokenizers import Tokenizer, document_frame
@@ -56,12 +56,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("NEXTTOKEN_CACHE") or Path.home() / ".cache" / "nexttoken").expanduser()
 
 
-def _chunks(texts: Sequence[str], max_chars: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
+def _chunks(documents: Sequence[Document], max_chars: int) -> Iterator[list[Document]]:
+    chunk: list[Document] = []
     size = 0
-    for text in texts:
-        chunk.append(text)
-        size += len(text)
+    for doc in documents:
+        chunk.append(doc)
+        size += len(doc.text)
         if size >= max_chars:
             yield chunk
             chunk, size = [], 0
@@ -70,19 +70,20 @@ def _chunks(texts: Sequence[str], max_chars: int) -> Iterator[list[str]]:
 
 
 def tokenize_documents(
-    tokenizer: Tokenizer, texts: Sequence[str], with_bytes: bool
+    tokenizer: Tokenizer, documents: Sequence[Document], with_bytes: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The token stream of ``texts`` (each document framed by :func:`document_frame`) and, if
-    asked, per-token byte counts (frame tokens cover 0 bytes)."""
+    """The token stream of ``documents`` (each framed by :func:`document_frame`) and, if asked,
+    per-token byte counts (frame tokens cover 0 bytes)."""
     token_lists: list[np.ndarray] = []
     byte_lists: list[np.ndarray] = []
-    for chunk in _chunks(texts, _ENCODE_CHUNK_CHARS):
+    for chunk in _chunks(documents, _ENCODE_CHUNK_CHARS):
+        texts = [doc.text for doc in chunk]
         if with_bytes:
-            for ids, counts in tokenizer.encode_batch_with_bytes(chunk):
+            for ids, counts in tokenizer.encode_batch_with_bytes(texts):
                 token_lists.append(ids)
                 byte_lists.append(counts)
         else:
-            token_lists.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(chunk))
+            token_lists.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts))
     before, after = document_frame(tokenizer)
     stream = concat_documents(token_lists, before, after, dtype=token_dtype(tokenizer.vocab_size))
     byte_counts = concat_byte_counts(byte_lists, before, after, dtype=np.uint32) if with_bytes else None
@@ -90,11 +91,14 @@ def tokenize_documents(
 
 
 # --------------------------------------------------------------------------- jobs
-def _tokenize_job(tokenizer: Tokenizer, job: tuple[bool, list[str]]):
+Job = tuple[bool, list[Document]]  # (is_val, documents of one split)
+
+
+def _tokenize_job(tokenizer: Tokenizer, job: Job):
     """One chunk of one split: ``(is_val, stream, byte_counts, documents, utf8_bytes)``."""
-    is_val, texts = job
-    stream, byte_counts = tokenize_documents(tokenizer, texts, with_bytes=is_val)
-    return is_val, stream, byte_counts, len(texts), sum(len(t.encode("utf-8")) for t in texts)
+    is_val, documents = job
+    stream, byte_counts = tokenize_documents(tokenizer, documents, with_bytes=is_val)
+    return is_val, stream, byte_counts, len(documents), sum(len(d.text.encode("utf-8")) for d in documents)
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -108,21 +112,21 @@ def _start_worker(tokenizer_state: dict[str, Any]) -> None:
     _worker_tokenizer = Tokenizer.from_dict(tokenizer_state)
 
 
-def _tokenize_in_worker(job: tuple[bool, list[str]]):
+def _tokenize_in_worker(job: Job):
     return _tokenize_job(_worker_tokenizer, job)
 
 
 def _jobs(
-    documents: Iterator[tuple[bool, Any]], chunk_chars: int, write_val_text: Callable[[bytes], object]
-) -> Iterator[tuple[bool, list[str]]]:
-    """``(is_val, texts)`` chunks of about ``chunk_chars`` characters, each of one split, in order.
-    Validation texts are written as they are read: jobs come back in the order they are made."""
-    pending: dict[bool, list[str]] = {False: [], True: []}
+    documents: Iterator[tuple[bool, Document]], chunk_chars: int, write_val_text: Callable[[bytes], object]
+) -> Iterator[Job]:
+    """Chunks of about ``chunk_chars`` characters, each of one split, in order. Validation texts are
+    written as they are read: jobs come back in the order they are made, so they match the stream."""
+    pending: dict[bool, list[Document]] = {False: [], True: []}
     sizes = {False: 0, True: 0}
     for is_val, document in documents:
         if is_val:
             write_val_text(document.text.encode("utf-8"))
-        pending[is_val].append(document.text)
+        pending[is_val].append(document)
         sizes[is_val] += len(document.text)
         if sizes[is_val] >= chunk_chars:
             yield is_val, pending[is_val]

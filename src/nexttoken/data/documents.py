@@ -157,32 +157,47 @@ def find_documents(
 
 
 # --------------------------------------------------------------------------- reading
+def decode_utf8(data: bytes, where: str, errors: str = "strict", warn: bool = True) -> tuple[str, int | None]:
+    """``(text, offset)``: ``data`` decoded as UTF-8 exactly, and the byte offset of its first invalid
+    UTF-8 (None when there is none). Invalid UTF-8 is an error naming ``where`` and the offset; with
+    ``errors="replace"`` the bad bytes become U+FFFD, with a warning unless ``warn`` is False."""
+    if errors not in ("strict", "replace"):
+        raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        if errors == "strict":
+            raise DataError(
+                f"{where} is not valid UTF-8 (byte offset {e.start}: {e.reason}); convert it to UTF-8, "
+                "or pass --data.replace_invalid_utf8 true to replace bad bytes with U+FFFD"
+            ) from None
+        if warn:
+            warnings.warn(
+                f"{where}: replaced invalid UTF-8 starting at byte offset {e.start} with U+FFFD",
+                DataWarning,
+                stacklevel=3,
+            )
+        return data.decode("utf-8", errors="replace"), e.start
+
+
 def read_document(path: str | os.PathLike, errors: str = "strict") -> str:
     """The file's text, decoded as UTF-8 exactly as stored (no newline translation, so bytes add up).
 
     A binary file (NUL bytes near its start) is an error. Invalid UTF-8 is an error naming the byte
     offset; with ``errors="replace"`` the bad bytes become U+FFFD and a warning says so.
     """
-    if errors not in ("strict", "replace"):
-        raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
     path = Path(path)
     data = path.read_bytes()
     if b"\0" in data[:BINARY_SNIFF_BYTES]:
         raise DataError(f"{path} is a binary file (it has NUL bytes), not text; pass UTF-8 text files")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if errors == "strict":
-            raise DataError(
-                f"{path} is not valid UTF-8 (byte offset {e.start}: {e.reason}); convert it to UTF-8, "
-                "or pass --data.replace_invalid_utf8 true to replace bad bytes with U+FFFD"
-            ) from None
+    text, bad = decode_utf8(data, str(path), errors)
+    if bad is not None:
         warnings.warn(
-            f"{path}: replaced invalid UTF-8 starting at byte offset {e.start} with U+FFFD",
+            f"{path}: replaced invalid UTF-8 starting at byte offset {bad} with U+FFFD",
             DataWarning,
             stacklevel=2,
         )
-        return data.decode("utf-8", errors="replace")
+    return text
 
 
 def corpus_root(paths: Sequence[Path]) -> Path:
@@ -248,6 +263,8 @@ def iter_documents(
         name = path.relative_to(root).as_posix()
         if is_text_file(path):
             if select is not None and not select(name):
+                if on_read is not None:
+                    on_read(path.stat().st_size)  # passed over: done with it all the same
                 continue
             text = read_document(path, errors=errors)
             if on_read is not None:

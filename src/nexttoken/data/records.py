@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nexttoken.data.documents import DataError, DataWarning
+from nexttoken.data.documents import DataError, DataWarning, decode_utf8
 
 # Suffixes (before an optional compression suffix) of the record formats.
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -206,16 +206,9 @@ class RecordSource:
             if not line.strip() or (select is not None and not select(index, None)):
                 continue
             where = f"{self.path} line {index + 1}"
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                if errors == "strict":
-                    raise DataError(
-                        f"{where} is not valid UTF-8 (byte {e.start} of the line: {e.reason}); convert the "
-                        "file to UTF-8, or pass --data.replace_invalid_utf8 true to replace bad bytes with U+FFFD"
-                    ) from None
+            text, bad = decode_utf8(line, where, errors, warn=False)
+            if bad is not None:
                 replaced.append(index + 1)
-                text = line.decode("utf-8", errors="replace")
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
@@ -235,20 +228,7 @@ class RecordSource:
 
     def _json_array(self, reader, select, errors):
         data = reader.read()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if errors == "strict":
-                raise DataError(
-                    f"{self.path} is not valid UTF-8 (byte offset {e.start}: {e.reason}); convert it to "
-                    "UTF-8, or pass --data.replace_invalid_utf8 true to replace bad bytes with U+FFFD"
-                ) from None
-            warnings.warn(
-                f"{self.path}: replaced invalid UTF-8 starting at byte offset {e.start} with U+FFFD",
-                DataWarning,
-                stacklevel=4,
-            )
-            text = data.decode("utf-8", errors="replace")
+        text, _ = decode_utf8(data, str(self.path), errors)
         del data
         try:
             records = json.loads(text)
