@@ -259,6 +259,20 @@ def test_record_formats_give_exact_streams_and_bytes(tmp_path, kind):
     assert n_bytes == dm.val_bytes
 
 
+@pytest.mark.slow
+def test_fit_on_compressed_json_lines_reports_bits_per_byte_on_exact_bytes(tmp_path):
+    from nexttoken.cli import main
+    from test_cli import fit_args
+
+    corpus, _ = write_record_corpus(tmp_path / "data", "jsonl.zst")
+    args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2, "--data.text_field", "content")
+    assert main(args) == 0
+    report = json.loads((tmp_path / "runs" / "version_0" / "report.json").read_text())
+    held_out = expected_val_texts(corpus, "jsonl.zst", 0.3)  # fit_args holds out 30%
+    assert report["validation"]["bytes"] == len("".join(held_out).encode("utf-8"))
+    assert report["validation"]["bits_per_byte"] > 0
+
+
 def test_tokenizing_workers_give_identical_files(tmp_path):
     """1 and N worker processes (and this process) write byte-identical caches, equal to tokenizing
     the whole corpus at once in memory."""
