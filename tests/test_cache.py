@@ -5,7 +5,7 @@ import pytest
 
 import nexttoken.data.cache as cache
 from conftest import TINY_TEXT, train_tiny_tokenizer
-from nexttoken.data.cache import TokenCache, default_cache_dir, tokenize_documents
+from nexttoken.data.cache import default_cache_dir, tokenize_documents
 from nexttoken.data.datamodule import TextDataModule
 from nexttoken.data.documents import Document, find_documents, split_documents
 from nexttoken.data.packing import concat_documents
@@ -95,7 +95,7 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
     dm = TextDataModule(path=[str(write_corpus(tmp_path / "corpus"))], tokenizer="bytes", block_size=8)
     dm.setup()
     assert dm.cache.directory.is_relative_to(tmp_path / "env_cache")
-    assert sorted(f.name for f in dm.cache.directory.iterdir()) == CACHE_FILES  # no temporary files left
+    assert not list(dm.cache.directory.glob(".*.tmp"))  # temp files were renamed into place
 
 
 def test_default_cache_dir_is_under_home_without_the_variable(tmp_path, monkeypatch):
@@ -106,26 +106,24 @@ def test_default_cache_dir_is_under_home_without_the_variable(tmp_path, monkeypa
     assert default_cache_dir() == tmp_path / "elsewhere"
 
 
-def test_an_interrupted_write_leaves_no_cache_that_looks_complete(tmp_path, monkeypatch):
-    tokenizer = bytes_tokenizer()
-    files = TokenCache(tmp_path / "tokens")
+def test_an_interrupted_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    corpus = write_corpus(tmp_path / "corpus")
     real_write = cache.write_atomically
 
-    def crash_on_val_text(path, data):
-        if Path(path).name == "val.txt":
+    def crash_on_meta(path, data):
+        if Path(path).name == "meta.json":
             raise OSError("disk full")
         return real_write(path, data)
 
-    monkeypatch.setattr(cache, "write_atomically", crash_on_val_text)
+    monkeypatch.setattr(cache, "write_atomically", crash_on_meta)
     with pytest.raises(OSError, match="disk full"):
-        files.write(tokenizer, DOCS[:2], DOCS[2:])
-    assert not files.exists() and not files.meta.exists()  # meta.json is written last
+        make_dm(tmp_path, corpus=corpus)
+    # No entry, no staging folder, no lock file, not even the folders the build made.
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*"))
     monkeypatch.setattr(cache, "write_atomically", real_write)
-    meta = files.write(tokenizer, DOCS[:2], DOCS[2:])
-    assert files.exists() and files.read_meta() == meta
-    train_bytes = sum(len(d.text.encode("utf-8")) for d in DOCS[:2])
-    val_text = DOCS[2].text.encode("utf-8")
-    assert meta["train_tokens"] == train_bytes + 2  # one EOS before each of the two documents
-    assert meta["val_tokens"] == len(val_text) + 1 and meta["val_bytes"] == len(val_text)
-    assert files.val_text.read_bytes() == val_text
-    assert np.load(files.val_bytes).tolist() == [0, *utf8_counts(DOCS[2].text)]
+    dm = make_dm(tmp_path, corpus=corpus)
+    assert dm.cache_hit is False and dm.cache.exists()
+    meta = dm.cache.read_meta()
+    val_text = dm.val_text_bytes()
+    assert meta["val_bytes"] == len(val_text) == int(np.load(dm.cache.val_bytes).sum())
+    assert meta["val_tokens"] == len(np.load(dm.cache.val)) == len(val_text) + meta["val_documents"]

@@ -121,7 +121,7 @@ def test_fit_end_to_end_writes_checkpoints_logs_curves_report(corpus, tmp_path, 
     assert summary[3].startswith("weight decay: weight decay on")
     assert (
         summary[4]
-        == "note: warmup capped at 1 steps (a tenth of the run's 10) instead of --model.warmup_steps 2"
+        == "note: warmup capped at 1 step (a tenth of the run's 10) instead of --model.warmup_steps 2"
     )
     assert summary[5] == f"run folder: {run}"
     assert sum(line.startswith("data:") for line in lines) == 1

@@ -12,7 +12,7 @@ from nexttoken.data.datamodule import TextDataModule
 from nexttoken.data.documents import DataWarning
 from nexttoken.data.loaders import ResumableDataLoader, TrainBatches, ValBatches
 from nexttoken.loss import IGNORE_INDEX
-from test_datamodule import make_dm, val_targets, write_corpus
+from test_datamodule import CountingDataModule, make_dm, val_targets, write_corpus
 
 
 # --------------------------------------------------------------------------- the datasets on their own
@@ -139,7 +139,7 @@ def test_train_ranks_read_disjoint_blocks(tmp_path):
 
 def test_workers_do_not_change_the_batches(tmp_path):
     dm0 = make_dm(tmp_path, val_batch_size=3)
-    dm2 = make_dm(tmp_path, val_batch_size=3, num_workers=2)
+    dm2 = make_dm(tmp_path, val_batch_size=3, loader_workers=2)
     train0, train2 = dm0.train_dataloader(), dm2.train_dataloader()
     for _ in range(2):  # two epochs
         a, b = list(train0), list(train2)
@@ -198,8 +198,10 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize(("where", "num_workers"), [("mid_epoch", 0), ("end_of_epoch", 0), ("mid_epoch", 2)])
-def test_resume_from_a_step_checkpoint_sees_the_same_batches(tmp_path, where, num_workers):
+@pytest.mark.parametrize(
+    ("where", "loader_workers"), [("mid_epoch", 0), ("end_of_epoch", 0), ("mid_epoch", 2)]
+)
+def test_resume_from_a_step_checkpoint_sees_the_same_batches(tmp_path, where, loader_workers):
     # With workers, the DataLoader prefetches batches the model has not seen yet: they must not count.
     corpus = write_corpus(tmp_path / "corpus", n_docs=6, repeat=1)
     dm_kwargs = dict(
@@ -208,7 +210,7 @@ def test_resume_from_a_step_checkpoint_sees_the_same_batches(tmp_path, where, nu
         block_size=16,
         batch_size=4,
         val_fraction=0.2,
-        num_workers=num_workers,
+        loader_workers=loader_workers,
     )
     probe = make_dm(tmp_path, corpus=corpus, **{k: v for k, v in dm_kwargs.items() if k != "path"})
     per_epoch = len(probe.train_dataloader())
@@ -246,7 +248,7 @@ def test_resume_from_a_checkpoint_saved_after_mid_epoch_validation(tmp_path):
 def test_resume_from_an_epoch_checkpoint_with_workers(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", n_docs=6, repeat=1)
     dm_kwargs = dict(
-        path=[str(corpus)], tokenizer="bytes", block_size=16, batch_size=4, val_fraction=0.2, num_workers=2
+        path=[str(corpus)], tokenizer="bytes", block_size=16, batch_size=4, val_fraction=0.2, loader_workers=2
     )
     full, _ = fit(tmp_path / "a", dm_kwargs, max_epochs=3)
     per_epoch = len(full) // 3
@@ -295,11 +297,15 @@ class ShardRecorder(L.LightningModule):
         self.val_bytes += int(n_bytes.sum())
 
     def on_fit_end(self):
+        data = self.trainer.datamodule
         record = {
             "train": self.train_rows,
             "val": self.val_targets,
             "bytes": self.val_bytes,
             "val_batches": self.trainer.num_val_batches[0],
+            "cache_hit": data.cache_hit,
+            "cache": str(data.cache.directory),
+            "corpus_reads": data.corpus_reads,
         }
         (Path(self.out) / f"rank{self.global_rank}.json").write_text(json.dumps(record))
 
@@ -309,6 +315,7 @@ class ShardRecorder(L.LightningModule):
 
 @pytest.mark.slow
 def test_ddp_ranks_share_val_exactly_and_train_disjointly(tmp_path):
+    """Also: rank 0 tokenizes (prepare_data), rank 1 waits and reads its cache without touching the corpus."""
     corpus = write_corpus(tmp_path / "corpus", n_docs=10, repeat=2)
     kwargs = dict(
         path=[str(corpus)],
@@ -330,8 +337,11 @@ def test_ddp_ranks_share_val_exactly_and_train_disjointly(tmp_path):
         enable_checkpointing=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(ShardRecorder(str(tmp_path)), TextDataModule(**kwargs))
+    trainer.fit(ShardRecorder(str(tmp_path)), CountingDataModule(**kwargs))
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert [r["cache_hit"] for r in ranks] == [False, True]  # rank 0 built it, rank 1 found it
+    assert [r["corpus_reads"] for r in ranks] == [1, 0]
+    assert ranks[0]["cache"] == ranks[1]["cache"]
     dm = TextDataModule(**kwargs)
     dm.setup()
     assert ranks[0]["val"] + ranks[1]["val"] == np.load(dm.cache.val)[1:].tolist()  # no padding, no repeats

@@ -18,8 +18,6 @@ from typing import TypeVar
 
 import numpy as np
 
-from nexttoken.loss import IGNORE_INDEX
-
 Block = TypeVar("Block")
 
 
@@ -85,6 +83,9 @@ def val_batch(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(input_ids, targets)``, each ``(len(blocks), block_size)`` int64: block ``i`` scores stream
     positions ``i*T + 1 .. i*T + T``; past the end, inputs hold ``pad_id`` and targets ``IGNORE_INDEX``."""
+    # Imported here: tokenizing worker processes use this module and must not pay for torch.
+    from nexttoken.loss import IGNORE_INDEX
+
     blocks = np.asarray(blocks, dtype=np.int64)
     n = num_val_blocks(len(stream), block_size)
     if blocks.size and (blocks.min() < 0 or blocks.max() >= n):
@@ -96,13 +97,22 @@ def val_batch(
     return np.where(scored, input_ids, pad_id), np.where(scored, targets, IGNORE_INDEX)
 
 
-def val_block_bytes(byte_counts: np.ndarray, block_size: int) -> np.ndarray:
-    """Bytes covered by each validation block's scored targets (stream positions ``index*T+1 ..``)."""
+def val_block_bytes(byte_counts: np.ndarray, block_size: int, blocks: range | None = None) -> np.ndarray:
+    """Bytes covered by each validation block's scored targets (stream positions ``index*T+1 ..``),
+    for the blocks in ``blocks`` (default: all). Only their part of ``byte_counts`` is read, so a
+    memory-mapped file stays on disk."""
     n_blocks = num_val_blocks(len(byte_counts), block_size)
-    if n_blocks == 0:
+    blocks = range(n_blocks) if blocks is None else blocks
+    if len(blocks) and (blocks.start < 0 or blocks.stop > n_blocks):
+        raise IndexError(
+            f"validation blocks {blocks.start}..{blocks.stop - 1} out of range 0..{n_blocks - 1}"
+        )
+    if len(blocks) == 0:
         return np.zeros(0, dtype=np.int64)
-    targets = np.asarray(byte_counts[1:], dtype=np.int64)
-    return np.add.reduceat(targets, np.arange(n_blocks) * block_size)
+    targets = np.asarray(
+        byte_counts[blocks.start * block_size + 1 : blocks.stop * block_size + 1], dtype=np.int64
+    )
+    return np.add.reduceat(targets, np.arange(len(blocks)) * block_size)
 
 
 # --------------------------------------------------------------------------- document masking
@@ -122,6 +132,8 @@ def mask_documents(
     ``EOS doc0 EOS doc1``). So without a start token a document's first token is not scored (it
     has no context of its own), exactly as ``nexttoken eval`` scores documents.
     """
+    from nexttoken.loss import IGNORE_INDEX  # here, not at the top: tokenizing workers never load torch
+
     # The block's T + 1 tokens; a validation block's unscored tail (IGNORE_INDEX) matches no id.
     block = np.concatenate([input_ids, targets[..., -1:]], axis=-1)
     if start_id is not None:
