@@ -4,7 +4,6 @@ base, saved as adapter-only checkpoints tied to their base by sha256, exported a
 
 import csv
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from nexttoken.models.lora import (
 )
 from nexttoken.models.protocol import CausalLM
 from test_cli import fit_args, write_corpus
+from test_export import eval_json as eval_json_of
 
 SCALE = 2.0  # alpha / r in the tests below
 
@@ -218,12 +218,7 @@ def gpt_run(tmp_path_factory):
 
 
 def eval_json(capsys, model: Path, text: Path, *extra) -> dict:
-    capsys.readouterr()
-    assert (
-        main(["eval", str(model), str(text), "--json", "--no-progress", "--context", "32", *map(str, extra)])
-        == 0
-    )
-    return json.loads(capsys.readouterr().out)
+    return eval_json_of(capsys, model, text, "--context", "32", *map(str, extra))
 
 
 def test_checkpoint_holds_the_adapter_its_optimizer_state_and_the_base_fingerprint(hf_run):

@@ -21,7 +21,7 @@ from nexttoken.metrics import NextTokenMetrics
 from nexttoken.models.gpt import PRESETS
 from nexttoken.models.load import is_checkpoint, is_hf_model
 from nexttoken.models.protocol import CausalLM
-from nexttoken.optim import build_optimizer, decay_audit
+from nexttoken.optim import LORA_WEIGHT_DECAY, build_optimizer, decay_audit
 
 if TYPE_CHECKING:
     from nexttoken.models.lora import LoraSettings
@@ -87,7 +87,7 @@ class CausalLMModule(L.LightningModule):
         lora_alpha: float | None = None,
         lora_dropout: float = 0.0,
         lora_targets: list[str] | None = None,
-        lora_weight_decay: float = 0.0,
+        lora_weight_decay: float = LORA_WEIGHT_DECAY,
     ) -> None:
         super().__init__()
         if fused_loss not in FusedLoss.__args__:

@@ -28,6 +28,9 @@ TIED = "tied to embedding"
 UNCLASSIFIED = "unclassified (no decay)"
 LORA = "lora adapter"
 FROZEN = "frozen"
+# The adapters' default decay: what the LoRA paper's GPT-2 runs (Hu et al. 2021, microsoft/LoRA) and
+# torchtune's LoRA recipes use; README "Fine-tuning with LoRA" has the measurement behind keeping it.
+LORA_WEIGHT_DECAY = 0.01
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
 if hasattr(nn, "RMSNorm"):
@@ -156,7 +159,9 @@ def decay_audit(model: nn.Module) -> DecayAudit:
     return DecayAudit(records, frozen)
 
 
-def param_groups(model: nn.Module, weight_decay: float, lora_weight_decay: float = 0.0) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, lora_weight_decay: float = LORA_WEIGHT_DECAY
+) -> list[dict]:
     """torch optimizer groups: matmul weights with ``weight_decay``, everything else that trains with 0,
     and adapters (LoRA's A and B) with ``lora_weight_decay``. Frozen parameters are in none."""
     params = dict(model.named_parameters())
@@ -190,7 +195,7 @@ def build_optimizer(
     *,
     lr: float = 3e-4,
     weight_decay: float = 0.1,
-    lora_weight_decay: float = 0.0,
+    lora_weight_decay: float = LORA_WEIGHT_DECAY,
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     warmup_steps: int = 100,
