@@ -482,6 +482,9 @@ def test_smollm2_fit_eval_export_peft_merge_chain(smollm2_gguf, shared_data, tmp
     from_merged = eval_json(capsys, merged, text)
     assert from_merged["tokens"] == with_adapter["tokens"]
     assert from_merged["perplexity"] == pytest.approx(with_adapter["perplexity"], rel=1e-6)
+    assert from_merged["perplexity"] != pytest.approx(
+        eval_json(capsys, smollm2_gguf, text)["perplexity"], rel=1e-4
+    )
     from nexttoken.models.load import load_module
 
     module = load_module(ckpt)
@@ -491,6 +494,10 @@ def test_smollm2_fit_eval_export_peft_merge_chain(smollm2_gguf, shared_data, tmp
     with torch.no_grad():
         ours = module.model(x)
         torch.testing.assert_close(peft_model(x).logits, ours, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(
-            AutoModelForCausalLM.from_pretrained(merged)(x).logits, ours, rtol=1e-5, atol=1e-5
-        )
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged)(x).logits
+        exact = module.model.double()(x)  # the adapted model evaluated in float64
+    # Thirty fp32 layers put the adapted model itself ~1e-4 from its float64 evaluation (logits up to ~35):
+    # the merged model must be as close to it as the unmerged one is (the tiny models above meet 1e-5).
+    fp32_noise = (ours.double() - exact).abs().max()
+    assert (merged_logits.double() - exact).abs().max() <= 2 * fp32_noise
+    assert (merged_logits - ours).abs().max() < 5e-4
