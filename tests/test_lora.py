@@ -123,6 +123,31 @@ def test_hf_default_targets_are_the_projections_and_merge_is_exact(fixture, requ
             torch.testing.assert_close(merged, weight + SCALE * B @ A)
 
 
+def test_base_held_in_bf16_changes_nothing_under_bf16_autocast(tiny_llama_dir):
+    """bf16 autocast rounds each fp32 weight to bf16 for its matmul: holding the frozen base in bf16
+    gives the same loss and the same adapter gradients, bit for bit."""
+    from nexttoken.loss import next_token_loss
+    from nexttoken.models.lora import hold_base_weights
+
+    results = []
+    for hold in (False, True):
+        network, _ = load_hf_causal_lm(tiny_llama_dir)
+        attach_lora(network, LoraSettings(r=4, alpha=8))
+        randomize_adapters(network)
+        if hold:
+            assert hold_base_weights(network, torch.bfloat16) > 0
+            assert {p.dtype for n, p in network.named_parameters() if "base_layer" in n} == {torch.bfloat16}
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randint(0, 100, (2, 12), generator=g), torch.randint(0, 100, (2, 12), generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = next_token_loss(network(x), y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in network.parameters() if p.requires_grad]))
+    (loss32, grads32), (loss16, grads16) = results
+    assert torch.equal(loss32, loss16)
+    assert len(grads32) == len(grads16) > 0 and all(torch.equal(a, b) for a, b in zip(grads32, grads16))
+
+
 def test_targets_that_match_nothing_list_the_modules_that_exist():
     with pytest.raises(UserError, match="match no module.*c_attn, c_fc, c_proj, lm_head, wpe, wte"):
         attach_lora(tiny_gpt(), LoraSettings(r=4, alpha=8, targets=("q_proj",)))
@@ -240,6 +265,14 @@ def test_checkpoint_holds_the_adapter_its_optimizer_state_and_the_base_fingerpri
     )
     # Trained: B is no longer zero, so every comparison below sees a real update.
     assert min(checkpoint["state_dict"][n].abs().max() for n in names if ".lora_B." in n) > 1e-3
+
+
+def test_bf16_mixed_fit_holds_the_base_in_bf16_and_gives_it_back_in_fp32(gpt_run, tmp_path, capsys):
+    base, corpus, _, _ = gpt_run
+    argv = lora_fit_args(base, corpus, tmp_path / "runs", tmp_path / "cache", 2)
+    argv[argv.index("--trainer.precision") + 1] = "bf16-mixed"
+    assert main(argv) == 0  # the end-of-run report samples text outside autocast: the base is fp32 again
+    assert "frozen weights held in bf16 while bf16-mixed trains" in capsys.readouterr().out
 
 
 def test_base_is_frozen_and_unchanged_by_training(hf_run):
@@ -406,6 +439,14 @@ def test_merge_of_a_run_that_is_not_lora(gpt_run, tmp_path, capsys):
     base, _, _, _ = gpt_run
     err = one_line_error(capsys, ["export", str(base), str(tmp_path / "out"), "--merge"])
     assert "not a LoRA run" in err and not (tmp_path / "out").exists()
+
+
+def test_resume_with_another_rank(gpt_run, tmp_path, capsys):
+    base, corpus, ckpt, _ = gpt_run
+    argv = lora_fit_args(base, corpus, tmp_path / "runs", tmp_path / "cache", 12, "--ckpt_path", str(ckpt))
+    argv[argv.index("--model.lora_r") + 1] = "8"
+    err = one_line_error(capsys, argv)
+    assert "--model.lora_r 8 (checkpoint: 4)" in err
 
 
 def test_adapter_for_another_base(hf_run, tiny_llama_dir, tmp_path, capsys):

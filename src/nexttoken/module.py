@@ -113,6 +113,7 @@ class CausalLMModule(L.LightningModule):
         self.strict_loading = lora_r is None
         self.lora_modules: list[str] = []
         self.base_fingerprint: str | None = None
+        self.base_held_in_bf16 = False
         self.model: CausalLM | None = None
         self.tokenizer = None
         self.val_metrics = NextTokenMetrics()
@@ -226,6 +227,28 @@ class CausalLMModule(L.LightningModule):
             self.print(self.lora_summary(audit))
         self.print(f"weight decay: {audit.summary()}")
 
+    def on_fit_start(self) -> None:
+        # bf16-mixed rounds every frozen base weight to bf16 for its matmul anyway: hold them so for
+        # the run (identical steps, less memory). Only under Lightning's own autocast plugin (single
+        # device, DDP): FSDP flattens parameters and needs one dtype.
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        plugin = self.trainer.precision_plugin
+        if self.lora is not None and type(plugin) is MixedPrecision and plugin.precision == "bf16-mixed":
+            from nexttoken.models.lora import hold_base_weights
+
+            hold_base_weights(self.model, torch.bfloat16)
+            self.base_held_in_bf16 = True
+
+    def on_fit_end(self) -> None:
+        # Back to fp32 for what runs outside autocast (the report's sample). These are the bf16-rounded
+        # values; checkpoints hold no base weights, so every later load reads the exact ones again.
+        if self.base_held_in_bf16:
+            from nexttoken.models.lora import hold_base_weights
+
+            hold_base_weights(self.model, torch.float32)
+            self.base_held_in_bf16 = False
+
     def lora_summary(self, audit) -> str:
         """What LoRA adapts: its settings, the trainable share, the base and every adapted module."""
         from nexttoken.models.lora import describe_modules
@@ -237,7 +260,12 @@ class CausalLMModule(L.LightningModule):
             f"lora: rank {lora.r}, alpha {lora.alpha:g} (update scale {lora.alpha / lora.r:g}), dropout "
             f"{lora.dropout:g}, weight decay {hp.lora_weight_decay:g}; {trainable:,} trainable params "
             f"({100 * trainable / total:.2f}% of {total:,}); base {hp.model} (sha256 {self.base_fingerprint[:12]}…)",
-            f"lora: {len(self.lora_modules)} modules adapted:",
+            f"lora: {len(self.lora_modules)} modules adapted"
+            + (
+                " (their frozen weights held in bf16 while bf16-mixed trains):"
+                if self.base_held_in_bf16
+                else ":"
+            ),
         ]
         lines += [f"  {pattern}" for pattern in describe_modules(self.lora_modules)]
         return "\n".join(lines)

@@ -13,6 +13,7 @@ with ``A`` (r x in) random and ``B`` (out x r) zero at the start, so training be
   (``adapter_config.json`` + ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained``
   loads; adapters of the built-in GPT use the names of its Hugging Face export (GPT-2).
 * :func:`merge_lora` folds ``(alpha / r) B A`` into ``W`` and removes the adapter layers.
+* :func:`hold_base_weights`: the frozen base weights in bf16 while bf16 autocast trains the adapters.
 * :func:`weights_fingerprint`: the sha256 of the base model's weights file(s), which an adapter
   carries so that it is never applied to another base.
 """
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
 from nexttoken.errors import UserError
@@ -116,15 +118,17 @@ def attach_lora(network: CausalLM, settings: LoraSettings | LoraConfig) -> list[
     inner = adapted_network(network)
     matched = [name for name, _ in inner.named_modules() if name and check_target_module_exists(config, name)]
     if not matched:
+        targets = config.target_modules
+        targets = targets if isinstance(targets, str) else ", ".join(sorted(targets))
         existing = sorted({n.rpartition(".")[2] for n, m in inner.named_modules() if _adaptable(m)})
         raise UserError(
-            f"--model.lora_targets {', '.join(sorted(config.target_modules))} match no module of the model; "
+            f"the LoRA targets (--model.lora_targets) {targets} match no module of the model; "
             f"its matmul and embedding modules are: {', '.join(existing)}"
         )
     embeddings = {id(m.weight) for m in inner.modules() if isinstance(m, nn.Embedding)}
     for name in matched:
-        weight = getattr(inner.get_submodule(name), "weight", None)
-        if _is_linear(inner.get_submodule(name)) and id(weight) in embeddings:
+        module = inner.get_submodule(name)
+        if _is_linear(module) and id(module.weight) in embeddings:
             raise UserError(
                 f"--model.lora_targets: {name} shares its weight with the input embedding (a tied head), so "
                 "its update could not be merged without changing the embedding; leave it out of the targets"
@@ -204,6 +208,23 @@ def load_adapter_state(network: CausalLM, state: dict[str, Tensor], source: str)
         raise UserError(
             f"adapter {source} does not fit this base model ({detail}); use the base model it was trained on"
         ) from None
+
+
+def hold_base_weights(network: CausalLM, dtype: torch.dtype) -> int:
+    """Cast the frozen base weights of the adapted layers to ``dtype`` in place; returns how many
+    elements were cast. Under bf16 autocast every matmul rounds an fp32 weight to bf16 anyway (the
+    same round-to-nearest as ``.to(torch.bfloat16)``), so holding them in bf16 changes no result of a
+    training step and saves their fp32 copies and the cast per step; outside autocast the layers need
+    them back in fp32."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    cast = 0
+    for module in adapted_network(network).modules():
+        if isinstance(module, BaseTunerLayer):
+            weight = module.get_base_layer().weight
+            weight.data = weight.data.to(dtype)
+            cast += weight.numel()
+    return cast
 
 
 def merge_lora(network: CausalLM) -> None:
@@ -319,9 +340,12 @@ def apply_adapter_folder(network: CausalLM, folder: str | Path, base: str | Path
             f"--adapter {folder}: no {ADAPTER_CONFIG} there; pass a PEFT adapter folder or a .ckpt"
         )
     if (folder / BASE_FILE).is_file():
-        check_fingerprint(
-            json.loads((folder / BASE_FILE).read_text(encoding="utf-8")), base, f"adapter {folder}"
-        )
+        try:
+            recorded = json.loads((folder / BASE_FILE).read_text(encoding="utf-8"))
+            saved = {"sha256": recorded["sha256"], "base_model": recorded["base_model"]}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise UserError(f"--adapter {folder}: {BASE_FILE} is damaged; export the adapter again") from None
+        check_fingerprint(saved, base, f"adapter {folder}")
     try:
         config = PeftConfig.from_pretrained(str(folder))
     except (ValueError, TypeError, OSError, json.JSONDecodeError) as error:
