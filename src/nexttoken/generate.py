@@ -19,6 +19,7 @@ import torch
 from nexttoken.data.chat import ChatTemplate, Message
 from nexttoken.data.tokenizers import Tokenizer, document_start
 from nexttoken.errors import UserError
+from nexttoken.models.load import ADAPTER_HELP
 from nexttoken.models.protocol import CausalLM
 
 
@@ -108,6 +109,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
+    parser.add_argument("--adapter", default=None, metavar="DIR_OR_CKPT", help=ADAPTER_HELP)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -120,7 +122,7 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    model, tokenizer = load_model(path, device=args.device)
+    model, tokenizer = load_model(path, device=args.device, adapter=args.adapter)
     text = generate_text(
         model,
         tokenizer,

@@ -171,6 +171,7 @@ def start_summary(
     """The summary's lines for a :class:`~nexttoken.module.CausalLMModule` being trained on a
     :class:`~nexttoken.data.datamodule.TextDataModule` that is set up."""
     meta = data.cache.read_meta()
+    audit = decay_audit(module.model)
     cache = "reused" if data.cache_hit else f"built in {meta['seconds']:.1f} s"
     notes = [*getattr(module, "schedule_notes", []), *([time_limit] if time_limit else [])]
     lines = [
@@ -178,8 +179,9 @@ def start_summary(
         f"validation {_count(meta['val_documents'], 'document')}, {meta['val_tokens']:,} tokens "
         f"({meta['val_bytes']:,} bytes); token cache {cache} ({data.cache.directory})",
         f"model: {module.model_summary_line()}",
+        *([module.lora_summary(audit)] if getattr(module, "lora", None) is not None else []),
         precision,
-        f"weight decay: {decay_audit(module.model).summary()}",
+        f"weight decay: {audit.summary()}",
         *[f"note: {note}" for note in notes],
     ]
     if trainer.logger is not None:
