@@ -1,6 +1,9 @@
 """Run by tests/test_distributed.py: one optimizer step under Lightning's DDP on CPU (gloo), two
 ranks whose micro-batches hold very different numbers of ignored positions, plain SGD with lr=1
-so the parameter change is minus the gradient. Rank 0 saves that change to argv[1]."""
+so the parameter change is minus the gradient. Rank 0 saves that change to argv[1].
+
+With ``sft`` as argv[2], the micro-batches are chat examples of different lengths instead: rank 0
+reads four as two padded batches of two, rank 1 four as one packed row of three and one alone."""
 
 import sys
 
@@ -40,8 +43,31 @@ def make_module() -> SGDModule:
     return module
 
 
+def sft_rank_batches(rank: int) -> list[tuple[torch.Tensor, ...]]:
+    from nexttoken.data.sft import collate
+    from test_sft import ROW, sft_examples
+
+    examples = sft_examples()
+    if rank == 0:
+        layouts = [([[0], [1]], None), ([[2], [3]], None)]
+    else:
+        layouts = [([[4, 5, 6]], ROW), ([[7]], None)]
+    return [collate(examples, rows, pad_id=0, width=width).for_training() for rows, width in layouts]
+
+
+class SFTModule(SGDModule):
+    def train_dataloader(self):
+        return DataLoader(sft_rank_batches(self.global_rank), batch_size=None)
+
+
+def make_sft_module() -> SFTModule:
+    from test_sft import VOCAB, make_module
+
+    return make_module(VOCAB, SFTModule)
+
+
 if __name__ == "__main__":
-    module = make_module()
+    module = make_sft_module() if sys.argv[2:] == ["sft"] else make_module()
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     trainer = L.Trainer(
         accelerator="cpu",

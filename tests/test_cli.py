@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -88,24 +89,49 @@ def test_unknown_command(capsys):
     assert "unknown command" in capsys.readouterr().err
 
 
-def test_fit_end_to_end_writes_checkpoints_logs_curves_report(corpus, tmp_path, capsys):
+def test_fit_end_to_end_writes_checkpoints_logs_curves_report(corpus, tmp_path, capfd):
     root = tmp_path / "runs"
     assert main(fit_args(corpus, root, tmp_path / "cache", 10)) == 0
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()
     run = root / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert list((run / "checkpoints").glob("best-*.ckpt"))
     assert (run / "metrics.csv").is_file() and (run / "config.yaml").is_file()
     assert (run / "curves.png").stat().st_size > 1000
-    for text in (
-        f"precision: {auto_precision()[0]} (auto:",
-        "weight decay on",
-        "perplexity",
-        "bits per byte",
-        "gzip -9",
-        "xz -9e",
-        "sample",
-    ):
+    # Quiet: no Lightning start-up lines, tips, model table or deprecation notices; no warnings at all.
+    assert err == ""
+    for chatter in ("Seed set", "GPU available", "Tip", "Total FLOPs", "stopped", "deprecated"):
+        assert chatter not in out, chatter
+    # The start summary, once, in this order; the data line's numbers are the token cache's.
+    lines = out.splitlines()
+    summary = lines[:6]
+    assert [line.split(":")[0] for line in summary] == [
+        "data",
+        "model",
+        "precision",
+        "weight decay",
+        "note",
+        "run folder",
+    ]
+    cache = Path(summary[0].rsplit("(", 1)[1].rstrip(")"))
+    train_tokens, val_tokens = (len(np.load(cache / f"{split}.npy")) for split in ("train", "val"))
+    assert f", {train_tokens:,} tokens; validation " in summary[0]
+    assert f", {val_tokens:,} tokens (" in summary[0] and "token cache built in" in summary[0]
+    assert summary[2].startswith(f"precision: {auto_precision()[0]} (auto:")
+    assert summary[3].startswith("weight decay: weight decay on")
+    assert (
+        summary[4]
+        == "note: warmup capped at 1 step (a tenth of the run's 10) instead of --model.warmup_steps 2"
+    )
+    assert summary[5] == f"run folder: {run}"
+    assert sum(line.startswith("data:") for line in lines) == 1
+    # Not a terminal: plain progress lines and each validation's numbers, then the report.
+    progress = [line for line in lines if line.startswith(("step ", "validation at"))]
+    validations = [line for line in progress if line.startswith("validation")]
+    assert [line.split(":")[0] for line in validations] == ["validation at step 5", "validation at step 10"]
+    assert progress[-2].startswith("step 10/10  loss ") and " tok/s  MFU " in progress[-2]
+    assert progress[-1] == validations[-1]
+    for text in ("perplexity", "bits per byte", "gzip -9", "xz -9e", "sample"):
         assert text in out, text
     # The report's numbers are the final validation, built from the three sums.
     report = (run / "report.json").read_text()

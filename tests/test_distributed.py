@@ -1,6 +1,7 @@
 """Two processes on CPU (gloo) through Lightning's own DDP strategy: the scoreboard and the
 gradient are those of one process seeing all the data."""
 
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +40,20 @@ def test_ddp_gradient_is_the_global_token_mean(tmp_path):
         torch.testing.assert_close(delta[name], p.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_ddp_sft_gradient_is_the_global_token_mean(tmp_path):
+    """Chat examples of different lengths, padded on one rank and packed on the other: the step's
+    gradient is the token mean over all 8 examples, as one process computes it."""
+    import ddp_gradient_script as script
+    from test_sft import VOCAB, reference_gradient, sft_examples
+
+    out = tmp_path / "delta.pt"
+    run([sys.executable, str(TESTS / "ddp_gradient_script.py"), str(out), "sft"])
+    delta = torch.load(out, weights_only=True)
+    assert script.sft_rank_batches(1)[0][0].shape[0] == 1  # three examples in one packed row
+    for name, grad in reference_gradient(sft_examples(), VOCAB).items():
+        torch.testing.assert_close(delta[name], grad, atol=1e-6, rtol=1e-5)
+
+
 def test_ddp_fit_and_validation_equal_one_process(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", n_docs=6)
     cache = tmp_path / "cache"
@@ -46,6 +61,15 @@ def test_ddp_fit_and_validation_equal_one_process(tmp_path):
     run([sys.executable, "-m", "nexttoken", *fit_args(corpus, tmp_path / "runs", cache, 6, *ddp)])
     ckpt = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file() and (tmp_path / "runs" / "version_0" / "curves.png").is_file()
+    # The report counts every held-out token and byte, not rank 0's share of them.
+    from nexttoken.data.datamodule import TextDataModule
+
+    data = TextDataModule(
+        path=str(corpus), tokenizer="bytes", block_size=32, val_fraction=0.3, cache_dir=str(cache)
+    )
+    data.setup("validate")
+    report = json.loads((tmp_path / "runs" / "version_0" / "report.json").read_text())["validation"]
+    assert (report["tokens"], report["bytes"]) == (data.val_targets, data.val_bytes)
 
     results = {}
     for name, extra in (("one", ["--trainer.devices", "1"]), ("two", ddp)):

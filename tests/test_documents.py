@@ -1,4 +1,6 @@
+import json
 import sysconfig
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,8 +11,10 @@ from nexttoken.data.documents import (
     Document,
     default_corpus,
     find_documents,
+    iter_documents,
     load_documents,
     read_document,
+    record_text,
     split_documents,
     split_text,
 )
@@ -185,3 +189,60 @@ def test_split_text_without_newlines_cuts_at_a_character_boundary():
 def test_one_tiny_file_cannot_be_split(tmp_path):
     with pytest.raises(DataError, match="too short"):
         split_documents([write(tmp_path / "a.txt", "x")], 0.1)
+
+
+# --------------------------------------------------------------------------- records
+def write_records(path: Path, rows: list[dict]) -> Path:
+    return write(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_find_documents_takes_record_files_and_saved_datasets_whole(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = write(tmp_path / "notes.txt", "plain text\n")
+    jsonl = write_records(tmp_path / "sub" / "a.jsonl", [{"text": "x"}])
+    parquet = tmp_path / "sub" / "b.parquet"
+    pq.write_table(pa.table({"text": ["y"]}), parquet)  # binary, but a record file: not skipped
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["z"]})}).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipping binary file"
+        found = find_documents([tmp_path])
+    assert found == sorted(p.resolve() for p in (text, jsonl, parquet, tmp_path / "saved"))
+    assert find_documents([tmp_path / "saved" / "train"]) == [(tmp_path / "saved" / "train").resolve()]
+
+
+def test_iter_documents_is_one_stream_of_files_and_records(tmp_path):
+    write(tmp_path / "a.txt", "file text\n")
+    write_records(
+        tmp_path / "b.jsonl",
+        [{"body": {"text": "first"}}, {"body": {"text": ""}}, {"body": {"text": "third"}}],
+    )
+    paths = find_documents([tmp_path])
+    with pytest.warns(DataWarning, match=r"b.jsonl: skipped 1 record\(s\) with an empty 'body.text'"):
+        documents = list(iter_documents(paths, text_field="body.text"))
+    assert documents == [
+        Document("a.txt", "file text\n"),
+        Document("b.jsonl#0", "first"),
+        Document("b.jsonl#2", "third"),
+    ]
+    # nexttoken eval reads DATA through load_documents: records come as documents there too.
+    with pytest.warns(DataWarning, match="skipped 1 record"):
+        loaded = load_documents(find_documents([tmp_path / "b.jsonl"]), text_field="body.text")
+    assert [d.text for d in loaded] == ["first", "third"]
+
+
+def test_record_text_must_be_a_string_of_valid_unicode(tmp_path):
+    for value, kind in ((42, "a number"), (None, "null"), (["a"], "a list"), ({"a": 1}, "an object")):
+        with pytest.raises(
+            DataError, match=rf"x.jsonl line 1: field 'text' is {kind}, not a string; point --data.text_field"
+        ):
+            record_text(value, "x.jsonl line 1", "text")
+    # JSON can spell a lone surrogate, which no UTF-8 encodes.
+    lone = json.loads('"ok \\ud800 and a pair \\ud83d\\udc4d"')
+    with pytest.raises(DataError, match=r"lone surrogate \('\\ud800' at character 3\).*replace_invalid_utf8"):
+        record_text(lone, "x.jsonl line 1", "text")
+    assert record_text(lone, "w", "text", errors="replace") == "ok \ufffd and a pair 👍"

@@ -14,28 +14,33 @@ from torch.utils.data import DataLoader
 
 from nexttoken.checkpoints import AtomicCheckpointIO
 from nexttoken.cli import main
-from nexttoken.data.documents import DataWarning
 from nexttoken.errors import UserError
 from nexttoken.module import CausalLMModule
 from test_cli import fit_args, metric_rows, write_corpus
 
+MAX_LINES = 3  # what a bad input may print in all: stdout and stderr, whoever prints it
+
 
 def snapshot(folder: Path) -> dict[str, int]:
-    """Every file under ``folder`` with its modification time."""
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    """Every file and folder under ``folder``, with each file's modification time."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns if p.is_file() else 0 for p in folder.rglob("*")}
 
 
-def assert_clean_failure(capsys, argv, *, expect: str, code: int = 2, untouched: Path | None = None):
-    before = snapshot(untouched) if untouched else None
+def assert_clean_failure(capfd, argv, *, expect: str, untouched: Path, code: int = 2) -> str:
+    """``nexttoken ARGV`` exits with ``code`` after printing at most MAX_LINES lines in all, the
+    last one ``error: ...`` containing ``expect``, no traceback, and leaves every file and folder
+    under ``untouched`` as it was. Returns the error line."""
+    before = snapshot(untouched)
+    capfd.readouterr()
     assert main(argv) == code
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err
-    assert expect in errors[0], errors[0]
-    assert "Traceback" not in err
-    if untouched is not None:
-        assert snapshot(untouched) == before
-    return errors[0]
+    out, err = capfd.readouterr()
+    lines = out.splitlines() + err.splitlines()
+    assert 1 <= len(lines) <= MAX_LINES, out + err
+    last = err.splitlines()[-1]
+    assert last.startswith("error:") and expect in last, last
+    assert "Traceback" not in out + err
+    assert snapshot(untouched) == before
+    return last
 
 
 @pytest.fixture
@@ -43,72 +48,100 @@ def corpus(tmp_path):
     return write_corpus(tmp_path / "corpus", n_docs=4)
 
 
-@pytest.fixture
-def trained(corpus, tmp_path):
-    """A run folder with checkpoints from 5 steps."""
-    root = tmp_path / "runs"
-    assert main(fit_args(corpus, root, tmp_path / "cache", 5)) == 0
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run folder with checkpoints from 5 steps (shared by this module's tests; none changes it)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    root = tmp / "runs"
+    assert main(fit_args(write_corpus(tmp / "corpus", n_docs=4), root, tmp / "cache", 5)) == 0
     return root / "version_0" / "checkpoints" / "last.ckpt"
 
 
-def test_missing_path(tmp_path, capsys):
-    root = tmp_path / "runs"
-    assert_clean_failure(capsys, fit_args(tmp_path / "nope", root, tmp_path / "cache", 2), expect="nope")
-    assert not root.exists()
-
-
-def test_empty_file(tmp_path, capsys):
-    (tmp_path / "empty.txt").write_text("")
-    root = tmp_path / "runs"
+def test_missing_path(tmp_path, capfd):
     assert_clean_failure(
-        capsys, fit_args(tmp_path / "empty.txt", root, tmp_path / "cache", 2), expect="empty"
+        capfd,
+        fit_args(tmp_path / "nope", tmp_path / "runs", tmp_path / "cache", 2),
+        expect="nope",
+        untouched=tmp_path,
     )
-    assert not root.exists()
 
 
-def test_folder_without_text_files(tmp_path, capsys):
+def test_empty_file(tmp_path, capfd):
+    (tmp_path / "empty.txt").write_text("")
+    args = fit_args(tmp_path / "empty.txt", tmp_path / "runs", tmp_path / "cache", 2)
+    assert_clean_failure(capfd, args, expect="empty.txt is empty", untouched=tmp_path)
+
+
+def test_folder_with_no_text(tmp_path, capfd):
+    folder = tmp_path / "texts"
+    (folder / ".hidden").mkdir(parents=True)
+    (folder / ".hidden" / "notes.txt").write_text("hidden files are not read\n")
+    args = fit_args(folder, tmp_path / "runs", tmp_path / "cache", 2)
+    assert_clean_failure(capfd, args, expect="no text files", untouched=tmp_path)
+
+
+def test_only_binary_files(tmp_path, capfd):
     folder = tmp_path / "bin"
     folder.mkdir()
     (folder / "blob.dat").write_bytes(b"\x00\x01\x02" * 100)
-    root = tmp_path / "runs"
-    assert_clean_failure(capsys, fit_args(folder, root, tmp_path / "cache", 2), expect="no text files")
-    assert not root.exists()
+    args = fit_args(folder, tmp_path / "runs", tmp_path / "cache", 2)
+    assert_clean_failure(capfd, args, expect="no text files", untouched=tmp_path)
 
 
-def test_binary_file_among_text_files_is_skipped_with_a_warning(corpus, tmp_path):
+def test_binary_file_among_text_files_is_skipped_with_a_one_line_warning(corpus, tmp_path, capfd):
     (corpus / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00" * 50)
-    with pytest.warns(DataWarning, match="image.png"):
-        assert main(fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2)) == 0
+    assert main(fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2)) == 0
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "image.png" in line]
+    assert warnings == [f"warning: skipping binary file {corpus / 'image.png'} (it has NUL bytes)"]
 
 
-def test_invalid_utf8_names_file_and_offset_or_is_replaced_under_a_flag(corpus, tmp_path, capsys):
+def test_invalid_utf8_names_file_and_offset(corpus, tmp_path, capfd):
     bad = corpus / "latin1.txt"
     bad.write_bytes(b"caf" + b"\xe9 au lait\n" * 50)
-    line = assert_clean_failure(
-        capsys,
-        fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2),
-        expect="latin1.txt",
-        untouched=corpus,
-    )
+    args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2)
+    line = assert_clean_failure(capfd, args, expect="latin1.txt", untouched=tmp_path)
     assert "byte 3" in line or "offset 3" in line
     assert "replace_invalid_utf8" in line
-    with pytest.warns(DataWarning, match="latin1.txt"):
-        args = fit_args(
-            corpus, tmp_path / "runs", tmp_path / "cache", 2, "--data.replace_invalid_utf8", "true"
-        )
-        assert main(args) == 0
 
 
-def test_corpus_smaller_than_one_block(tmp_path, capsys):
+def test_invalid_utf8_is_replaced_under_a_flag(corpus, tmp_path, capfd):
+    (corpus / "latin1.txt").write_bytes(b"caf" + b"\xe9 au lait\n" * 50)
+    args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2, "--data.replace_invalid_utf8", "true")
+    assert main(args) == 0
+    assert any(
+        line.startswith("warning:") and "latin1.txt" in line for line in capfd.readouterr().err.splitlines()
+    )
+
+
+def test_corpus_smaller_than_one_block(tmp_path, capfd):
     (tmp_path / "tiny.txt").write_text("hello world\n" * 2)
     args = fit_args(tmp_path / "tiny.txt", tmp_path / "runs", tmp_path / "cache", 2)
-    line = assert_clean_failure(capsys, args, expect="tokens")
+    line = assert_clean_failure(capfd, args, expect="tokens", untouched=tmp_path)  # no token cache either
     assert "needs at least 33" in line
-    assert not (tmp_path / "runs").exists()
 
 
-def test_checkpoint_that_does_not_match_the_model_or_data(trained, corpus, tmp_path, capsys):
-    run = trained.parent.parent
+def test_unknown_model_preset(corpus, tmp_path, capfd):
+    args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2, "--model.model", "gpt5")
+    assert_clean_failure(
+        capfd, args, expect="--model.model 'gpt5' is neither a GPT preset", untouched=tmp_path
+    )
+
+
+def test_unknown_fused_loss_value(corpus, tmp_path, capfd):
+    args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2, "--model.fused_loss", "maybe")
+    line = assert_clean_failure(capfd, args, expect="--model.fused_loss 'maybe'", untouched=tmp_path)
+    assert line.endswith("is not one of auto, on, off; see `nexttoken fit --help`")
+
+
+def test_unknown_tokenizer(corpus, tmp_path, capfd):
+    args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2)
+    args[args.index("--data.tokenizer") + 1] = "sentencepiece"
+    assert_clean_failure(
+        capfd, args, expect="--data.tokenizer 'sentencepiece' is neither", untouched=tmp_path
+    )
+
+
+def test_checkpoint_that_does_not_match_the_model_or_data(trained, corpus, tmp_path, capfd):
     for extra, expect in [
         (["--data.block_size", "16"], "--data.block_size 16 (checkpoint: 32)"),
         (["--model.n_embd", "64"], "--model.n_embd 64 (checkpoint: 32)"),
@@ -117,64 +150,115 @@ def test_checkpoint_that_does_not_match_the_model_or_data(trained, corpus, tmp_p
         args = fit_args(
             corpus, tmp_path / "runs", tmp_path / "cache", 10, "--ckpt_path", str(trained), *extra
         )
-        assert_clean_failure(capsys, args, expect=expect, untouched=run)
+        assert_clean_failure(capfd, args, expect=expect, untouched=trained.parents[2])
 
 
+@pytest.mark.parametrize("command", ["fit", "validate", "eval", "generate", "export"])
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_truncated_or_corrupted_checkpoint(trained, corpus, tmp_path, capsys, damage):
+def test_truncated_or_corrupted_checkpoint(trained, corpus, tmp_path, capfd, damage, command):
     bad = tmp_path / "bad.ckpt"
     data = trained.read_bytes()
     bad.write_bytes(data[: len(data) // 2] if damage == "truncate" else os.urandom(len(data)))
-    runs = tmp_path / "runs"
-    for argv in (
-        fit_args(corpus, runs, tmp_path / "cache", 10, "--ckpt_path", str(bad)),
-        ["generate", "--checkpoint", str(bad)],
-        ["export", str(bad), str(tmp_path / "out")],
-    ):
-        assert_clean_failure(capsys, argv, expect="truncated or corrupted", untouched=runs)
-    assert not (tmp_path / "out").exists()
+    (tmp_path / "text.txt").write_text("The king and the queen.\n")
+    argv = {
+        "fit": fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 10, "--ckpt_path", str(bad)),
+        "validate": ["validate", "--data.path", str(corpus), "--ckpt_path", str(bad)],
+        "eval": ["eval", str(bad), str(tmp_path / "text.txt")],
+        "generate": ["generate", "--checkpoint", str(bad)],
+        "export": ["export", str(bad), str(tmp_path / "out")],
+    }[command]
+    assert_clean_failure(
+        capfd, argv, expect=f"checkpoint {bad} is truncated or corrupted", untouched=tmp_path
+    )
 
 
-def test_output_folder_that_cannot_be_written(corpus, tmp_path, capsys):
+def test_output_folder_that_cannot_be_written(corpus, tmp_path, capfd):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     args = fit_args(corpus, blocker / "runs", tmp_path / "cache", 2)
-    assert_clean_failure(capsys, args, expect="cannot write the run folder")
-    assert blocker.read_text() == "not a folder"
+    assert_clean_failure(capfd, args, expect="cannot write the run folder", untouched=tmp_path)
 
 
-def test_resume_last_without_any_run(corpus, tmp_path, capsys):
+def test_resume_last_without_any_run(corpus, tmp_path, capfd):
     args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2, "--ckpt_path", "last")
-    assert_clean_failure(capsys, args, expect="no run with a last.ckpt")
+    assert_clean_failure(capfd, args, expect="no run with a last.ckpt", untouched=tmp_path)
 
 
-def test_debug_shows_the_traceback(tmp_path, capsys):
+def test_eval_stride_larger_than_context(tiny_gpt2_dir, tmp_path, capfd):
+    (tmp_path / "text.txt").write_text("The king and the queen.\n")
+    argv = ["eval", str(tiny_gpt2_dir), str(tmp_path / "text.txt"), "--context", "16", "--stride", "32"]
+    assert_clean_failure(capfd, argv, expect="--stride 32 is larger than --context 16", untouched=tmp_path)
+
+
+def test_hugging_face_folder_missing_files(tiny_gpt2_dir, tmp_path, capfd):
+    folder = tmp_path / "incomplete"
+    folder.mkdir()
+    for file in tiny_gpt2_dir.iterdir():
+        if not file.name.startswith("tokenizer"):
+            (folder / file.name).write_bytes(file.read_bytes())
+    (tmp_path / "text.txt").write_text("The king and the queen.\n")
+    argv = ["eval", str(folder), str(tmp_path / "text.txt")]
+    line = assert_clean_failure(
+        capfd, argv, expect="not a complete Hugging Face model folder", untouched=tmp_path
+    )
+    assert "missing tokenizer" in line and "missing weights" not in line
+
+
+def test_export_into_a_folder_that_is_not_empty(trained, tmp_path, capfd):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    argv = ["export", str(trained), str(out)]
+    assert_clean_failure(capfd, argv, expect="not empty", untouched=tmp_path)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_debug_shows_the_traceback(tmp_path, capfd):
     assert main([*fit_args(tmp_path / "nope", tmp_path / "runs", tmp_path / "cache", 2), "--debug"]) == 2
-    assert "Traceback" in capsys.readouterr().err
+    err = capfd.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1].startswith("error:")
 
 
-def test_real_process_exit_code_and_one_line(tmp_path):
+def test_real_process_prints_one_line_in_all(tmp_path):
+    """``python -m nexttoken`` as a user runs it: every line it prints, from any library, counted."""
     env = {**os.environ, "NEXTTOKEN_CACHE": str(tmp_path / "cache")}
+    (tmp_path / "empty.txt").write_text("")
+    before = snapshot(tmp_path)
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nexttoken",
-            "fit",
-            "--data.path",
-            str(tmp_path / "nope"),
-            "--trainer.default_root_dir",
-            str(tmp_path / "runs"),
-        ],
-        capture_output=True,
+        [sys.executable, "-m", "nexttoken", "fit", "--data.path", str(tmp_path / "empty.txt")],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         env=env,
-        timeout=120,
+        timeout=300,
     )
     assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "nope" in errors[0] and "Traceback" not in result.stderr
-    assert not (tmp_path / "runs").exists()
+    assert result.stdout.splitlines() == [
+        f"error: {tmp_path / 'empty.txt'} is empty: there is no text in it; point --data.path at text"
+    ]
+    assert snapshot(tmp_path) == before  # no runs/ folder, no cache
+
+
+@pytest.mark.slow
+def test_bad_data_under_ddp_stops_before_any_process_starts(tmp_path):
+    """The data is read before Lightning launches its DDP processes, so one process says it once."""
+    (tmp_path / "empty.txt").write_text("")
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    args = fit_args(tmp_path / "empty.txt", tmp_path / "runs", tmp_path / "cache", 2, *ddp)
+    before = snapshot(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "nexttoken", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2
+    assert result.stdout.splitlines() == [
+        f"error: {tmp_path / 'empty.txt'} is empty: there is no text in it; point --data.path at text"
+    ]
+    assert snapshot(tmp_path) == before
 
 
 # ------------------------------------------------------------------ checkpoints written atomically

@@ -252,3 +252,50 @@ def test_gpt_flops_per_token_matches_hand_formula(bias):
     model = GPT(config)
     assert model.flops_per_token(32) == hand_flops(3, 16, 97, 32, bias)
     assert model.flops_per_token(8) == hand_flops(3, 16, 97, 8, bias)  # attention term follows T
+
+
+# ------------------------------------------------------------------------------------ packed documents
+
+
+def packed_row(lengths, vocab=101, seed=0):
+    """One row of documents of ``lengths`` tokens, their ids (1, 2, ...) and each document alone."""
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+    ids = torch.cat([torch.full((n,), i + 1) for i, n in enumerate(lengths)])
+    return torch.cat(docs)[None], ids[None], docs
+
+
+def test_packed_documents_have_the_logits_they_have_alone():
+    model = make_model()
+    lengths = (5, 1, 7, 3)
+    row, document_ids, docs = packed_row(lengths)
+    with torch.no_grad():
+        packed = model(row, document_ids=document_ids)[0]
+        hidden = model.hidden(row, document_ids=document_ids)
+        starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        for doc, a, b in zip(docs, starts, starts[1:]):
+            torch.testing.assert_close(packed[a:b], model(doc[None])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.lm_head(hidden)[0], packed)
+        # Without document_ids the same row is one long document: the later ones see the earlier.
+        assert not torch.allclose(model(row)[0, 5:6], packed[5:6], atol=1e-3)
+
+
+def test_changing_one_packed_document_leaves_the_next_bit_identical():
+    model = make_model()
+    row, document_ids, _ = packed_row((6, 9))
+    other = row.clone()
+    other[0, :6] = torch.randint(0, 101, (6,), generator=torch.Generator().manual_seed(5))
+    assert not torch.equal(other, row)
+    with torch.no_grad():
+        first, second = model(row, document_ids=document_ids), model(other, document_ids=document_ids)
+    assert torch.equal(first[0, 6:], second[0, 6:])
+    assert not torch.equal(first[0, :6], second[0, :6])
+
+
+def test_packed_documents_train_with_dropout_and_check_shapes():
+    model = make_model(dropout=0.1).train()
+    row, document_ids, _ = packed_row((4, 4))
+    model(row, document_ids=document_ids).sum().backward()
+    assert model.wpe.weight.grad[:4].abs().sum() > 0 and model.wpe.weight.grad[4:].abs().sum() == 0
+    with pytest.raises(ValueError, match="document_ids .* must have the shape of input_ids"):
+        model(row, document_ids=document_ids[:, :5])

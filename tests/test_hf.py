@@ -154,3 +154,47 @@ def test_hf_estimate_agrees_with_gpt():
     hf = transformers.GPT2LMHeadModel(config)
     # GPT-2 has biases everywhere and a tied head: the same count as our GPT with bias=True.
     assert HFCausalLM(hf).flops_per_token(32) == hand_flops(3, 16, 97, 32, bias=True)
+
+
+# ------------------------------------------------------------------------------------ packed documents
+
+
+def packed_row(vocab: int, lengths=(6, 1, 9, 4)):
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+    ids = torch.cat([torch.full((n,), i + 1) for i, n in enumerate(lengths)])
+    return torch.cat(docs)[None], ids[None], docs, [0, *torch.tensor(lengths).cumsum(0).tolist()]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_packed_documents_have_the_logits_they_have_alone(fixture, implementation, request):
+    model, _ = load_hf_causal_lm(request.getfixturevalue(fixture))
+    model.model.set_attn_implementation(implementation)
+    row, document_ids, docs, starts = packed_row(model.config.vocab_size)
+    with torch.no_grad():
+        packed = model(row, document_ids=document_ids)[0]
+        for doc, a, b in zip(docs, starts, starts[1:]):
+            torch.testing.assert_close(packed[a:b], model(doc[None])[0], atol=1e-5, rtol=1e-5)
+        hidden = model.hidden(row, document_ids=document_ids)
+        torch.testing.assert_close(model.lm_head(hidden)[0], packed, atol=1e-5, rtol=1e-5)
+        # Changing the first document leaves the others bit-identical.
+        other = row.clone()
+        other[0, :6] = (other[0, :6] + 1) % model.config.vocab_size
+        assert torch.equal(model(other, document_ids=document_ids)[0, 6:], packed[6:])
+        assert not torch.allclose(model(row)[0, 7:], packed[7:], atol=1e-4)  # unmasked, they would differ
+
+
+def test_a_model_that_lets_packed_documents_meet_is_refused(tiny_llama_dir, monkeypatch):
+    """transformers finds packed documents from restarting position_ids; where that does not happen
+    (older versions, models with their own mask code), the adapter refuses to pack."""
+    import transformers.masking_utils as masking_utils
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    model, _ = load_hf_causal_lm(tiny_llama_dir)
+    row, document_ids, _, _ = packed_row(model.config.vocab_size)
+    with pytest.raises(
+        UserError, match=r"cannot keep packed examples apart: with attn_implementation 'sdpa'"
+    ):
+        model(row, document_ids=document_ids)
+    model(row)  # unpacked batches are not affected

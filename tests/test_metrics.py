@@ -66,20 +66,33 @@ def test_bits_per_byte_and_bits_per_token():
 def test_no_bytes_means_no_bits_per_byte():
     metric = NextTokenMetrics()
     metric.update(2.0, 4)
-    assert set(metric.compute()) == {"loss", "perplexity", "bits_per_token"}
+    metric.update(1.0, 3)
+    result = metric.compute()
+    assert set(result) == {"loss", "perplexity", "bits_per_token", "tokens"}
+    assert int(result["tokens"]) == 7  # the summed count the numbers came from
 
 
 def test_states_reduce_by_sum_across_processes():
     metric = NextTokenMetrics()
     for state in ("nll_sum", "tokens", "bytes"):
         assert metric._reductions[state].__name__ in ("dim_zero_sum", "sum"), state
-    # Two "ranks" merged the way torchmetrics merges synced states equal one process seeing all.
-    a, b, both = NextTokenMetrics(), NextTokenMetrics(), NextTokenMetrics()
-    a.update(10.0, 7, 20)
-    b.update(4.0, 3, 9)
-    both.update(14.0, 10, 29)
-    a.merge_state(b)
-    assert a.compute()["bits_per_byte"].item() == pytest.approx(both.compute()["bits_per_byte"].item())
+
+
+def test_merged_states_are_the_sums_of_every_process():
+    # Three "ranks" merged the way torchmetrics merges synced states. The sums themselves are
+    # checked: a mean-merge would keep every ratio (loss, bits per byte) and only the sums show it.
+    ranks = [NextTokenMetrics() for _ in range(3)]
+    for metric, (nll, tokens, n_bytes) in zip(ranks, [(10.0, 7, 20), (4.0, 3, 9), (2.5, 1, 4)], strict=True):
+        metric.update(nll, tokens, n_bytes)
+    merged = ranks[0]
+    merged.merge_state(ranks[1])
+    merged.merge_state(ranks[2])
+    assert merged.nll_sum.item() == 16.5
+    assert merged.tokens.item() == 11
+    assert merged.bytes.item() == 33
+    result = merged.compute()
+    assert result["loss"].item() == pytest.approx(16.5 / 11, rel=1e-12)
+    assert result["bits_per_byte"].item() == pytest.approx(16.5 / (math.log(2) * 33), rel=1e-12)
 
 
 def test_empty_metric_is_a_clear_error():

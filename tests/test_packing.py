@@ -6,6 +6,7 @@ import pytest
 from nexttoken.data.packing import (
     concat_byte_counts,
     concat_documents,
+    mask_documents,
     num_train_blocks,
     num_val_blocks,
     shift,
@@ -19,11 +20,12 @@ from nexttoken.data.packing import (
 from nexttoken.loss import IGNORE_INDEX
 
 EOS = 99
+BOS = 98  # random_documents draws ids below EOS; BOS is never drawn as text (ids < BOS)
 
 
 def random_documents(rng, max_docs=8, max_len=40):
     return [
-        list(rng.integers(0, EOS, size=rng.integers(0, max_len))) for _ in range(rng.integers(1, max_docs))
+        list(rng.integers(0, BOS, size=rng.integers(0, max_len))) for _ in range(rng.integers(1, max_docs))
     ]
 
 
@@ -186,3 +188,41 @@ def test_train_batches_change_with_epoch_and_seed():
 def test_train_batches_refuse_more_ranks_than_blocks():
     with pytest.raises(ValueError, match="cannot be shared"):
         train_batches(2, 4, seed=0, epoch=0, rank=0, world_size=3)
+
+
+@pytest.mark.parametrize(
+    "before, after",
+    [([EOS], []), ([BOS], [EOS]), ([], [EOS])],
+    ids=["eos-starts (nexttoken)", "bos-and-eos (Llama)", "eos-ends (SmolLM2, GPT-2)"],
+)
+def test_document_mask_follows_the_framing(before, after):
+    """Blocks cut from a framed stream: attention groups and scored targets from mask_documents
+    equal those read off the layout concat_documents built (document k = before + doc + after)."""
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        docs = random_documents(rng)
+        stream = concat_documents(docs, before, after)
+        layout = np.repeat(np.arange(len(docs)), [len(before) + len(d) + len(after) for d in docs])
+        T = int(rng.integers(1, 12))
+        n = num_train_blocks(len(stream), T)
+        if n == 0:
+            continue
+        x, y = train_batch(stream, range(n), T)
+        start = before[0] if before else None
+        x2, y2, document_ids = mask_documents(x, y, start, EOS)
+        assert x2 is x and document_ids.shape == x.shape
+        for i in range(n):
+            p = i * T + np.arange(T)  # stream positions of the inputs
+            same_as_next = document_ids[i, 1:] == document_ids[i, :-1]
+            assert same_as_next.tolist() == (layout[p[1:]] == layout[p[:-1]]).tolist()
+            scored = (layout[p] == layout[p + 1]) | (stream[p + 1] == EOS)
+            assert (y2[i] != IGNORE_INDEX).tolist() == scored.tolist()
+            assert y2[i][scored].tolist() == y[i][scored].tolist()
+    # Validation blocks (a padded tail of IGNORE_INDEX) keep their tail unscored.
+    stream = concat_documents([[1, 2, 3], [4, 5]], before, after)
+    xs, ys = val_batch(stream, range(num_val_blocks(len(stream), 4)), 4, pad_id=EOS)
+    _, masked, _ = mask_documents(xs, ys, before[0] if before else None, EOS)
+    assert ((masked != IGNORE_INDEX) <= (ys != IGNORE_INDEX)).all()
+    first_of_second = 3 + len(before) + len(after) + len(before)  # stream position of token 4
+    scored_positions = [i * 4 + j + 1 for i, j in zip(*np.nonzero(masked != IGNORE_INDEX))]
+    assert (first_of_second in scored_positions) == bool(before)  # no start token: first token unscored

@@ -5,7 +5,16 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from nexttoken.data.documents import DataError
-from nexttoken.data.tokenizers import EOS_TOKEN, Tokenizer, build_tokenizer, document_start, token_byte_counts
+from nexttoken.data.tokenizers import (
+    CHATML_TEMPLATE,
+    EOS_TOKEN,
+    IM_END,
+    IM_START,
+    Tokenizer,
+    build_tokenizer,
+    document_start,
+    token_byte_counts,
+)
 
 TRICKY = [
     "",
@@ -57,9 +66,11 @@ def all_kinds(bpe, metaspace_tokenizer_dir):
     return [build_tokenizer("bytes"), bpe, build_tokenizer(str(metaspace_tokenizer_dir))]
 
 
-def test_bytes_tokenizer_is_utf8_bytes_plus_eos():
+def test_bytes_tokenizer_is_utf8_bytes_plus_eos_and_chat_markers():
     tok = build_tokenizer("bytes")
-    assert tok.vocab_size == 257 and tok.eos_id == 256 and tok.bos_id is None
+    assert tok.vocab_size == 259 and tok.eos_id == 256 and tok.bos_id is None
+    assert (tok._token_id(IM_START), tok._token_id(IM_END)) == (257, 258)
+    assert tok.special_ids == {256, 257, 258}
     for text in TRICKY:
         assert tok.encode(text) == list(text.encode("utf-8"))
         assert tok.decode(tok.encode(text)) == text
@@ -68,12 +79,26 @@ def test_bytes_tokenizer_is_utf8_bytes_plus_eos():
 
 def test_literal_special_token_text_is_plain_text(bpe):
     for tok in (build_tokenizer("bytes"), bpe):
-        assert tok.eos_id not in tok.encode("a <|endoftext|> b")
+        for token in (EOS_TOKEN, IM_START, IM_END):
+            assert not set(tok.encode(f"a {token} b")) & tok.special_ids
+            assert tok.decode(tok.encode(f"a {token} b")) == f"a {token} b"
+
+
+def test_chat_markup_is_read_as_special_tokens_only_when_asked(bpe):
+    text = f"{IM_START}user\nhi {EOS_TOKEN}{IM_END}\n"
+    for tok in (build_tokenizer("bytes"), bpe):
+        ids, offsets = tok.encode_with_offsets(text, parse_special=True)
+        specials = [(i, offsets[k]) for k, i in enumerate(ids) if i in tok.special_ids]
+        start, eos, end = (tok._token_id(t) for t in (IM_START, EOS_TOKEN, IM_END))
+        assert specials == [(start, (0, 12)), (eos, (20, 33)), (end, (33, 43))]
+        assert tok.decode(ids) == text
+        assert tok.encode_with_offsets(text)[0] == tok.encode(text)  # documents: plain text
 
 
 def test_bpe_trains_to_the_requested_size_and_roundtrips(bpe):
     assert bpe.kind == "bpe"
-    assert 257 < bpe.vocab_size <= 300
+    assert 259 < bpe.vocab_size <= 300
+    assert {bpe._token_id(t) for t in (EOS_TOKEN, IM_START, IM_END)} == bpe.special_ids
     assert bpe.eos_id == bpe._hf.token_to_id(EOS_TOKEN)
     text = "the quick brown fox"
     assert len(bpe.encode(text)) < len(text.encode())  # merges learned from the training text
@@ -157,7 +182,7 @@ def test_missing_or_broken_local_tokenizer_is_a_clear_error(tmp_path):
 def test_bpe_needs_text_and_a_sane_size():
     with pytest.raises(DataError, match="pass training_texts"):
         build_tokenizer("bpe")
-    with pytest.raises(DataError, match="at least 257"):
+    with pytest.raises(DataError, match="at least 259"):
         build_tokenizer("bpe", ["abc"], vocab_size=100)
 
 
@@ -173,6 +198,11 @@ def test_to_dict_roundtrip_is_json_and_identical(bpe, metaspace_tokenizer_dir):
             tok.vocab_size,
         )
         assert again.encode_batch(TRICKY) == tok.encode_batch(TRICKY)
+        assert again.chat_template == tok.chat_template
+    assert build_tokenizer("bytes").chat_template == bpe.chat_template == CHATML_TEMPLATE
+    # A tokenizer stored before chat templates existed still loads (with none).
+    old = {k: v for k, v in bpe.to_dict().items() if k != "chat_template"}
+    assert Tokenizer.from_dict(old).chat_template is None
     with pytest.raises(DataError, match="another version"):
         Tokenizer.from_dict({"kind": "bpe"})
 
@@ -215,3 +245,21 @@ def test_saved_tokenizer_loads_in_transformers(bpe, tmp_path):
     loaded = build_tokenizer(str(tmp_path))
     assert loaded.kind == "hf" and loaded.adds_bos
     assert loaded.encode(text) == bpe.encode(text) and document_start(loaded) == document_start(bpe)
+
+
+def test_chat_template_is_saved_for_transformers_and_read_back(bpe, tmp_path):
+    from transformers import AutoTokenizer
+
+    bpe.save(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"] == CHATML_TEMPLATE
+    messages = [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": "wörld"}]
+    auto = AutoTokenizer.from_pretrained(tmp_path)
+    rendered = auto.apply_chat_template(messages, tokenize=False)
+    assert rendered == f"{IM_START}user\nhéllo{IM_END}\n{IM_START}assistant\nwörld{IM_END}\n"
+    ids = auto.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert ids == bpe.encode_with_offsets(rendered, parse_special=True)[0]
+    assert build_tokenizer(str(tmp_path)).chat_template == CHATML_TEMPLATE
+    # What transformers itself saves (chat_template.jinja) is read too.
+    auto.chat_template = "{{ messages[0]['content'] }}"
+    auto.save_pretrained(tmp_path / "again")
+    assert build_tokenizer(str(tmp_path / "again")).chat_template == "{{ messages[0]['content'] }}"

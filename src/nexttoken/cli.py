@@ -3,7 +3,8 @@
 ``fit`` and ``validate`` are LightningCLI subcommands, so every Trainer flag and YAML config
 works as Lightning users expect (``--print_config``, ``--config``, ``--trainer.max_steps`` ...).
 ``eval``, ``inspect``, ``generate`` and ``export`` are plain commands around a trained model.
-Bad input ends in one line on stderr and exit status 2 (``--debug`` shows the traceback).
+Bad input ends in one line on stderr and exit status 2 (``--debug`` shows the traceback); what
+else is printed is decided by :mod:`nexttoken.console` (``--verbose`` shows everything).
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ Train and evaluate causal language models, with a scoreboard you can trust.
 commands:
   fit        train a model on text (LightningCLI: every --trainer.* flag works; see `nexttoken fit --help`)
   validate   score a checkpoint on the validation split of the data (`--ckpt_path`)
-  eval       perplexity / bits per byte of any causal LM on any text, sliding windows
+  eval       perplexity / bits per byte of any causal LM on any text; lm-eval tasks with --tasks
   inspect    per-token surprisal of a text as an HTML page, and the most surprising tokens
   generate   sample text from a checkpoint, a Hugging Face folder or a GGUF file
   export     write a checkpoint as a Hugging Face folder (config, safetensors, tokenizer)
 
 global options:
   --debug    show the full traceback on errors
+  --verbose  show everything the libraries print (Lightning's start-up lines, warnings in full)
   --version  print the version
 """
 
@@ -58,11 +60,15 @@ def _run_tool(name: str, argv: list[str]) -> int:
 
 def main(args: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if args is None else args)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    if not argv or argv[0].startswith("--") and argv[0] not in ("--help", "-h", "--version"):
-        argv = ["fit", *argv]
-    command = argv[0]
+    debug, verbose = "--debug" in argv, "--verbose" in argv
+    command_args = [a for a in argv if a not in ("--debug", "--verbose")]
+    if (
+        not command_args
+        or command_args[0].startswith("--")
+        and command_args[0] not in ("--help", "-h", "--version")
+    ):
+        command_args = ["fit", *command_args]
+    command = command_args[0]
     if command in ("--help", "-h", "help"):
         print(OVERVIEW)
         return 0
@@ -71,29 +77,38 @@ def main(args: list[str] | None = None) -> int:
 
         print(f"nexttoken {__version__}")
         return 0
-    try:
-        if command in LIGHTNING_COMMANDS:
-            from nexttoken.training import run_lightning_cli
+    from nexttoken.console import console
 
-            run_lightning_cli(argv)
-            return 0
-        if command in _tool_commands():
-            return _run_tool(command, argv[1:])
-        print(f"error: unknown command {command!r}; run `nexttoken --help` for the list", file=sys.stderr)
-        return 2
-    except Exception as error:  # noqa: BLE001 - the one place errors become messages
-        from nexttoken.errors import UserError
+    with console(verbose):
+        try:
+            if command in LIGHTNING_COMMANDS:
+                from nexttoken.training import run_lightning_cli
 
-        if debug:
-            traceback.print_exc()
-        if isinstance(error, (UserError, FileNotFoundError, PermissionError)):
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            print(f"error: {message}", file=sys.stderr)
+                # The processes Lightning starts for DDP re-run this command line: keep the flags in it.
+                run_lightning_cli(command_args, argv, verbose=verbose)
+                return 0
+            if command in _tool_commands():
+                return _run_tool(command, command_args[1:])
+            print(f"error: unknown command {command!r}; run `nexttoken --help` for the list", file=sys.stderr)
             return 2
-        if not debug:
-            print(
-                f"error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
-                "(run again with --debug for the traceback)",
-                file=sys.stderr,
-            )
-        return 1
+        except Exception as error:  # noqa: BLE001 - the one place errors become messages
+            return _report(error, debug)
+
+
+def _report(error: Exception, debug: bool) -> int:
+    """Print ``error`` as the last line of the output; return the exit status."""
+    from nexttoken.errors import UserError
+
+    sys.stdout.flush()  # what was printed before comes before the error, in a log file too
+    if debug:
+        traceback.print_exc()
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, (UserError, FileNotFoundError, PermissionError)):
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    if not debug:
+        print(
+            f"error: {type(error).__name__}: {message} (run again with --debug for the traceback)",
+            file=sys.stderr,
+        )
+    return 1

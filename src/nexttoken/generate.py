@@ -3,16 +3,23 @@
 A sample starts where a document starts (:func:`nexttoken.data.tokenizers.document_start`), so a
 model sees the same beginning it was trained on; for a tokenizer that starts documents with no
 token, an empty prompt begins after an end-of-document token, as in its training stream.
+
+A chat reply (:func:`generate_reply`) starts from the conversation rendered by the chat template
+with its generation prompt, exactly as conversations were rendered for fine-tuning
+(:mod:`nexttoken.data.chat`), and stops at the template's end-of-turn token.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 import torch
 
+from nexttoken.data.chat import ChatTemplate, Message
 from nexttoken.data.tokenizers import Tokenizer, document_start
 from nexttoken.errors import UserError
+from nexttoken.models.load import ADAPTER_HELP
 from nexttoken.models.protocol import CausalLM
 
 
@@ -54,6 +61,39 @@ def generate_text(
     return prompt + tokenizer.decode(new)
 
 
+def generate_reply(
+    model: CausalLM,
+    template: ChatTemplate,
+    messages: Sequence[Message],
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int | None = 0,
+) -> str:
+    """The assistant's next reply to ``messages``: sampled after the rendered conversation and its
+    generation prompt, up to (not including) the end-of-turn token or ``max_new_tokens`` tokens."""
+    if max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    device = model.lm_head.weight.device
+    ids = template.prompt_ids(messages)
+    end_of_turn = template.end_of_turn_id
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    out = model.generate(
+        torch.tensor([ids], dtype=torch.long, device=device),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        eos_id=end_of_turn,
+        generator=generator,
+    )
+    reply = out[0, len(ids) :].tolist()
+    if end_of_turn in reply:
+        reply = reply[: reply.index(end_of_turn)]
+    return template.tokenizer.decode(reply)
+
+
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
@@ -69,6 +109,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
+    parser.add_argument("--adapter", default=None, metavar="DIR_OR_CKPT", help=ADAPTER_HELP)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -81,7 +122,7 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    model, tokenizer = load_model(path, device=args.device)
+    model, tokenizer = load_model(path, device=args.device, adapter=args.adapter)
     text = generate_text(
         model,
         tokenizer,

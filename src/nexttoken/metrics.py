@@ -18,7 +18,12 @@ LN2 = math.log(2.0)
 
 
 def summarize(nll_sum: float, tokens: float, bytes: float | None = None) -> dict[str, float]:
-    """Turn the three sums into the printed numbers. The single place they are divided."""
+    """Turn the three sums into the printed numbers. The single place they are divided.
+
+    ``nll_sum``: nats summed over the scored positions; ``tokens``: how many positions were scored;
+    ``bytes``: the UTF-8 bytes those positions cover (``None`` or 0: no ``bits_per_byte``).
+    Returns ``loss`` (nats/token), ``perplexity``, ``bits_per_token`` and maybe ``bits_per_byte``.
+    """
     if tokens <= 0:
         raise ValueError("no scored tokens: the text is empty or every position was ignored")
     loss = nll_sum / tokens
@@ -50,6 +55,8 @@ class NextTokenMetrics(Metric):
     def update(
         self, nll_sum: Tensor | float, tokens: Tensor | int, bytes: Tensor | int | None = None
     ) -> None:
+        """Add one batch: ``nll_sum`` in nats over its scored positions, ``tokens`` scored, and the
+        UTF-8 ``bytes`` they cover (leave it out where bytes are unknown)."""
         self.nll_sum += torch.as_tensor(nll_sum, dtype=torch.float64, device=self.nll_sum.device).detach()
         self.tokens += torch.as_tensor(tokens, dtype=torch.int64, device=self.tokens.device)
         if bytes is not None:
@@ -57,6 +64,12 @@ class NextTokenMetrics(Metric):
             self.bytes_seen += 1
 
     def compute(self) -> dict[str, Tensor]:
+        """The printed numbers, plus the summed ``tokens`` and ``bytes`` they came from (over every
+        process: outside ``compute`` the states are this process's share again)."""
         has_bytes = int(self.bytes_seen) > 0
         numbers = summarize(float(self.nll_sum), float(self.tokens), float(self.bytes) if has_bytes else None)
-        return {name: torch.tensor(value, dtype=torch.float64) for name, value in numbers.items()}
+        out = {name: torch.tensor(value, dtype=torch.float64) for name, value in numbers.items()}
+        out["tokens"] = self.tokens.clone()
+        if has_bytes:
+            out["bytes"] = self.bytes.clone()
+        return out

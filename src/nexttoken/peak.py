@@ -62,6 +62,7 @@ def precision_dtype(precision: str | int | None) -> torch.dtype:
 
 
 def device_description(device: torch.device) -> str:
+    """The device's model name (the GPU's name, or the CPU's from /proc/cpuinfo), for cache keys."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = ""
@@ -134,6 +135,8 @@ def _cache_path(cache_dir: str | Path | None) -> Path:
 
 
 def read_peak_cache(cache_dir: str | Path | None = None) -> dict[str, dict]:
+    """The cached peaks by :func:`peak_cache_key` (``{}`` when the file is missing or unreadable);
+    ``cache_dir`` defaults to nexttoken's cache folder."""
     path = _cache_path(cache_dir)
     try:
         data = json.loads(path.read_text())

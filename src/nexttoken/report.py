@@ -55,6 +55,9 @@ def held_out_compressors(data: TextDataModule) -> tuple[dict[str, float], bool]:
 
 
 def format_report(validation: dict[str, float], compressors: dict[str, float], vocab_size: int) -> str:
+    """The scoreboard as text. ``validation``: :func:`nexttoken.metrics.summarize`'s numbers plus
+    ``tokens`` and ``bytes`` scored; ``compressors``: bits per byte by compressor name (shown only when
+    the validation has bits per byte); ``vocab_size``: the perplexity of uniform guessing, for scale."""
     lines = [
         f"validation over {validation['tokens']:,} held-out tokens ({validation['bytes']:,} bytes):",
         f"  loss            {validation['loss']:.4f} nats/token",

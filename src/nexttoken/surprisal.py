@@ -68,6 +68,8 @@ def text_pieces(offsets: list[tuple[int, int]], text: str) -> list[str]:
 
 
 def token_views(tokenizer: Tokenizer, text: str, scores: TokenScores) -> list[TokenView]:
+    """One :class:`TokenView` per token of ``text``: its piece of the text, surprisal in bits,
+    probability and the model's top guesses, from ``scores`` (:func:`~nexttoken.evaluation.score.score_text`)."""
     pieces = text_pieces(scores.offsets, text)
     views = []
     for i, token_id in enumerate(scores.ids):
@@ -105,6 +107,7 @@ def colour(bits: float | None) -> str:
 
 
 def most_surprising(views: list[TokenView], k: int) -> list[TokenView]:
+    """The ``k`` scored tokens with the most bits of surprisal, earliest first among equals."""
     scored = [v for v in views if v.bits is not None]
     return sorted(scored, key=lambda v: (-v.bits, v.index))[:k]
 
@@ -185,6 +188,8 @@ def _script_json(value) -> str:
 
 
 def render_html(views: list[TokenView], *, title: str, summary: str, top: int = 10) -> str:
+    """A self-contained HTML page: the text coloured by surprisal (hover for the model's guesses),
+    headed by ``title`` and the one-line ``summary``, with a table of the ``top`` most surprising tokens."""
     e = html.escape
     scale = ",".join(colour(MAX_BITS_COLOUR * i / 8) for i in range(9))
     spans = []
@@ -303,7 +308,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     name, text = read_inspect_text(args.text)
     out = _check_html_target(args.html)
     model, tokenizer = load_model(
-        args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        adapter=args.adapter,
     )
     scores = score_text(
         model,

@@ -59,12 +59,13 @@ def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops: float) -> flo
 
 class ThroughputCallback(L.Callback):
     """Tokens per second and MFU in the progress bar (``ktok/s``, ``mfu``) and the logs
-    (``train/tokens_per_sec``, ``train/mfu``), as a moving average over the last ``window`` steps.
+    (``train/tokens_per_sec``, ``train/mfu``), as a moving average over the last ``window`` training
+    batches (micro-batches, under gradient accumulation).
 
     Tokens are counted from the batch's shape (every position, all processes); the clock runs from
     one batch end to the next, so everything a step costs is included. Validation time is excluded.
-    ``peak_flops`` skips the measurement (the matmul peak, cached; see the module docstring);
-    ``mfu=False`` shows tokens/s only.
+    ``peak_flops`` (FLOP/s of the device) skips the measurement (the matmul peak, cached; see the
+    module docstring); ``mfu=False`` shows tokens/s only.
     """
 
     def __init__(self, window: int = 20, peak_flops: float | None = None, mfu: bool = True) -> None:

@@ -4,7 +4,11 @@ folder per run, ``--ckpt_path last`` that continues the latest run, and an end-o
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
+import re
+import sys
+from argparse import ArgumentError
 from pathlib import Path
 
 import lightning as L
@@ -14,17 +18,20 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from nexttoken.checkpoints import AtomicCheckpointIO, read_checkpoint
+from nexttoken.console import one_line
 from nexttoken.data.datamodule import TextDataModule
 from nexttoken.errors import UserError
-from nexttoken.models.load import is_hf_model
+from nexttoken.models.load import is_checkpoint, is_hf_model
 from nexttoken.module import CausalLMModule
 from nexttoken.phases import RunPhases, fit_called
 from nexttoken.precision import auto_precision
+from nexttoken.progress import ProgressLog, StartSummary, StepProgressBar
 from nexttoken.report import write_report
 from nexttoken.threads import AutoThreads
 from nexttoken.throughput import ThroughputCallback
 
 DEFAULT_ROOT = "runs"
+TOKENIZER_KINDS = ("bytes", "bpe")
 RUN_LOGGER = "nexttoken.training.RunLogger"
 
 
@@ -57,11 +64,15 @@ class RunLogger(CSVLogger):
         return writer
 
 
-def trainer_defaults() -> dict:
+def trainer_defaults(verbose: bool = False) -> dict:
+    """The Trainer settings of ``nexttoken fit`` (each one a flag to override).
+
+    Args:
+        verbose: also show Lightning's model-summary table (``nexttoken --verbose``).
+    """
     precision, _ = auto_precision()
     return {
         "max_steps": 800,
-        "max_time": "00:00:08:00",  # a safety net: on 2 free cores the default run ends by max_steps in ~5 min
         "val_check_interval": 200,
         "check_val_every_n_epoch": None,
         "log_every_n_steps": 10,
@@ -72,6 +83,10 @@ def trainer_defaults() -> dict:
         "precision": precision,
         "default_root_dir": DEFAULT_ROOT,
         "logger": {"class_path": RUN_LOGGER, "init_args": {"save_dir": DEFAULT_ROOT, "name": ""}},
+        # Our start summary says the model's size; Lightning's table would add "Total FLOPs: 0".
+        "enable_model_summary": verbose,
+        # A bar needs a terminal; elsewhere (a log file, a batch job) ProgressLog prints plain lines.
+        "enable_progress_bar": sys.stdout.isatty(),
         "callbacks": [
             ModelCheckpoint(
                 monitor="val/loss",
@@ -87,8 +102,29 @@ def trainer_defaults() -> dict:
             RunPhases(),
             # tokens/s and MFU in the progress bar and the logs (nexttoken.throughput).
             ThroughputCallback(),
+            ProgressLog(),
         ],
     }
+
+
+# The no-argument run stops after 8 minutes at most (on 2 free cores it ends by max_steps in ~5).
+# A run whose length is chosen, by a config file or a flag, gets no such net.
+SAFETY_NET_MINUTES = 8
+SAFETY_NET_MAX_TIME = f"00:00:{SAFETY_NET_MINUTES:02d}:00"
+RUN_LENGTH_FLAGS = (
+    "--config",
+    "-c",
+    "--trainer",
+    "--trainer.max_steps",
+    "--trainer.max_time",
+    "--trainer.max_epochs",
+)
+
+
+def chooses_run_length(args: list[str]) -> bool:
+    """True when the command line sets how long training runs: a config file, or a step, epoch or
+    time limit."""
+    return any(arg.split("=", 1)[0] in RUN_LENGTH_FLAGS for arg in args)
 
 
 def latest_run(root: Path) -> Path | None:
@@ -109,6 +145,20 @@ def _check_writable(folder: Path) -> None:
 
 
 class NextTokenCLI(LightningCLI):
+    """LightningCLI with nexttoken's run folders, resume rules, start summary and progress lines.
+
+    ``args`` is the command line without ``nexttoken`` itself (``["fit", ...]``).
+    """
+
+    def __init__(self, *cli_args, args: list[str], **kwargs) -> None:
+        self._args = list(args)
+        super().__init__(*cli_args, args=args, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        # sys.argv holds the whole command (the processes Lightning starts for DDP re-run it);
+        # the parser gets it without nexttoken's own flags, which Lightning would warn about.
+        self.config = parser.parse_args(args)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         base = LightningCLI.subcommands()
@@ -174,9 +224,11 @@ class NextTokenCLI(LightningCLI):
                 if version is not None:
                     logger["init_args"]["version"] = version
                     logger["init_args"]["keep_before_step"] = self._resume_step
-        # A Hugging Face model brings its own tokenizer: train on its tokens unless told otherwise.
+        check_tokenizer(config.data.tokenizer)
+        # A pretrained model (Hugging Face, GGUF, a nexttoken checkpoint) brings its own tokenizer:
+        # train on its tokens unless told otherwise.
         model_spec = config.model.model
-        if is_hf_model(model_spec) and config.data.tokenizer == "bpe":
+        if (is_hf_model(model_spec) or is_checkpoint(model_spec)) and config.data.tokenizer == "bpe":
             config.data.tokenizer = model_spec
 
         chosen, reason = auto_precision(
@@ -188,6 +240,24 @@ class NextTokenCLI(LightningCLI):
             self._precision_note = (
                 f"precision: {trainer.precision} (set by you; auto would pick {chosen}: {reason})"
             )
+        self._time_limit_note = self._time_limit(trainer) if self.subcommand == "fit" else None
+        if trainer.enable_progress_bar and importlib.util.find_spec("rich") is not None:
+            given = [str(getattr(c, "class_path", type(c).__name__)) for c in trainer.callbacks or []]
+            if not any("ProgressBar" in name for name in given):  # Lightning would add its own
+                callbacks = [*self.trainer_defaults["callbacks"], StepProgressBar()]
+                self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}
+
+    def _time_limit(self, trainer) -> str | None:
+        """Set the no-argument run's safety net where it applies; the summary's note on a time limit."""
+        if not chooses_run_length(self._args):
+            trainer.max_time = SAFETY_NET_MAX_TIME
+            return (
+                f"training stops after {SAFETY_NET_MINUTES} minutes at most, the safety net of a run with no "
+                "config and no step or time limit; --trainer.max_steps or --trainer.max_time choose the length"
+            )
+        if trainer.max_time is not None:
+            return f"training stops after --trainer.max_time {trainer.max_time} at most"
+        return None
 
     def add_arguments_to_parser(self, parser) -> None:
         # The model's context is the data's block size.
@@ -196,13 +266,26 @@ class NextTokenCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         if not self._get(self.config_init, "trainer", default={}).get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit":
+            trainer.callbacks.append(StartSummary(self._precision_note, self._time_limit_note))
+        return trainer
+
+    def _prepare_data_now(self) -> None:
+        """Read, split and tokenize the data before Lightning starts, so that bad data stops the
+        command before anything (a run folder, DDP processes) is created. Processes other than
+        each machine's first find the data ready inside ``trainer.fit``, as Lightning arranges."""
+        if self.trainer.local_rank == 0:
+            self.datamodule.prepare_data()
+            if self.subcommand == "fit":  # fewer training blocks than processes is an error
+                self.datamodule.make_train_loader(0, self.trainer.world_size)
 
     def before_fit(self) -> None:
-        _print_rank_zero(self.trainer, self._precision_note)
         fit_called()  # nexttoken.phases: the set-up ends, the data phase starts
+        self._prepare_data_now()
 
     def before_validate(self) -> None:
+        self._prepare_data_now()
         _print_rank_zero(self.trainer, self._precision_note)
 
     def after_fit(self) -> None:
@@ -220,7 +303,17 @@ class NextTokenCLI(LightningCLI):
 
 # The settings that decide the network's shape and its token ids: a checkpoint only fits if they agree.
 SHAPE_SETTINGS = {
-    "model": ("model", "n_layer", "n_head", "n_embd", "block_size", "bias"),
+    "model": (
+        "model",
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "block_size",
+        "bias",
+        "lora_r",
+        "lora_alpha",
+        "lora_targets",
+    ),
     "data": ("tokenizer", "vocab_size", "block_size"),
 }
 
@@ -230,31 +323,54 @@ def _print_rank_zero(trainer: L.Trainer, message: str) -> None:
         print(message, flush=True)
 
 
-# Lightning advice that does not apply here: validation numbers are already summed over processes
-# by NextTokenMetrics (so every rank logs the same value), and our IterableDatasets' lengths are exact.
-QUIET = (".*sync_dist=True.*", ".*IterableDataset.*has `__len__` defined.*")
+def check_tokenizer(kind: str) -> None:
+    """``--data.tokenizer`` names a kind (``bytes``, ``bpe``) or an existing path; checked before
+    any data is read."""
+    if kind not in TOKENIZER_KINDS and not Path(kind).expanduser().exists():
+        raise UserError(
+            f"--data.tokenizer {kind!r} is neither {' nor '.join(TOKENIZER_KINDS)} nor an existing tokenizer.json "
+            "file, tokenizer folder or .gguf file"
+        )
 
 
-def run_lightning_cli(argv: list[str]) -> NextTokenCLI:
-    import sys
-    import warnings
+def run_lightning_cli(args: list[str], argv: list[str] | None = None, verbose: bool = False) -> NextTokenCLI:
+    """Run ``nexttoken fit``/``validate``.
 
-    saved, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "nexttoken", *argv]
+    Args:
+        args: the command and its flags (``["fit", "--trainer.max_steps", "20"]``).
+        argv: the whole command line as typed (with ``--debug``/``--verbose``), which the processes
+            Lightning starts for DDP re-run; default ``args``.
+        verbose: show Lightning's model-summary table.
+    """
+    saved, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "nexttoken", *(args if argv is None else argv)]
     try:
-        with warnings.catch_warnings():
-            for message in QUIET:
-                warnings.filterwarnings("ignore", message=message)
-            return _make_cli()
+        return NextTokenCLI(
+            CausalLMModule,
+            TextDataModule,
+            args=args,
+            trainer_defaults=trainer_defaults(verbose),
+            seed_everything_default=1337,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            # A refused flag is one line (cli.main prints it), not the whole usage.
+            parser_kwargs={"prog": "nexttoken", "exit_on_error": False}
+            | {name: {"exit_on_error": False} for name in ("fit", "validate")},
+        )
+    except ArgumentError as error:
+        raise UserError(parse_error_message(str(error), args[0] if args else "fit")) from error
     finally:
         sys.argv = saved
 
 
-def _make_cli() -> NextTokenCLI:
-    return NextTokenCLI(
-        CausalLMModule,
-        TextDataModule,
-        trainer_defaults=trainer_defaults(),
-        seed_everything_default=1337,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
+def parse_error_message(message: str, command: str = "fit") -> str:
+    """jsonargparse's message for a refused flag of ``nexttoken COMMAND``, on one line and in the
+    flag's own spelling: ``--model.fused_loss 'x' is not one of auto, on, off; see ...``."""
+    literal = re.search(
+        r'key "([^"]+)":\s*Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)', message, re.S
     )
+    if literal:
+        key, choices, value = literal.groups()
+        message = f"--{key} {one_line(value)!r} is not one of {choices.replace(chr(39), '')}"
+    else:
+        message = one_line(re.sub(r'Parser key "([^"]+)":', r"--\1:", message))
+    return f"{message}; see `nexttoken {command} --help`"

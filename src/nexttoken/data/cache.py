@@ -1,29 +1,55 @@
-"""The token cache: each split of a corpus tokenized once into ``.npy`` token streams, reused by
-every later run and every process (keyed by the split's content and the tokenizer)."""
+"""The token cache: a corpus tokenized once into ``.npy`` token streams, reused by every later run
+and every process (keyed by the corpus's identity and the tokenizer).
+
+Building one streams: documents are read one at a time (:class:`nexttoken.data.corpus.Corpus`),
+gathered into chunks of about ``CHUNK_CHARS`` characters, tokenized by worker processes, and the
+results appended in order to the stream files, so memory does not grow with the corpus. The result
+does not depend on the number of workers or the chunk size: each document is tokenized whole and
+framed by :func:`nexttoken.data.tokenizers.document_frame`.
+
+Kill-safety: the files are written into a staging folder beside the cache folder, ``meta.json``
+last, and the folder is renamed into place only when all is written; a killed build leaves only
+the staging folder, which no reader takes for a cache and the next build removes. One process
+builds a given cache at a time (a lock file beside it): others wait, then read what it wrote.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from nexttoken.data.corpus import Corpus
 from nexttoken.data.documents import DataWarning, Document
 from nexttoken.data.packing import concat_byte_counts, concat_documents, token_dtype
+from nexttoken.data.parallel import ordered_map
 from nexttoken.data.tokenizers import Tokenizer, document_frame
-from nexttoken.io import write_atomically
+from nexttoken.io import atomic_folder, write_atomically
+
+log = logging.getLogger(__name__)
 
 # Bump when the layout of the cached files changes, so old caches are never misread.
 # 2: documents framed by document_frame() (pretrained tokenizers without a BOS: "doc EOS doc EOS").
-CACHE_FORMAT = 2
-# Texts per call to the batch encoder: big enough to keep every core busy, small enough that the
-# encoder's per-token offsets (Python objects) stay a few hundred MB at most.
+# 3: record formats and streamed builds; meta.json holds the tokenizer and is all a reader needs.
+CACHE_FORMAT = 3
+# Characters of text per job handed to a worker: enough to amortize the hand-off (a few ms) over
+# the tokenizing (~0.2 s per MB per core), small enough that jobs in flight hold a few MB each.
+CHUNK_CHARS = 1 << 20
+# Texts per call to the batch encoder: the encoder's per-token offsets (Python objects) stay a few
+# hundred MB at most even when one document is a whole job.
 _ENCODE_CHUNK_CHARS = 1 << 23
+STREAM_FILES = ("train.npy", "val.npy", "val_bytes.npy", "val.txt")
 
 
 def default_cache_dir() -> Path:
@@ -47,7 +73,7 @@ def _chunks(documents: Sequence[Document], max_chars: int) -> Iterator[list[Docu
 def tokenize_documents(
     tokenizer: Tokenizer, documents: Sequence[Document], with_bytes: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The split's token stream (each document framed by :func:`document_frame`) and, if asked,
+    """The token stream of ``documents`` (each framed by :func:`document_frame`) and, if asked,
     per-token byte counts (frame tokens cover 0 bytes)."""
     token_lists: list[np.ndarray] = []
     byte_lists: list[np.ndarray] = []
@@ -65,56 +91,272 @@ def tokenize_documents(
     return stream, byte_counts
 
 
+# --------------------------------------------------------------------------- jobs
+Job = tuple[bool, list[Document]]  # (is_val, documents of one split)
+
+
+def _tokenize_job(tokenizer: Tokenizer, job: Job):
+    """One chunk of one split: ``(is_val, stream, byte_counts, documents, utf8_bytes)``."""
+    is_val, documents = job
+    stream, byte_counts = tokenize_documents(tokenizer, documents, with_bytes=is_val)
+    return is_val, stream, byte_counts, len(documents), sum(len(d.text.encode("utf-8")) for d in documents)
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _start_worker(tokenizer_state: dict[str, Any]) -> None:
+    # One thread per worker process: the tokenizer's own thread pool would only compete with the
+    # other workers for the same cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.from_dict(tokenizer_state)
+
+
+def _tokenize_in_worker(job: Job):
+    return _tokenize_job(_worker_tokenizer, job)
+
+
+def _jobs(
+    documents: Iterator[tuple[bool, Document]], chunk_chars: int, write_val_text: Callable[[bytes], object]
+) -> Iterator[Job]:
+    """Chunks of about ``chunk_chars`` characters, each of one split, in order. Validation texts are
+    written as they are read: jobs come back in the order they are made, so they match the stream."""
+    pending: dict[bool, list[Document]] = {False: [], True: []}
+    sizes = {False: 0, True: 0}
+    for is_val, document in documents:
+        if is_val:
+            write_val_text(document.text.encode("utf-8"))
+        pending[is_val].append(document)
+        sizes[is_val] += len(document.text)
+        if sizes[is_val] >= chunk_chars:
+            yield is_val, pending[is_val]
+            pending[is_val], sizes[is_val] = [], 0
+    for is_val in (False, True):
+        if pending[is_val]:
+            yield is_val, pending[is_val]
+
+
+def tokenize_jobs(
+    tokenizer: Tokenizer, jobs: Iterator[tuple[bool, list[str]]], workers: int
+) -> Iterator[tuple]:
+    """:func:`_tokenize_job` of each job, in order: in this process (``workers=0``) or in
+    ``workers`` processes, each with the tokenizer's own threads off."""
+    if workers == 0:
+        return ordered_map(partial(_tokenize_job, tokenizer), jobs, 0)
+    return ordered_map(
+        _tokenize_in_worker, jobs, workers, initializer=_start_worker, initargs=(tokenizer.to_dict(),)
+    )
+
+
+class _NpyAppender:
+    """A 1-D ``.npy`` file written by appending arrays; the header, which holds the length, is
+    rewritten on :meth:`close`. numpy pads every header to fit any length of the first axis
+    (``GROWTH_AXIS_MAX_DIGITS``), so rewriting it never moves the data."""
+
+    def __init__(self, file: BinaryIO, dtype: np.dtype) -> None:
+        self.file = file
+        self.dtype = np.dtype(dtype)
+        self.length = 0
+        self._write_header()
+        self._data_start = file.tell()
+
+    def _write_header(self) -> None:
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (self.length,),
+        }
+        np.lib.format.write_array_header_1_0(self.file, header)
+
+    def append(self, array: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(array, dtype=self.dtype).data)
+        self.length += len(array)
+
+    def close(self) -> None:
+        end = self.file.tell()
+        self.file.seek(0)
+        self._write_header()
+        if self.file.tell() != self._data_start:
+            raise RuntimeError("the .npy header changed size; numpy's header padding has changed")
+        self.file.seek(end)
+
+
+def progress_bar(total: int, description: str, enabled: bool = True):
+    """A tqdm bar over source bytes on stderr (MB, MB/s, ETA); silent when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=description,
+        unit="B",
+        unit_scale=True,
+        dynamic_ncols=True,
+        mininterval=0.5,
+        disable=not (enabled and sys.stderr.isatty()),
+        file=sys.stderr,
+    )
+
+
+# --------------------------------------------------------------------------- the cache
 class TokenCache:
     """The files of one tokenized corpus: ``train.npy``, ``val.npy``, ``val_bytes.npy``, ``val.txt``
-    and ``meta.json`` (written last: its presence means the rest is complete)."""
+    and ``meta.json`` (counts and the tokenizer; written last: its presence means the rest is complete)."""
 
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.train = directory / "train.npy"
-        self.val = directory / "val.npy"
-        self.val_bytes = directory / "val_bytes.npy"
-        self.val_text = directory / "val.txt"
-        self.meta = directory / "meta.json"
+        self.directory = Path(directory)
+        self.train = self.directory / "train.npy"
+        self.val = self.directory / "val.npy"
+        self.val_bytes = self.directory / "val_bytes.npy"
+        self.val_text = self.directory / "val.txt"
+        self.meta = self.directory / "meta.json"
 
     def exists(self) -> bool:
         return self.meta.is_file() and all(
             p.is_file() for p in (self.train, self.val, self.val_bytes, self.val_text)
         )
 
-    def write(
-        self, tokenizer: Tokenizer, train_docs: Sequence[Document], val_docs: Sequence[Document]
+    def read_meta(self) -> dict[str, Any]:
+        return json.loads(self.meta.read_text())
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the streams were made with."""
+        return Tokenizer.from_dict(self.read_meta()["tokenizer"])
+
+    def get_or_build(
+        self,
+        corpus: Corpus,
+        make_tokenizer: Callable[[], Tokenizer],
+        *,
+        workers: int = 0,
+        progress: bool = True,
+        chunk_chars: int = CHUNK_CHARS,
+        check: Callable[[dict[str, Any]], None] | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """``(meta, built)``: the cache's meta, building it first (under the lock) if it is absent.
+
+        ``make_tokenizer`` is called only when building. ``workers``: tokenizing processes (0: this
+        process, with the tokenizer's own threads). ``check(meta)`` may refuse a new build by raising
+        before it is renamed into place; a refused or failed build leaves nothing behind, not even
+        the lock file or the folders it made.
+        """
+        from filelock import FileLock
+
+        made = [p for p in (self.directory.parent, self.directory.parent.parent) if not p.exists()]
+        lock_file = Path(str(self.directory) + ".lock")
+        had_lock_file = lock_file.exists()
+        try:
+            # Warnings about skipped documents wait until the build is known to be usable: a corpus
+            # with nothing in it is one error, not also a warning per empty file.
+            with warnings.catch_warnings(record=True) as held:
+                warnings.simplefilter("always")
+                result = self._get_or_build(
+                    FileLock(str(lock_file)), corpus, make_tokenizer, workers, progress, chunk_chars, check
+                )
+            for warning in held:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+            return result
+        except BaseException:
+            if not had_lock_file:
+                lock_file.unlink(missing_ok=True)
+            for folder in made:  # deepest first; only if nothing else appeared in them
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+
+    def _get_or_build(self, lock, corpus, make_tokenizer, workers, progress, chunk_chars, check):
+        from filelock import Timeout
+
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.warning("waiting for another process to finish tokenizing into %s", self.directory)
+            lock.acquire()
+        try:
+            if self.exists():
+                return self.read_meta(), False
+            # Whoever held the lock before us and left a staging folder was killed: it is garbage.
+            for partial_folder in self.directory.parent.glob(f".{self.directory.name}.*.partial"):
+                shutil.rmtree(partial_folder, ignore_errors=True)
+            try:
+                with atomic_folder(self.directory) as staging:
+                    meta = self._write(staging, corpus, make_tokenizer(), workers, progress, chunk_chars)
+                    if check is not None:
+                        check(meta)
+            except OSError:
+                # Where the filesystem does not share locks between machines, another one may have
+                # renamed its complete folder into place first: use it.
+                if self.exists():
+                    return self.read_meta(), False
+                raise
+            return meta, True
+        finally:
+            lock.release()
+
+    def _write(
+        self,
+        staging: Path,
+        corpus: Corpus,
+        tokenizer: Tokenizer,
+        workers: int,
+        progress: bool,
+        chunk_chars: int,
     ) -> dict[str, Any]:
         started = time.perf_counter()
-        train_stream, _ = tokenize_documents(tokenizer, train_docs, with_bytes=False)
-        val_stream, val_bytes = tokenize_documents(tokenizer, val_docs, with_bytes=True)
-        val_text = b"".join(doc.text.encode("utf-8") for doc in val_docs)
-        if int(val_bytes.sum()) != len(val_text):
+        dtype = token_dtype(tokenizer.vocab_size)
+        documents = {False: 0, True: 0}
+        text_bytes = {False: 0, True: 0}
+        covered_bytes = 0
+        bar = progress_bar(corpus.size(), "tokenizing", enabled=progress)
+        try:
+            with (
+                open(staging / "train.npy", "wb") as train_file,
+                open(staging / "val.npy", "wb") as val_file,
+                open(staging / "val_bytes.npy", "wb") as bytes_file,
+                open(staging / "val.txt", "wb") as val_text,
+            ):
+                streams = {False: _NpyAppender(train_file, dtype), True: _NpyAppender(val_file, dtype)}
+                val_bytes = _NpyAppender(bytes_file, np.uint32)
+
+                documents_read = corpus.documents(on_read=bar.update)
+                jobs = _jobs(documents_read, chunk_chars, write_val_text=val_text.write)
+                for is_val, stream, byte_counts, n_documents, n_bytes in tokenize_jobs(
+                    tokenizer, jobs, workers
+                ):
+                    streams[is_val].append(stream)
+                    if is_val:
+                        val_bytes.append(byte_counts)
+                        covered_bytes += int(byte_counts.sum(dtype=np.int64))
+                    documents[is_val] += n_documents
+                    text_bytes[is_val] += n_bytes
+                    bar.set_postfix(docs=f"{documents[False] + documents[True]:,}", refresh=False)
+                for appender in (*streams.values(), val_bytes):
+                    appender.close()
+        finally:
+            bar.close()
+        corpus.check_split(documents[False], documents[True])
+        if covered_bytes != text_bytes[True]:
             # Only possible when a tokenizer turns a whole non-empty document into no tokens at all.
             warnings.warn(
-                f"the tokenizer covers {int(val_bytes.sum())} of the {len(val_text)} validation bytes",
+                f"the tokenizer covers {covered_bytes} of the {text_bytes[True]} validation bytes",
                 DataWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        write_atomically(self.train, lambda f: np.save(f, train_stream))
-        write_atomically(self.val, lambda f: np.save(f, val_stream))
-        write_atomically(self.val_bytes, lambda f: np.save(f, val_bytes))
-        write_atomically(self.val_text, val_text)
+        seconds = time.perf_counter() - started
         meta = {
             "format": CACHE_FORMAT,
             "tokenizer": tokenizer.to_dict(),
-            "train_documents": len(train_docs),
-            "val_documents": len(val_docs),
-            "train_tokens": len(train_stream),
-            "val_tokens": len(val_stream),
-            "val_bytes": int(val_bytes.sum()),
-            "seconds": round(time.perf_counter() - started, 3),
+            "train_documents": documents[False],
+            "val_documents": documents[True],
+            "train_tokens": streams[False].length,
+            "val_tokens": streams[True].length,
+            "train_text_bytes": text_bytes[False],
+            "val_bytes": covered_bytes,
+            "workers": workers,
+            "seconds": round(seconds, 3),
         }
-        write_atomically(self.meta, json.dumps(meta, indent=1))
+        write_atomically(staging / "meta.json", json.dumps(meta, indent=1))
         return meta
-
-    def read_meta(self) -> dict[str, Any]:
-        return json.loads(self.meta.read_text())
 
 
 def cached_json(cache: TokenCache, name: str, compute: Callable[[], Any]) -> Any:

@@ -1,16 +1,20 @@
-"""TextDataModule: a text corpus, tokenized once into cached memmaps, served as next-token blocks.
+"""TextDataModule: a corpus, tokenized once into cached memmaps, served as next-token blocks.
 
 Life of the data:
 
-1. ``prepare_data``/``setup``: find the documents, split train/val, build the tokenizer (trained on
-   the train split only), and tokenize each split once into ``.npy`` token streams under the cache
-   folder, keyed by the split's content and the tokenizer. A second run (or another rank) finds the
-   files and starts at once.
-2. ``train_dataloader``: batches ``(input_ids, targets)`` of blocks read from the memmap in a seeded
+1. ``prepare_data`` (Lightning calls it on the first process of each machine): find the sources
+   (text files, JSON Lines/JSON/Parquet records, saved ``datasets`` folders), split train/val,
+   build the tokenizer (a BPE is trained on a bounded sample of the training split), and tokenize
+   the corpus once, streaming, with ``num_workers`` processes, into ``.npy`` token streams under the
+   cache folder, keyed by the corpus's content and the tokenizer. A second run finds the files and
+   starts at once; a lock beside the cache folder lets one process build it while others wait.
+2. ``setup`` (every process): the other processes take the cache's key from rank 0 and read the
+   finished cache; they never read or tokenize the corpus themselves.
+3. ``train_dataloader``: batches ``(input_ids, targets)`` of blocks read from the memmap in a seeded
    per-epoch order; each rank reads its own blocks. The loader remembers how many batches it has
    handed out, so a run resumed from a mid-epoch checkpoint sees exactly the batches an
    uninterrupted run would have.
-3. ``val_dataloader``: batches ``(input_ids, targets, n_bytes)`` that score every held-out token
+4. ``val_dataloader``: batches ``(input_ids, targets, n_bytes)`` that score every held-out token
    exactly once, for any batch size and any number of ranks (no padding samples, no repeats).
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,39 +31,46 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from nexttoken.data.cache import CACHE_FORMAT, TokenCache, default_cache_dir
-from nexttoken.data.documents import (
-    DataError,
-    default_corpus,
-    documents_digest,
-    find_documents,
-    split_documents,
-)
+from nexttoken.data.cache import CACHE_FORMAT, CHUNK_CHARS, TokenCache, default_cache_dir, progress_bar
+from nexttoken.data.corpus import Corpus
+from nexttoken.data.documents import DataError, default_corpus, find_documents
 from nexttoken.data.loaders import ResumableDataLoader, TrainBatches, ValBatches
 from nexttoken.data.packing import num_train_blocks
+from nexttoken.data.parallel import available_cores
 from nexttoken.data.tokenizers import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
 
+# Below this much source data, tokenizing in this process is done before workers would have started.
+SMALL_CORPUS_BYTES = 4 * CHUNK_CHARS
+
 
 class TextDataModule(L.LightningDataModule):
-    """Train and validate on a text corpus.
+    """Train and validate on a corpus of text files and/or records.
 
     Args:
-        path: text files and/or folders (searched recursively); default: the Python standard
-            library's own source, which needs no download.
+        path: text files, record files (``.jsonl``, ``.json``, either maybe ``.gz``/``.zst``;
+            ``.parquet``) and saved ``datasets`` folders, or folders holding them (searched
+            recursively); default: the Python standard library's own source, which needs no download.
         tokenizer: ``bytes``, ``bpe`` (trained on the training split) or a local HF tokenizer path.
         vocab_size: BPE vocabulary size (ignored by other tokenizers).
         block_size: tokens of context per training example.
         batch_size: training blocks per batch (per rank); ``val_batch_size`` defaults to it.
-        val_fraction: share of documents held out for validation (of bytes, for a one-file corpus).
-        val_path: explicit validation files/folders instead of a held-out fraction.
+        val_fraction: share of documents held out for validation (of bytes, for a one-file corpus);
+            a saved ``DatasetDict``'s own ``validation`` (or ``test``) split is used instead.
+        val_path: explicit validation sources instead of a held-out fraction.
         include, exclude: glob patterns filtering the files found in folders.
         cache_dir: where tokenized corpora and tokenizers are cached; default ``$NEXTTOKEN_CACHE``
-            or ``~/.cache/nexttoken``.
-        num_workers: DataLoader worker processes.
+            or ``~/.cache/nexttoken``. Put it on a shared filesystem to tokenize once for all machines.
+        num_workers: processes that tokenize the corpus; default: the machine's cores (a corpus
+            under 4 MB: this process). 0 tokenizes in this process.
         seed: seeds the per-epoch shuffle of training blocks.
         replace_invalid_utf8: replace undecodable bytes with U+FFFD (with a warning) instead of failing.
+        text_field: the field of each record that holds its text; a dotted path for a nested field.
+        loader_workers: DataLoader worker processes reading batches during training (0: in the
+            training process, which is enough for memory-mapped blocks).
+        bpe_sample_mb: the BPE tokenizer is trained on a uniform, seeded sample of this many
+            megabytes (10^6 bytes) of the training split, or all of it when it is smaller.
     """
 
     def __init__(
@@ -74,9 +86,12 @@ class TextDataModule(L.LightningDataModule):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         cache_dir: str | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         seed: int = 1337,
         replace_invalid_utf8: bool = False,
+        text_field: str = "text",
+        loader_workers: int = 0,
+        bpe_sample_mb: float = 64.0,
     ) -> None:
         super().__init__()
         for name, value in (("block_size", block_size), ("batch_size", batch_size)):
@@ -84,8 +99,14 @@ class TextDataModule(L.LightningDataModule):
                 raise DataError(f"{name} must be a positive integer, got {value}")
         if val_batch_size is not None and val_batch_size < 1:
             raise DataError(f"val_batch_size must be a positive integer, got {val_batch_size}")
-        if num_workers < 0:
-            raise DataError(f"num_workers must be 0 or more, got {num_workers}")
+        if num_workers is not None and num_workers < 0:
+            raise DataError(f"num_workers must be 0 or more (or unset: one per core), got {num_workers}")
+        if loader_workers < 0:
+            raise DataError(f"loader_workers must be 0 or more, got {loader_workers}")
+        if not bpe_sample_mb > 0:
+            raise DataError(f"bpe_sample_mb must be positive, got {bpe_sample_mb}")
+        if not text_field:
+            raise DataError("text_field must name a field, e.g. --data.text_field text")
         self.save_hyperparameters(logger=False)  # the run config is saved by the CLI; avoids clashing keys
         # With more ranks than validation blocks some rank has no batch; that is correct (each
         # block is scored once, and the metrics are summed over ranks), so let Lightning accept it.
@@ -98,6 +119,8 @@ class TextDataModule(L.LightningDataModule):
         self.val_bytes: int | None = None
         self.cache_hit: bool | None = None
         self.cache: TokenCache | None = None
+        self._cache_key: str | None = None
+        self._set_up = False
         self._train_loader: ResumableDataLoader | None = None
         self._pending_train_state: dict[str, Any] | None = None
 
@@ -110,49 +133,107 @@ class TextDataModule(L.LightningDataModule):
         self._build()
 
     def setup(self, stage: str | None = None) -> None:
-        self._build()
+        """Read the cache that ``prepare_data`` built, by the key rank 0 computed (other ranks never
+        read the corpus); build it here only if it is not there (e.g. no ``prepare_data`` ran)."""
+        if self._set_up:
+            return
+        key = self._cache_key
+        if self.trainer is not None:  # every rank takes part: it is a collective
+            key = self.trainer.strategy.broadcast(key, src=0)
+        if self.cache is None:
+            cache = TokenCache(self.cache_root / "tokens" / key) if key else None
+            if cache is not None and cache.exists():
+                self._use(cache, cache.read_meta(), built=False)
+            else:
+                self._build()
+        self._set_up = True
+
+    def corpus(self) -> Corpus:
+        """The corpus these settings name, split into training and validation documents."""
+        hp = self.hparams
+        if hp.path:
+            sources = find_documents(hp.path, hp.include, hp.exclude)
+        else:
+            sources = find_documents(default_corpus(hp.include, hp.exclude))
+        val_sources = (
+            find_documents(hp.val_path, hp.include, hp.exclude, flag="--data.val_path")
+            if hp.val_path
+            else None
+        )
+        errors = "replace" if hp.replace_invalid_utf8 else "strict"
+        return Corpus(sources, hp.val_fraction, val_sources, errors=errors, text_field=hp.text_field)
 
     def _build(self) -> None:
-        """Split, build the tokenizer and tokenize, or load all of that from the cache. Idempotent."""
+        """Tokenize the corpus into the cache, or find it there. Idempotent."""
         if self.cache is not None:
             return
         hp = self.hparams
-        if hp.path:
-            documents = find_documents(hp.path, hp.include, hp.exclude)
+        corpus = self.corpus()
+        if hp.tokenizer == "bpe":
+            # A BPE is a function of the training split and these settings: key it by them, so a
+            # cached corpus is found without training (or sampling) anything.
+            given = None
+            spec: Any = ["bpe", hp.vocab_size, self._bpe_sample_bytes, _tokenizers_version()]
         else:
-            documents = find_documents(default_corpus(hp.include, hp.exclude))
-        val_documents = find_documents(hp.val_path, hp.include, hp.exclude) if hp.val_path else None
-        errors = "replace" if hp.replace_invalid_utf8 else "strict"
-        train_docs, val_docs = split_documents(documents, hp.val_fraction, val_documents, errors=errors)
-
-        root = self.cache_root
-        tokenizer = build_tokenizer(
-            hp.tokenizer, (d.text for d in train_docs), hp.vocab_size, cache_dir=root / "tokenizers"
+            given = build_tokenizer(hp.tokenizer)
+            spec = given.fingerprint
+        key = json.dumps([CACHE_FORMAT, corpus.identity(), spec])
+        self._cache_key = hashlib.sha256(key.encode()).hexdigest()[:24]
+        cache = TokenCache(self.cache_root / "tokens" / self._cache_key)
+        meta, built = cache.get_or_build(
+            corpus,
+            lambda: given or self._train_bpe(corpus),
+            workers=self._tokenizing_workers(corpus),
+            check=self._check_sizes,  # a corpus too small to train on leaves no cache entry behind
         )
-        key = json.dumps(
-            [CACHE_FORMAT, tokenizer.fingerprint, documents_digest(train_docs), documents_digest(val_docs)]
-        )
-        cache = TokenCache(root / "tokens" / hashlib.sha256(key.encode()).hexdigest()[:24])
-        self.cache_hit = cache.exists()
-        if self.cache_hit:
-            meta = cache.read_meta()
-        else:
-            meta = cache.write(tokenizer, train_docs, val_docs)
+        if built:
             log.info(
-                "tokenized %d + %d documents into %d + %d tokens in %.1f s (cached in %s)",
-                meta["train_documents"],
-                meta["val_documents"],
-                meta["train_tokens"],
-                meta["val_tokens"],
+                "tokenized %s + %s documents (%.1f MB) into %s + %s tokens in %.1f s with %s (cached in %s)",
+                f"{meta['train_documents']:,}",
+                f"{meta['val_documents']:,}",
+                (meta["train_text_bytes"] + meta["val_bytes"]) / 1e6,
+                f"{meta['train_tokens']:,}",
+                f"{meta['val_tokens']:,}",
                 meta["seconds"],
+                f"{meta['workers']} worker processes" if meta["workers"] else "this process",
                 cache.directory,
             )
+        self._use(cache, meta, built)
+
+    @property
+    def _bpe_sample_bytes(self) -> int:
+        return int(self.hparams.bpe_sample_mb * 1e6)
+
+    def _train_bpe(self, corpus: Corpus) -> Tokenizer:
+        started = time.perf_counter()
+        bar = progress_bar(corpus.size(), "sampling text for BPE")
+        try:
+            texts = corpus.sample(self._bpe_sample_bytes, on_read=bar.update)
+        finally:
+            bar.close()
+        # Not cached on its own: the token cache entry, keyed by what determines the BPE, keeps it.
+        tokenizer = build_tokenizer("bpe", texts, self.hparams.vocab_size)
+        log.info(
+            "BPE tokenizer (%s tokens) from %.1f MB of the training split in %.1f s",
+            f"{tokenizer.vocab_size:,}",
+            sum(len(t.encode("utf-8")) for t in texts) / 1e6,
+            time.perf_counter() - started,
+        )
+        return tokenizer
+
+    def _tokenizing_workers(self, corpus: Corpus) -> int:
+        if self.hparams.num_workers is not None:
+            return self.hparams.num_workers
+        return 0 if corpus.size() <= SMALL_CORPUS_BYTES else available_cores()
+
+    def _use(self, cache: TokenCache, meta: dict[str, Any], built: bool) -> None:
         self._check_sizes(meta)
-        self.tokenizer = tokenizer
-        self.vocab_size = tokenizer.vocab_size
+        self.tokenizer = Tokenizer.from_dict(meta["tokenizer"])
+        self.vocab_size = self.tokenizer.vocab_size
         self.train_tokens = meta["train_tokens"]
         self.val_tokens = meta["val_tokens"]
         self.val_bytes = meta["val_bytes"]
+        self.cache_hit = not built
         self.cache = cache
 
     def _check_sizes(self, meta: dict[str, Any]) -> None:
@@ -200,7 +281,7 @@ class TextDataModule(L.LightningDataModule):
                 f"{world_size} processes; add text or lower --data.block_size"
             )
         dataset = TrainBatches(cache.train, hp.block_size, hp.batch_size, hp.seed, rank, world_size)
-        return ResumableDataLoader(dataset, num_workers=hp.num_workers)
+        return ResumableDataLoader(dataset, num_workers=hp.loader_workers)
 
     def make_val_loader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         cache = self._require_setup()
@@ -215,7 +296,7 @@ class TextDataModule(L.LightningDataModule):
             world_size=world_size,
         )
         # An IterableDataset: Lightning never injects a (padding) DistributedSampler into it.
-        return DataLoader(dataset, batch_size=None, num_workers=hp.num_workers)
+        return DataLoader(dataset, batch_size=None, num_workers=hp.loader_workers)
 
     def train_dataloader(self) -> ResumableDataLoader:
         loader = self.make_train_loader(*self._rank_and_world_size())
@@ -248,3 +329,9 @@ class TextDataModule(L.LightningDataModule):
         if self._pending_train_state is not None and self._train_loader is not None:
             self._train_loader.load_state_dict(self._pending_train_state)
             self._pending_train_state = None
+
+
+def _tokenizers_version() -> str:
+    import tokenizers
+
+    return tokenizers.__version__

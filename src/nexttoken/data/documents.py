@@ -1,9 +1,11 @@
 """The one document reader: finding, reading and splitting the text a model trains, validates and
 is evaluated on (``nexttoken fit``'s ``--data.path`` and ``nexttoken eval``'s DATA alike).
 
-A corpus is a set of documents; each text file is one document. Everything here is deterministic
-(sorted paths, hash-based splits computed from paths relative to the corpus root), so two machines
-with the same files get the same train/validation split and therefore the same cached tokens.
+A corpus is a set of documents, read as one stream by :func:`iter_documents`: each text file is one
+document, and so is each record of a JSON Lines, JSON or Parquet file or of a saved ``datasets``
+folder (its text is one named field; :mod:`nexttoken.data.records` reads the formats). Everything
+here is deterministic (sorted paths, names relative to the corpus root, hash-based splits), so two
+machines with the same files get the same train/validation split and therefore the same cached tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import os
 import sysconfig
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +37,12 @@ class DataWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Document:
-    """One document: ``name`` is stable across machines (a path relative to the corpus root)."""
+    """One document: ``name`` is stable across machines (a path relative to the corpus root, with
+    ``#index`` for a record); ``split`` is the split of a saved ``DatasetDict`` it came from."""
 
     name: str
     text: str
+    split: str | None = None
 
 
 # --------------------------------------------------------------------------- finding files
@@ -74,19 +78,31 @@ def _matches(relative: str, patterns: Sequence[str]) -> bool:
 
 
 def _walk_files(folder: Path) -> Iterable[tuple[Path, str]]:
-    """Every non-hidden file under ``folder`` with its posix path relative to it, in sorted order."""
+    """Every non-hidden file under ``folder`` with its posix path relative to it, in sorted order;
+    a saved ``datasets`` folder comes as itself (one source), not as the files inside it."""
+    from nexttoken.data.records import is_saved_dataset
+
     for dirpath, dirnames, filenames in os.walk(folder):
         # Hidden folders (.git, .venv, ...) hold tooling, not corpus text.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
-        for filename in sorted(filenames):
-            if not filename.startswith("."):
-                path = Path(dirpath) / filename
-                yield path, path.relative_to(folder).as_posix()
+        datasets = [d for d in dirnames if is_saved_dataset(Path(dirpath) / d)]
+        dirnames[:] = [d for d in dirnames if d not in datasets]
+        for entry in sorted([*datasets, *(f for f in filenames if not f.startswith("."))]):
+            path = Path(dirpath) / entry
+            yield path, path.relative_to(folder).as_posix()
 
 
 def is_binary(path: Path) -> bool:
+    """True when a NUL byte appears in the file's first ``BINARY_SNIFF_BYTES`` bytes."""
     with open(path, "rb") as f:
         return b"\0" in f.read(BINARY_SNIFF_BYTES)
+
+
+def is_text_file(path: Path) -> bool:
+    """True for a source read as one text document (not a record file or a saved dataset)."""
+    from nexttoken.data.records import is_record_file
+
+    return not path.is_dir() and not is_record_file(path)
 
 
 def find_documents(
@@ -96,13 +112,17 @@ def find_documents(
     *,
     flag: str = "--data.path",
 ) -> list[Path]:
-    """The text files named by ``paths`` (files, or folders searched recursively), sorted and deduplicated.
+    """The sources named by ``paths`` (files, or folders searched recursively), sorted and deduplicated:
+    text files, record files (``.jsonl``, ``.json``, either maybe ``.gz``/``.zst``; ``.parquet``) and
+    saved ``datasets`` folders.
 
     ``include``/``exclude`` are glob patterns matched against each file's path relative to the folder
     it was found in (or its bare name); they filter folder contents, while a file named explicitly is
-    always taken. Hidden files and folders are skipped. Binary files are skipped with a warning.
-    ``flag`` names the option the paths came from, for error messages.
+    always taken. Hidden files and folders are skipped. Binary files that are not record files are
+    skipped with a warning. ``flag`` names the option the paths came from, for error messages.
     """
+    from nexttoken.data.records import is_saved_dataset
+
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     found: set[Path] = set()
@@ -110,7 +130,7 @@ def find_documents(
         path = Path(given).expanduser()
         if not path.exists():
             raise DataError(f"{flag}: path not found: {path}; pass an existing file or folder")
-        if path.is_file():
+        if path.is_file() or is_saved_dataset(path):
             candidates = [path]
         else:
             candidates = [
@@ -119,12 +139,16 @@ def find_documents(
                 if (not include or _matches(relative, include))
                 and not (exclude and _matches(relative, exclude))
             ]
-        binary = [file for file in candidates if is_binary(file)]
+        binary = [file for file in candidates if is_text_file(file) and is_binary(file)]
         texts = [file.resolve() for file in candidates if file not in binary]
         if not texts:
-            what = "is a binary file" if path.is_file() else "holds no text files"
+            if path.is_file():
+                raise DataError(f"{path} is a binary file; point {flag} at UTF-8 text or record files")
             filters = f" matching include={list(include or [])} exclude={list(exclude or [])}"
-            raise DataError(f"{path} {what}{filters if path.is_dir() else ''}; point {flag} at UTF-8 text")
+            raise DataError(
+                f"{path} holds no text files{filters} (nor .jsonl, .json or .parquet records, nor saved "
+                f"datasets); point {flag} at UTF-8 text or records"
+            )
         for file in binary:
             warnings.warn(f"skipping binary file {file} (it has NUL bytes)", DataWarning, stacklevel=2)
         found.update(texts)
@@ -134,37 +158,138 @@ def find_documents(
 
 
 # --------------------------------------------------------------------------- reading
+def decode_utf8(data: bytes, where: str, errors: str = "strict", warn: bool = True) -> tuple[str, int | None]:
+    """``(text, offset)``: ``data`` decoded as UTF-8 exactly, and the byte offset of its first invalid
+    UTF-8 (None when there is none). Invalid UTF-8 is an error naming ``where`` and the offset; with
+    ``errors="replace"`` the bad bytes become U+FFFD, with a warning unless ``warn`` is False."""
+    if errors not in ("strict", "replace"):
+        raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        if errors == "strict":
+            raise DataError(
+                f"{where} is not valid UTF-8 (byte offset {e.start}: {e.reason}); convert it to UTF-8, "
+                "or pass --data.replace_invalid_utf8 true to replace bad bytes with U+FFFD"
+            ) from None
+        if warn:
+            warnings.warn(
+                f"{where}: replaced invalid UTF-8 starting at byte offset {e.start} with U+FFFD",
+                DataWarning,
+                stacklevel=3,
+            )
+        return data.decode("utf-8", errors="replace"), e.start
+
+
 def read_document(path: str | os.PathLike, errors: str = "strict") -> str:
     """The file's text, decoded as UTF-8 exactly as stored (no newline translation, so bytes add up).
 
     A binary file (NUL bytes near its start) is an error. Invalid UTF-8 is an error naming the byte
     offset; with ``errors="replace"`` the bad bytes become U+FFFD and a warning says so.
     """
-    if errors not in ("strict", "replace"):
-        raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
     path = Path(path)
     data = path.read_bytes()
     if b"\0" in data[:BINARY_SNIFF_BYTES]:
         raise DataError(f"{path} is a binary file (it has NUL bytes), not text; pass UTF-8 text files")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if errors == "strict":
-            raise DataError(
-                f"{path} is not valid UTF-8 (byte offset {e.start}: {e.reason}); convert it to UTF-8, "
-                "or pass --data.replace_invalid_utf8 true to replace bad bytes with U+FFFD"
-            ) from None
+    text, bad = decode_utf8(data, str(path), errors)
+    if bad is not None:
         warnings.warn(
-            f"{path}: replaced invalid UTF-8 starting at byte offset {e.start} with U+FFFD",
+            f"{path}: replaced invalid UTF-8 starting at byte offset {bad} with U+FFFD",
             DataWarning,
             stacklevel=2,
         )
-        return data.decode("utf-8", errors="replace")
+    return text
 
 
 def corpus_root(paths: Sequence[Path]) -> Path:
     """The deepest folder holding every path: names relative to it are the same on every machine."""
     return Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths]))
+
+
+def record_text(value: object, where: str, field: str, errors: str = "strict") -> str:
+    """A record's text field as a document's text: it must be a string that is valid Unicode.
+
+    JSON can spell a lone surrogate (``"\\ud800"``), which no UTF-8 byte sequence encodes; it is an
+    error, or with ``errors="replace"`` it becomes U+FFFD.
+    """
+    from nexttoken.data.records import json_kind
+
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where}: field {field!r} is {json_kind(value)}, not a string; "
+            "point --data.text_field at the field that holds the text"
+        )
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            if errors == "strict":
+                raise DataError(
+                    f"{where}: field {field!r} holds a lone surrogate ({value[e.start]!a} at character "
+                    f"{e.start}), which is not text; fix the record, or pass --data.replace_invalid_utf8 true"
+                ) from None
+            # UTF-16 pairs the surrogates that belong together and replaces the rest.
+            value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value
+
+
+def iter_documents(
+    paths: Sequence[str | os.PathLike],
+    errors: str = "strict",
+    root: Path | None = None,
+    *,
+    text_field: str = "text",
+    splits: Sequence[str] | None = None,
+    select: Callable[[str], bool] | None = None,
+    on_read: Callable[[int], None] | None = None,
+) -> Iterator[Document]:
+    """Stream every document of ``paths`` (as :func:`find_documents` returns them), in order.
+
+    A text file is one document; each record of a record file or saved dataset is one document whose
+    text is its ``text_field`` (a dotted path for a nested field). Empty documents are skipped with a
+    warning (one per source).
+
+    Args:
+        errors: ``"strict"`` or ``"replace"``, for invalid UTF-8 (see :func:`read_document`).
+        root: names are relative to it; default: the deepest folder holding every path.
+        splits: for a saved ``DatasetDict``, the splits to read (None: all of them).
+        select: ``select(name)`` decides before a document is read or parsed whether it is wanted.
+        on_read: called with the number of source bytes (as stored on disk) read since the last call.
+    """
+    from nexttoken.data.records import RecordSource
+
+    paths = [Path(p).resolve() for p in paths]
+    root = root if root is not None else corpus_root(paths)
+    for path in paths:
+        name = path.relative_to(root).as_posix()
+        if is_text_file(path):
+            if select is not None and not select(name):
+                if on_read is not None:
+                    on_read(path.stat().st_size)  # passed over: done with it all the same
+                continue
+            text = read_document(path, errors=errors)
+            if on_read is not None:
+                on_read(path.stat().st_size)
+            if text:
+                yield Document(name, text)
+            else:
+                warnings.warn(f"skipping empty file {path}", DataWarning, stacklevel=2)
+            continue
+        source = RecordSource(path, name)
+        wanted = None
+        if select is not None:
+            wanted = lambda index, split, source=source: select(source.record_name(index, split))  # noqa: E731
+        empty = 0
+        for record in source.read([text_field], splits=splits, select=wanted, errors=errors, on_read=on_read):
+            text = record_text(record.values[text_field], record.where, text_field, errors)
+            if text:
+                yield Document(source.record_name(record.index, record.split), text, record.split)
+            else:
+                empty += 1
+        if empty:
+            warnings.warn(
+                f"{path}: skipped {empty} record(s) with an empty {text_field!r}", DataWarning, stacklevel=2
+            )
 
 
 def load_documents(
@@ -173,27 +298,28 @@ def load_documents(
     root: Path | None = None,
     *,
     flag: str = "--data.path",
+    text_field: str = "text",
 ) -> list[Document]:
-    """Read every path into a :class:`Document`; empty files are skipped with a warning."""
+    """Every document of ``paths`` in a list (:func:`iter_documents`); an error if there are none."""
     paths = [Path(p).resolve() for p in paths]
     if not paths:
         raise DataError(f"no documents to read; pass {flag} with at least one text file")
-    root = root if root is not None else corpus_root(paths)
-    documents, empty = [], []
-    for path in paths:
-        text = read_document(path, errors=errors)
-        if text:
-            documents.append(Document(path.relative_to(root).as_posix(), text))
-        else:
-            empty.append(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        documents = list(iter_documents(paths, errors, root, text_field=text_field))
     if not documents:
-        if len(paths) == 1:
-            raise DataError(f"{paths[0]} is empty: there is no text in it; point {flag} at text")
-        shown = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
-        raise DataError(f"every file is empty ({shown}); point {flag} at text")
-    for path in empty:
-        warnings.warn(f"skipping empty file {path}", DataWarning, stacklevel=2)
+        raise no_text_error(paths, flag)
+    for warning in caught:  # only now: an all-empty corpus is an error, not also warnings
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return documents
+
+
+def no_text_error(paths: Sequence[Path], flag: str = "--data.path") -> DataError:
+    """The error for a corpus in which every source was empty."""
+    if len(paths) == 1:
+        return DataError(f"{paths[0]} is empty: there is no text in it; point {flag} at text")
+    shown = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+    return DataError(f"every file is empty ({shown}); point {flag} at text")
 
 
 def content_digest(texts: Iterable[str]) -> str:
@@ -206,13 +332,8 @@ def content_digest(texts: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def documents_digest(documents: Iterable[Document]) -> str:
-    """A sha256 over names and texts: the identity of a split, for cache keys."""
-    return content_digest(part for doc in documents for part in (doc.name, doc.text))
-
-
 # --------------------------------------------------------------------------- splitting
-def _unit_hash(name: str) -> float:
+def unit_hash(name: str) -> float:
     """A stable number in [0, 1) for a name (Python's hash() is salted per process; this is not)."""
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64
 
@@ -245,40 +366,35 @@ def split_text(document: Document, val_fraction: float) -> tuple[Document, Docum
     )
 
 
+def held_out(name: str, val_fraction: float) -> bool:
+    """THE split rule: a document is held out for validation when a stable hash of its name (a path
+    relative to the corpus root, ``#index`` for a record) is below ``val_fraction``."""
+    return unit_hash(name) < val_fraction
+
+
 def split_documents(
     paths: Sequence[str | os.PathLike],
     val_fraction: float,
     val_paths: Sequence[str | os.PathLike] | None = None,
     errors: str = "strict",
+    *,
+    text_field: str = "text",
 ) -> tuple[list[Document], list[Document]]:
-    """Read and split the corpus into ``(train, val)`` documents.
+    """Read and split the corpus into ``(train, val)`` lists of documents.
+
+    The rule is :class:`nexttoken.data.corpus.Corpus`'s (which streams them instead):
 
     - With ``val_paths``, those documents are the validation set (and are removed from training).
-    - A corpus of one document holds out the last ``val_fraction`` of its bytes.
-    - Otherwise each document goes to validation when a stable hash of its name is below
-      ``val_fraction``: adding files never moves the others. At least one document goes each way.
+    - A corpus of one text file holds out the last ``val_fraction`` of its bytes.
+    - A saved ``DatasetDict`` with a ``validation`` (or ``test``) split is split as it says.
+    - Otherwise each document goes to validation when :func:`held_out` says so: adding files never
+      moves the others. A corpus of text files keeps at least one file on each side.
     """
-    resolved = [Path(p).resolve() for p in paths]
-    if val_paths:
-        val_resolved = [Path(p).resolve() for p in val_paths]
-        held_out = set(val_resolved)
-        train_paths = [p for p in resolved if p not in held_out]
-        if not train_paths:
-            raise DataError("every training document is also in --data.val_path; give training text too")
-        root = corpus_root(train_paths + val_resolved)
-        return load_documents(train_paths, errors, root), load_documents(val_resolved, errors, root)
+    from nexttoken.data.corpus import Corpus
 
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    documents = load_documents(resolved, errors)
-    if len(documents) == 1:
-        train, val = split_text(documents[0], val_fraction)
-        return [train], [val]
-
-    by_hash = sorted(documents, key=lambda d: _unit_hash(d.name))
-    n_val = sum(_unit_hash(d.name) < val_fraction for d in documents)
-    n_val = min(max(n_val, 1), len(documents) - 1)  # both splits non-empty
-    val_names = {d.name for d in by_hash[:n_val]}
-    train = [d for d in documents if d.name not in val_names]
-    val = [d for d in documents if d.name in val_names]
+    corpus = Corpus(paths, val_fraction, val_paths, errors=errors, text_field=text_field)
+    train, val = [], []
+    for is_val, document in corpus.documents():
+        (val if is_val else train).append(document)
+    corpus.check_split(len(train), len(val))
     return train, val

@@ -113,13 +113,13 @@ class ValBatches(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         worker, num_workers = _worker_share()
         stream = np.load(self.stream_file, mmap_mode="r")
-        block_bytes = val_block_bytes(np.load(self.bytes_file, mmap_mode="r"), self.block_size)
+        byte_counts = np.load(self.bytes_file, mmap_mode="r")
         for blocks in self.batches[worker::num_workers]:
             input_ids, targets = val_batch(stream, blocks, self.block_size, self.pad_id)
             yield (
                 torch.from_numpy(np.ascontiguousarray(input_ids)),
                 torch.from_numpy(np.ascontiguousarray(targets)),
-                torch.from_numpy(block_bytes[blocks.start : blocks.stop].astype(np.int64)),
+                torch.from_numpy(val_block_bytes(byte_counts, self.block_size, blocks)),
             )
 
 

@@ -18,8 +18,6 @@ from typing import TypeVar
 
 import numpy as np
 
-from nexttoken.loss import IGNORE_INDEX
-
 Block = TypeVar("Block")
 
 
@@ -85,6 +83,9 @@ def val_batch(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(input_ids, targets)``, each ``(len(blocks), block_size)`` int64: block ``i`` scores stream
     positions ``i*T + 1 .. i*T + T``; past the end, inputs hold ``pad_id`` and targets ``IGNORE_INDEX``."""
+    # Imported here: tokenizing worker processes use this module and must not pay for torch.
+    from nexttoken.loss import IGNORE_INDEX
+
     blocks = np.asarray(blocks, dtype=np.int64)
     n = num_val_blocks(len(stream), block_size)
     if blocks.size and (blocks.min() < 0 or blocks.max() >= n):
@@ -96,13 +97,53 @@ def val_batch(
     return np.where(scored, input_ids, pad_id), np.where(scored, targets, IGNORE_INDEX)
 
 
-def val_block_bytes(byte_counts: np.ndarray, block_size: int) -> np.ndarray:
-    """Bytes covered by each validation block's scored targets (stream positions ``index*T+1 ..``)."""
+def val_block_bytes(byte_counts: np.ndarray, block_size: int, blocks: range | None = None) -> np.ndarray:
+    """Bytes covered by each validation block's scored targets (stream positions ``index*T+1 ..``),
+    for the blocks in ``blocks`` (default: all). Only their part of ``byte_counts`` is read, so a
+    memory-mapped file stays on disk."""
     n_blocks = num_val_blocks(len(byte_counts), block_size)
-    if n_blocks == 0:
+    blocks = range(n_blocks) if blocks is None else blocks
+    if len(blocks) and (blocks.start < 0 or blocks.stop > n_blocks):
+        raise IndexError(
+            f"validation blocks {blocks.start}..{blocks.stop - 1} out of range 0..{n_blocks - 1}"
+        )
+    if len(blocks) == 0:
         return np.zeros(0, dtype=np.int64)
-    targets = np.asarray(byte_counts[1:], dtype=np.int64)
-    return np.add.reduceat(targets, np.arange(n_blocks) * block_size)
+    targets = np.asarray(
+        byte_counts[blocks.start * block_size + 1 : blocks.stop * block_size + 1], dtype=np.int64
+    )
+    return np.add.reduceat(targets, np.arange(len(blocks)) * block_size)
+
+
+# --------------------------------------------------------------------------- document masking
+def mask_documents(
+    input_ids: np.ndarray, targets: np.ndarray, start_id: int | None, end_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training or validation blocks with attention kept inside each document (``--data.document_mask``):
+    ``(input_ids, targets, document_ids)``, the targets that cross a document boundary unscored.
+
+    The documents are found from the stream's framing (:func:`nexttoken.data.tokenizers.document_frame`):
+    ``start_id`` is :func:`~nexttoken.data.tokenizers.document_start` (a document begins AT each
+    one), or None when documents have no start token (one begins right AFTER each ``end_id``, the
+    EOS). Special-token text inside a document is never encoded as these ids, so they are framing.
+
+    A target is scored when its input token is in the same document, or when it is the EOS (ending
+    a document is predicted from that document, also when the EOS doubles as the next start, as in
+    ``EOS doc0 EOS doc1``). So without a start token a document's first token is not scored (it
+    has no context of its own), exactly as ``nexttoken eval`` scores documents.
+    """
+    from nexttoken.loss import IGNORE_INDEX  # here, not at the top: tokenizing workers never load torch
+
+    # The block's T + 1 tokens; a validation block's unscored tail (IGNORE_INDEX) matches no id.
+    block = np.concatenate([input_ids, targets[..., -1:]], axis=-1)
+    if start_id is not None:
+        documents = np.cumsum(block == start_id, axis=-1)
+    else:
+        ends = block == end_id
+        documents = np.cumsum(ends, axis=-1) - ends  # the EOS still belongs to the document it ends
+    input_documents, target_documents = shift(documents)
+    keep = (input_documents == target_documents) | (targets == end_id)
+    return input_ids, np.where(keep, targets, IGNORE_INDEX), input_documents
 
 
 # --------------------------------------------------------------------------- who reads what

@@ -4,9 +4,13 @@ Every kind is a standard ``tokenizer.json``, so what we train here loads in ``tr
 (``PreTrainedTokenizerFast`` / ``AutoTokenizer``), and a checkpoint can carry its tokenizer as a
 string. Kinds:
 
-- ``bytes``: UTF-8 bytes, token id == byte value, plus ``<|endoftext|>`` (vocabulary 257).
-  Built as a byte-level BPE with no merges, so it behaves like every other kind.
+- ``bytes``: UTF-8 bytes, token id == byte value, plus ``<|endoftext|>`` and the two chat markers
+  (vocabulary 259). Built as a byte-level BPE with no merges, so it behaves like every other kind.
 - ``bpe``: byte-level BPE trained here on the training split (every byte stays representable).
+
+Both reserve ChatML's role markers ``<|im_start|>``/``<|im_end|>`` as special tokens and carry
+:data:`CHATML_TEMPLATE`, so a model trained here can be fine-tuned on conversations and chatted
+with (:mod:`nexttoken.data.chat`). A pretrained tokenizer keeps its own chat template.
 - ``hf``: a pretrained model's tokenizer (a local folder or ``tokenizer.json``, a GGUF file, or the
   tokenizer ``transformers`` loaded beside a model).
 
@@ -14,7 +18,9 @@ Training, evaluation, sampling and export all use this one class, so they cannot
 
 Text is encoded without adding special tokens, and special-token strings that occur in the text
 (a literal ``<|endoftext|>`` in a document) are encoded as plain text: document boundaries come
-only from :func:`document_start`/:func:`document_frame`, never from the data.
+only from :func:`document_start`/:func:`document_frame`, never from the data. The one exception
+is a rendered chat template, whose markers ARE special tokens
+(``encode_with_offsets(text, parse_special=True)``).
 
 **What starts a document** is decided by :func:`document_start` alone: the EOS for nexttoken's own
 tokenizers (training streams read ``EOS doc0 EOS doc1 ...``), the BOS for a pretrained tokenizer
@@ -41,6 +47,17 @@ from nexttoken.data.documents import DataError, content_digest
 from nexttoken.io import write_atomically
 
 EOS_TOKEN = "<|endoftext|>"
+# ChatML's role markers, reserved as special tokens by nexttoken's own tokenizers.
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (EOS_TOKEN, IM_START, IM_END)
+# The chat template of nexttoken's own tokenizers (ChatML): every turn is
+# <|im_start|>ROLE\nCONTENT<|im_end|>\n, and a reply is prompted by <|im_start|>assistant\n.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 BUILTIN_KINDS = ("bytes", "bpe")
 # End-of-document and beginning-of-document tokens of common local tokenizers, in order of preference.
 _EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
@@ -121,11 +138,19 @@ class Tokenizer:
     """
 
     def __init__(
-        self, tokenizer_json: str, *, kind: str, eos_token: str, bos_token: str | None = None
+        self,
+        tokenizer_json: str,
+        *,
+        kind: str,
+        eos_token: str,
+        bos_token: str | None = None,
+        chat_template: str | None = None,
     ) -> None:
         self.kind = kind
         self.eos_token = eos_token
         self.bos_token = bos_token
+        # A Jinja chat template (Hugging Face's format), or None when the tokenizer has none.
+        self.chat_template = chat_template
         # The JSON as given is what we store and save; the working copy below is adjusted for data.
         self._json = tokenizer_json
         self._hf = HFTokenizer.from_str(tokenizer_json)
@@ -138,6 +163,20 @@ class Tokenizer:
         self.vocab_size: int = max(self._hf.get_vocab(with_added_tokens=True).values()) + 1
         self.eos_id: int = self._token_id(eos_token)
         self.bos_id: int | None = self._token_id(bos_token) if bos_token is not None else None
+
+    @cached_property
+    def _hf_parsing_special(self) -> HFTokenizer:
+        """A copy that reads special-token strings in the text as the special tokens (chat markup)."""
+        hf = HFTokenizer.from_str(self._json)
+        hf.no_truncation()
+        hf.no_padding()
+        hf.encode_special_tokens = False
+        return hf
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special tokens (EOS, BOS, chat markers, ...): they cover no text."""
+        return frozenset(i for i, t in self._hf.get_added_tokens_decoder().items() if t.special)
 
     def _token_id(self, token: str) -> int:
         token_id = self._hf.token_to_id(token)
@@ -166,15 +205,24 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ encoding
     def encode(self, text: str) -> list[int]:
+        """The token ids of ``text`` alone: no special tokens added (what goes around a document is
+        :func:`document_frame`'s job); special-token strings inside the text are encoded as plain text."""
         return self._hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Many texts at once, in parallel (the fast batch encoder: no offsets are computed)."""
         return [enc.ids for enc in self._hf.encode_batch_fast(list(texts), add_special_tokens=False)]
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """``(ids, offsets)``: ``offsets[i]`` = (start, end) characters of ``text`` token ``i`` covers."""
-        encoding = self._hf.encode(text, add_special_tokens=False)
+    def encode_with_offsets(
+        self, text: str, *, parse_special: bool = False
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """``(ids, offsets)``: ``offsets[i]`` = (start, end) characters of ``text`` token ``i`` covers.
+
+        ``parse_special``: read special-token strings in ``text`` as those tokens (for a rendered
+        chat template, whose markers are special tokens) instead of as plain text (documents).
+        """
+        hf = self._hf_parsing_special if parse_special else self._hf
+        encoding = hf.encode(text, add_special_tokens=False)
         return encoding.ids, [tuple(o) for o in encoding.offsets]
 
     def encode_with_bytes(self, text: str) -> tuple[list[int], list[int]]:
@@ -195,6 +243,7 @@ class Tokenizer:
         ]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """The text of ``ids``; special tokens (EOS, BOS) are kept unless ``skip_special_tokens``."""
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ storage
@@ -206,6 +255,7 @@ class Tokenizer:
             "eos_token": self.eos_token,
             "bos_token": self.bos_token,
             "tokenizer_json": self._json,
+            "chat_template": self.chat_template,
         }
 
     @classmethod
@@ -217,6 +267,7 @@ class Tokenizer:
             kind=state["kind"],
             eos_token=state["eos_token"],
             bos_token=state["bos_token"],
+            chat_template=state.get("chat_template"),  # absent from tokenizers stored before chat support
         )
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -225,6 +276,7 @@ class Tokenizer:
         The saved tokenizer puts :func:`document_start` in front of every text it encodes with
         special tokens (transformers' default), so whoever loads it (``AutoTokenizer``, ``nexttoken
         eval`` of an exported folder) starts documents exactly as this tokenizer's model was trained.
+        The chat template, if any, goes into ``tokenizer_config.json`` (``apply_chat_template`` uses it).
         """
         from tokenizers import processors
 
@@ -244,6 +296,8 @@ class Tokenizer:
         if bos_token is not None:
             config["bos_token"] = bos_token
         config["clean_up_tokenization_spaces"] = False
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         write_atomically(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         return directory
 
@@ -270,29 +324,33 @@ def document_frame(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
 
 # --------------------------------------------------------------------------- building
 def bytes_tokenizer() -> Tokenizer:
-    """UTF-8 bytes: token id == byte value, ``<|endoftext|>`` = 256."""
+    """UTF-8 bytes: token id == byte value, ``<|endoftext|>`` = 256, ``<|im_start|>`` = 257,
+    ``<|im_end|>`` = 258."""
     vocab = {char: byte for byte, char in enumerate(_gpt2_byte_alphabet())}
     tok = _byte_level(models.BPE(vocab=vocab, merges=[]), split_words=False)
-    tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True)])
-    return Tokenizer(tok.to_str(), kind="bytes", eos_token=EOS_TOKEN)
+    tok.add_special_tokens([AddedToken(token, special=True) for token in SPECIAL_TOKENS])
+    return Tokenizer(tok.to_str(), kind="bytes", eos_token=EOS_TOKEN, chat_template=CHATML_TEMPLATE)
 
 
 def train_bpe(training_texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """A byte-level BPE with ``vocab_size`` ids (fewer if the text runs out of pairs to merge)."""
-    if vocab_size < 257:
-        raise DataError(f"vocab_size must be at least 257 (256 bytes + {EOS_TOKEN}), got {vocab_size}")
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise DataError(
+            f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + {', '.join(SPECIAL_TOKENS)}), "
+            f"got {vocab_size}"
+        )
     texts = list(training_texts)
     if not any(texts):
         raise DataError("cannot train a BPE tokenizer on no text; give the training split some text")
     tok = _byte_level(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte representable
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    return Tokenizer(tok.to_str(), kind="bpe", eos_token=EOS_TOKEN)
+    return Tokenizer(tok.to_str(), kind="bpe", eos_token=EOS_TOKEN, chat_template=CHATML_TEMPLATE)
 
 
 def _config_token(config: dict, key: str) -> str | None:
@@ -302,12 +360,39 @@ def _config_token(config: dict, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _chat_template_of(config: dict, folder: Path) -> str | None:
+    """The chat template saved beside a tokenizer: ``chat_template.jinja`` (what transformers writes
+    now) or the ``chat_template`` of ``tokenizer_config.json`` (a string, or named templates)."""
+    file = folder / "chat_template.jinja"
+    if file.is_file():
+        return file.read_text(encoding="utf-8")
+    return _single_template(config.get("chat_template"))
+
+
+def _single_template(template: Any) -> str | None:
+    """A template string from what transformers stores: a string, or a list/dict of named templates
+    (the one named ``default`` is the chat template)."""
+    if isinstance(template, list):
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) else None
+
+
 def load_local_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A local Hugging Face tokenizer: a folder with ``tokenizer.json`` (and maybe a
-    ``tokenizer_config.json`` naming its eos/bos tokens), or a ``tokenizer.json`` file."""
+    ``tokenizer_config.json`` naming its eos/bos tokens and chat template), a ``tokenizer.json`` file, or
+    the tokenizer that a GGUF model file or a nexttoken checkpoint carries."""
     path = Path(path).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return _gguf_tokenizer(path)
+    if path.suffix == ".ckpt" and path.is_file():
+        from nexttoken.checkpoints import read_checkpoint
+
+        checkpoint = read_checkpoint(path)
+        if "tokenizer" not in checkpoint:
+            raise DataError(f"checkpoint {path} carries no tokenizer; pass --data.tokenizer")
+        return Tokenizer.from_dict(checkpoint["tokenizer"])
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise DataError(
@@ -335,7 +420,13 @@ def load_local_tokenizer(path: str | os.PathLike) -> Tokenizer:
             f"tokenizer {file} has no end-of-document token (no eos_token in tokenizer_config.json and none of "
             f"{', '.join(_EOS_CANDIDATES)}); add one, or use --data.tokenizer bpe"
         )
-    return Tokenizer(tokenizer_json, kind="hf", eos_token=eos, bos_token=pick("bos_token", _BOS_CANDIDATES))
+    return Tokenizer(
+        tokenizer_json,
+        kind="hf",
+        eos_token=eos,
+        bos_token=pick("bos_token", _BOS_CANDIDATES),
+        chat_template=_chat_template_of(config, file.parent),
+    )
 
 
 def _gguf_tokenizer(path: Path) -> Tokenizer:
@@ -351,7 +442,7 @@ def _gguf_tokenizer(path: Path) -> Tokenizer:
 
 def from_transformers(fast: Any, source: str = "the model") -> Tokenizer:
     """A ``transformers`` fast tokenizer as a nexttoken :class:`Tokenizer` (same vocabulary, same
-    special tokens, same post-processing)."""
+    special tokens, same post-processing, same chat template)."""
     backend = getattr(fast, "backend_tokenizer", None)
     if backend is None:
         raise DataError(
@@ -360,7 +451,13 @@ def from_transformers(fast: Any, source: str = "the model") -> Tokenizer:
         )
     if fast.eos_token is None:
         raise DataError(f"the tokenizer of {source} has no end-of-document token; use --data.tokenizer bpe")
-    return Tokenizer(backend.to_str(), kind="hf", eos_token=fast.eos_token, bos_token=fast.bos_token)
+    return Tokenizer(
+        backend.to_str(),
+        kind="hf",
+        eos_token=fast.eos_token,
+        bos_token=fast.bos_token,
+        chat_template=_single_template(getattr(fast, "chat_template", None)),
+    )
 
 
 def as_tokenizer(tokenizer: Tokenizer | Any) -> Tokenizer:
@@ -373,6 +470,7 @@ def _bpe_cache_file(cache_dir: Path, training_texts: list[str], vocab_size: int)
         {
             "kind": "bpe",
             "vocab_size": vocab_size,
+            "special_tokens": list(SPECIAL_TOKENS),
             "content": content_digest(training_texts),
             # A different library version may train differently: don't reuse across versions.
             "tokenizers": tokenizers.__version__,

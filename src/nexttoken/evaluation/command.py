@@ -1,4 +1,5 @@
-"""``nexttoken eval MODEL DATA...``: perplexity and bits per byte of any causal LM on any text.
+"""``nexttoken eval MODEL DATA...``: perplexity and bits per byte of any causal LM on any text;
+``nexttoken eval MODEL --tasks NAME,...``: lm-evaluation-harness tasks (:mod:`nexttoken.evaluation.tasks`).
 
 The arguments shared with ``nexttoken inspect`` (windows, dtype, device, BOS) are defined here once.
 """
@@ -12,11 +13,13 @@ from nexttoken.data.documents import find_documents, load_documents
 from nexttoken.errors import UserError
 from nexttoken.evaluation.score import BOS_MODES, EvalResult, evaluate_texts
 from nexttoken.evaluation.windows import check_window_settings
-from nexttoken.models.load import DTYPE_CHOICES, load_model
+from nexttoken.io import write_atomically
+from nexttoken.models.load import ADAPTER_HELP, DTYPE_CHOICES, load_model
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by ``eval`` and ``inspect``."""
+    parser.add_argument("--adapter", default=None, metavar="DIR_OR_CKPT", help=ADAPTER_HELP)
     parser.add_argument(
         "--context",
         type=int,
@@ -63,12 +66,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="nexttoken checkpoint (.ckpt), Hugging Face model folder, or .gguf file",
     )
     parser.add_argument(
-        "data", metavar="DATA", nargs="+", help="text files, or folders searched recursively for them"
+        "data", metavar="DATA", nargs="*", help="text files, or folders searched recursively for them"
     )
     add_model_arguments(parser)
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout instead of a table"
     )
+    add_task_arguments(parser)
 
 
 def check_arguments_early(args: argparse.Namespace) -> None:
@@ -119,10 +123,21 @@ def format_table(result: EvalResult) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        return run_tasks(args)
+    check_task_flags_unused(args)
+    if not args.data:
+        raise UserError(
+            "DATA: pass at least one text file or folder to score (or --tasks NAME for lm-evaluation-harness tasks)"
+        )
     check_arguments_early(args)
     documents = load_documents(find_documents(args.data, flag="DATA"), flag="DATA")
     model, tokenizer = load_model(
-        args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        adapter=args.adapter,
     )
     print(
         f"nexttoken eval: {len(documents)} document(s); "
@@ -139,7 +154,136 @@ def run_eval(args: argparse.Namespace) -> int:
         args.batch_size,
         bos=args.bos,
         progress=args.progress,
-        model_name=str(args.model),
+        model_name=str(args.model) + (f" + {args.adapter}" if args.adapter else ""),
     )
     print(result.to_json() if args.json else format_table(result), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- --tasks
+TASK_FLAGS = {
+    "include_path": "--include-path",
+    "num_fewshot": "--num-fewshot",
+    "limit": "--limit",
+    "apply_chat_template": "--apply-chat-template",
+}
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tasks NAME[,NAME...] [--include-path DIR] [--num-fewshot K] [--limit N] ...``"""
+    group = parser.add_argument_group(
+        "downstream tasks (lm-evaluation-harness, offline; pip install 'nexttoken[tasks]')"
+    )
+    group.add_argument(
+        "--tasks",
+        default=None,
+        metavar="NAME[,NAME...]",
+        help="run these lm-eval tasks (or groups, or glob patterns) instead of scoring DATA; "
+        "--stride then defaults to --context (lm-eval's disjoint rolling windows)",
+    )
+    group.add_argument(
+        "--include-path",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a folder of task YAML files (repeatable); their data must be on disk",
+    )
+    group.add_argument(
+        "--num-fewshot", type=int, default=None, metavar="K", help="few-shot examples per prompt"
+    )
+    group.add_argument(
+        "--limit",
+        type=float,
+        default=None,
+        metavar="N",
+        help="only the first N documents per task (< 1: a fraction)",
+    )
+    group.add_argument(
+        "--apply-chat-template", action="store_true", help="format prompts with the model's chat template"
+    )
+
+
+def check_task_flags_unused(args: argparse.Namespace) -> None:
+    for key, flag in TASK_FLAGS.items():
+        if getattr(args, key) not in (None, False):
+            raise UserError(f"{flag} only applies with --tasks NAME; add --tasks or drop {flag}")
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    """``nexttoken eval MODEL --tasks ...``: lm-eval's table on stdout (or its results as one JSON
+    object with ``--json``), also written beside the run when MODEL is a checkpoint of one."""
+    if args.data:
+        raise UserError(
+            "--tasks runs lm-eval tasks on their own data; score text files in a separate "
+            f"`nexttoken eval MODEL {' '.join(args.data[:2])}` run without --tasks"
+        )
+    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    if not names:
+        raise UserError("--tasks: name at least one task, e.g. --tasks hellaswag or --tasks mytask")
+    check_arguments_early(args)
+    limit = args.limit
+    if limit is not None and (limit <= 0 or (limit >= 1 and not limit.is_integer())):
+        raise UserError(f"--limit must be a whole number of documents or a fraction below 1, got {limit:g}")
+    limit = int(limit) if limit is not None and limit >= 1 else limit
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    try:
+        from nexttoken.evaluation import tasks
+    except ImportError as error:
+        if (error.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise UserError('--tasks needs lm-evaluation-harness: pip install "nexttoken[tasks]"') from None
+
+    include = args.include_path or []
+    manager = tasks.task_manager(names, include)
+    names = tasks.check_task_names(manager, names, include)
+    chat = None
+    if args.apply_chat_template:
+        chat = tasks.chat_tokenizer_of(args.model, args.trust_remote_code)
+        if chat is None:
+            raise UserError(
+                f"{args.model} has no chat template, but --apply-chat-template asks for one; drop the flag "
+                "(a base model reads plain prompts) or use an instruction model's folder or GGUF file"
+            )
+    loaded = tasks.load_tasks(manager, names)
+    lm = tasks.NextTokenLM(
+        str(args.model),
+        context=args.context,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        bos=args.bos,
+        trust_remote_code=args.trust_remote_code,
+        chat_tokenizer=chat,
+        progress=args.progress,
+    )
+    settings = lm.settings()
+    print(
+        f"nexttoken eval: tasks {', '.join(names)}; context {lm.context}, stride {lm.stride}; "
+        f"start token {settings['start_token']!r}; {settings['dtype']} on {settings['device']}; "
+        f"shared contexts {'on' if lm.share_context else 'off (the model takes no packed rows)'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    results = tasks.evaluate_tasks(
+        lm,
+        loaded,
+        manager,
+        num_fewshot=args.num_fewshot,
+        limit=limit,
+        apply_chat_template=args.apply_chat_template,
+    )
+    if lm.truncated:
+        print(
+            f"note: {lm.truncated} request(s) were longer than the context of {lm.context} tokens; "
+            "their contexts were cut from the left",
+            file=sys.stderr,
+        )
+    text = tasks.results_json(results)
+    beside_run = tasks.results_path(args.model, names)
+    if beside_run is not None:
+        write_atomically(beside_run, text + "\n")
+        print(f"results: {beside_run}", file=sys.stderr)
+    print(text if args.json else tasks.results_table(results), flush=True)
     return 0

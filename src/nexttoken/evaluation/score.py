@@ -59,6 +59,15 @@ def default_batch_size(context: int, device: torch.device) -> int:
     return max(1, budget // context)
 
 
+def resolve_batch_size(batch_size: int | None, context: int, device: torch.device) -> int:
+    """Windows per forward pass: ``batch_size`` checked, or :func:`default_batch_size`."""
+    if batch_size is None:
+        return default_batch_size(context, device)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch-size must be a positive number of windows, got {batch_size!r}")
+    return batch_size
+
+
 def resolve_windows(model: CausalLM, context: int | None, stride: int | None) -> tuple[int, int]:
     """``(context, stride)`` in tokens: the model's maximum and half of it unless given; checked."""
     max_context = model.max_context
@@ -82,10 +91,19 @@ class ScoredBatch:
 
 
 def score_windows(
-    model: CausalLM, docs: Sequence[Tensor], windows: Sequence[Window], batch_size: int, pad_id: int = 0
+    model: CausalLM,
+    docs: Sequence[Tensor],
+    windows: Sequence[Window],
+    batch_size: int,
+    pad_id: int = 0,
+    scored_masks: Sequence[Tensor] | None = None,
 ) -> Iterator[ScoredBatch]:
     """Run the windows in batches (right-padded, unscored targets masked with IGNORE_INDEX); call
-    under ``torch.inference_mode()``. Only the scored positions are projected onto the vocabulary."""
+    under ``torch.inference_mode()``. Only the scored positions are projected onto the vocabulary.
+
+    ``scored_masks[d]`` (bool, one per token of ``docs[d]``): only tokens marked True are scored
+    as targets (a chat example's response tokens); each is still scored by exactly one window.
+    """
     device = model.lm_head.weight.device
     for first in range(0, len(windows), batch_size):
         batch = list(windows[first : first + batch_size])
@@ -96,6 +114,9 @@ def score_windows(
             x, y = shift(docs[w.doc][w.begin : w.end + 1])
             inputs[i, : w.length] = x
             targets[i, w.length - w.n_scored : w.length] = y[w.length - w.n_scored :]
+            if scored_masks is not None:
+                keep = shift(scored_masks[w.doc][w.begin : w.end + 1])[1]  # the mask shifts with the targets
+                targets[i, : w.length].masked_fill_(~keep, IGNORE_INDEX)
         offset = min(w.length - w.n_scored for w in batch)
         mask = None
         if any(w.length < width for w in batch):
@@ -123,8 +144,20 @@ def _progress(total: int, enabled: bool, desc: str):
     )
 
 
+class JSONResult:
+    """A dataclass of results that prints as one JSON object (non-finite numbers as null)."""
+
+    def to_dict(self) -> dict:
+        return {
+            k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in asdict(self).items()
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), allow_nan=False)
+
+
 @dataclass
-class EvalResult:
+class EvalResult(JSONResult):
     """What ``nexttoken eval`` reports. ``tokens``: scored tokens; ``bytes``/``words``: UTF-8 bytes and
     whitespace-separated words of the documents' text; ``loss`` in nats per token."""
 
@@ -147,14 +180,6 @@ class EvalResult:
     device: str
     seconds: float
     tokens_per_second: float
-
-    def to_dict(self) -> dict:
-        return {
-            k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in asdict(self).items()
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), allow_nan=False)
 
 
 def _document(start: int | None, ids: Sequence[int]) -> Tensor:
@@ -197,10 +222,7 @@ def evaluate_texts(
             "pass longer text (or --bos yes)"
         )
     param = model.lm_head.weight
-    if batch_size is None:
-        batch_size = default_batch_size(context, param.device)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"--batch-size must be a positive number of windows, got {batch_size!r}")
+    batch_size = resolve_batch_size(batch_size, context, param.device)
 
     metrics = NextTokenMetrics().to(param.device) if param.device.type != "mps" else NextTokenMetrics()
     began = time.perf_counter()

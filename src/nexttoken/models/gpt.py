@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from nexttoken.models.masking import document_causal_mask, document_positions
 from nexttoken.models.protocol import evaluating
 
 # Named sizes; the vocabulary comes from the tokenizer, so it is not part of a preset. Comments give the
@@ -75,15 +76,21 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): each head attends independently.
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # softmax(q k^T / sqrt(head_dim) + causal mask) v, with a fused kernel (flash / memory-efficient
         # where available). is_causal=True masks j > i, so position i never sees a later token.
+        # Packed documents: attn_mask (B, 1, T, T) is causal AND block-diagonal (models/masking.py).
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-join the heads
         return self.resid_dropout(self.c_proj(y))
@@ -109,9 +116,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         # Pre-norm: the residual stream x itself is never normalized, which keeps deep stacks trainable.
-        x = x + self.attn(self.ln_1(x))
+        x = x + self.attn(self.ln_1(x), attn_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -153,12 +160,15 @@ class GPT(nn.Module):
     def logits_are_linear(self) -> bool:
         return True  # logits = ln_f(x) @ wte.T, nothing after
 
-    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def hidden(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, document_ids: Tensor | None = None
+    ) -> Tensor:
         """Final hidden states (B, T, C) after ``ln_f``: ``logits = hidden @ lm_head.weight.T``.
 
         This is what a fused linear + cross-entropy loss consumes, so (B, T, V) logits never exist.
         ``attention_mask`` may only mark right padding, which causal attention already keeps out of
-        every real position, so it is not needed here.
+        every real position, so it is not needed here. ``document_ids`` (B, T): packed documents
+        (see :mod:`nexttoken.models.masking`): positions restart and attention stops at each one.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
@@ -169,19 +179,32 @@ class GPT(nn.Module):
                 "crop the input or use a model with a larger block_size"
             )
         pos = torch.arange(T, device=input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(pos))  # (B, T, C) + (T, C) broadcasts over B
+        attn_mask = None
+        if document_ids is not None:  # packed documents: own positions, block-diagonal causal mask
+            if document_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"document_ids {tuple(document_ids.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
+                )
+            pos, attn_mask = document_positions(document_ids), document_causal_mask(document_ids)
+        x = self.drop(self.wte(input_ids) + self.wpe(pos))  # (B, T, C) + (T, C) or (B, T, C)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, attn_mask)
         return self.ln_f(x)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, logits_to_keep: int = 0
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        logits_to_keep: int = 0,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, T, V); ``logits[:, t]`` predicts the token after ``input_ids[:, t]``.
 
         ``logits_to_keep=k > 0``: only the last ``k`` positions go through ``lm_head`` (B, k, V).
+        ``document_ids``: packed documents kept apart (see :meth:`hidden`).
         """
-        x = self.hidden(input_ids)
+        x = self.hidden(input_ids, document_ids=document_ids)
         return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from nexttoken.errors import UserError
+from nexttoken.models.masking import document_positions
 from nexttoken.models.protocol import CausalLM, evaluating
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ class HFCausalLM(nn.Module):
         self.model = model
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._document_masking_checked = False
         self.train(model.training)  # mirror the wrapped model's mode (a new nn.Module says "training")
 
     @property
@@ -112,27 +114,95 @@ class HFCausalLM(nn.Module):
         return isinstance(self.model.get_output_embeddings(), nn.Linear)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, logits_to_keep: int = 0
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        logits_to_keep: int = 0,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         """Logits ``(B, T, V)`` for every input position (no labels, no shift, no KV cache).
 
         ``logits_to_keep=k > 0`` returns only the last ``k`` positions' logits ``(B, k, V)``; the
         others are never projected onto the vocabulary (what sliding-window evaluation needs).
+        ``document_ids``: packed documents kept apart (see :meth:`_document_kwargs`).
         """
-        kwargs = {}
+        kwargs = self._document_kwargs(input_ids, attention_mask, document_ids)
         if logits_to_keep and self._keeps_logits:
             kwargs["logits_to_keep"] = logits_to_keep
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        out = self.model(input_ids=input_ids, use_cache=False, **kwargs)
         logits = out.logits
         if logits_to_keep and logits.size(1) != logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         return logits
 
-    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def hidden(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, document_ids: Tensor | None = None
+    ) -> Tensor:
         """Final hidden states ``(B, T, C)`` (after the last norm): ``lm_head(hidden)`` are the logits
         whenever :attr:`logits_are_linear`."""
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        kwargs = self._document_kwargs(input_ids, attention_mask, document_ids)
+        out = self.model.base_model(input_ids=input_ids, use_cache=False, **kwargs)
         return out[0]  # last_hidden_state
+
+    # ----------------------------------------------------------------- packed documents
+    def _document_kwargs(
+        self, input_ids: Tensor, attention_mask: Tensor | None, document_ids: Tensor | None
+    ) -> dict:
+        """The model's keyword arguments for a (possibly packed) batch.
+
+        Packed documents are given to the model the way transformers' own padding-free training
+        does it (``DataCollatorWithFlattening``): ``position_ids`` that restart at 0 at each document
+        and NO ``attention_mask``. transformers then keeps attention inside each run of positions:
+        flash-attention 2/3 through ``cu_seqlens``, and sdpa, eager and flex attention through the
+        block-diagonal mask that ``masking_utils.create_causal_mask`` builds from the restarts
+        (tested here with sdpa and eager on Llama and GPT-2 under transformers 5). Older
+        transformers versions, and models whose code builds its own mask, ignore the restarts, so
+        whether this model really keeps documents apart is checked once, on the first packed batch
+        (:meth:`_check_document_masking`): a model that lets them see each other is refused, never
+        trained on cross-talk.
+        """
+        if document_ids is None:
+            return {"attention_mask": attention_mask}
+        if document_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"document_ids {tuple(document_ids.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
+            )
+        if not self._document_masking_checked:
+            self._check_document_masking(input_ids.device)
+        return {"position_ids": document_positions(document_ids)}
+
+    @torch.no_grad()
+    def _check_document_masking(self, device: torch.device) -> None:
+        """Run two short random documents packed and alone; refuse the model if the second one's
+        logits depend on the first (attention crossed the boundary)."""
+        from transformers import __version__ as transformers_version
+
+        generator = torch.Generator().manual_seed(0)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        first = torch.randint(0, vocab, (1, 7), generator=generator).to(device)
+        second = torch.randint(0, vocab, (1, 5), generator=generator).to(device)
+        positions = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0).to(device)
+        device_type = device.type if device.type in ("cuda", "cpu") else "cpu"
+        with evaluating(self.model), torch.autocast(device_type=device_type, enabled=False):
+            packed = self.model(
+                input_ids=torch.cat([first, second], 1), position_ids=positions, use_cache=False
+            )
+            alone = self.model(input_ids=second, use_cache=False)
+        packed, alone = packed.logits[0, 7:].float(), alone.logits[0].float()
+        # fp32 agrees to ~1e-6 of the logits' scale; half precision to ~1e-2. Attention that crosses
+        # the boundary moves the logits far more than either (a real model by whole units).
+        dtype = self.model.get_output_embeddings().weight.dtype
+        tolerance = (1e-4 if dtype == torch.float32 else 5e-2) * (1.0 + alone.abs().max().item())
+        if (packed - alone).abs().max().item() > tolerance:
+            implementation = getattr(self.model.config, "_attn_implementation", None) or "default"
+            raise UserError(
+                f"{self.name} cannot keep packed examples apart: with attn_implementation "
+                f"{implementation!r} (transformers {transformers_version}) the second of two packed examples "
+                "sees the first; use a transformers version whose masks follow position_ids (5.x does, with "
+                "sdpa, eager, flex_attention or flash_attention_2), or turn packing off (--data.packing false)"
+            )
+        self._document_masking_checked = True
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: ``6 N + 12 n_layer d_model seq_len`` (PaLM's convention), with

@@ -23,16 +23,26 @@ class CausalLM(Protocol):
     training: bool
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, logits_to_keep: int = 0
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        logits_to_keep: int = 0,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         """Logits ``(B, T, V)``; ``logits_to_keep=k > 0`` projects only the last ``k`` positions
         onto the vocabulary and returns ``(B, k, V)``. ``attention_mask`` (B, T) marks real tokens
-        (1) and right padding (0)."""
+        (1) and right padding (0). ``document_ids`` (B, T) packs several documents into a row:
+        positions restart and attention stops at each document (:mod:`nexttoken.models.masking`),
+        so each one's logits are those it has alone; padding is one more document, and
+        ``attention_mask`` is then not used."""
         ...
 
-    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def hidden(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, document_ids: Tensor | None = None
+    ) -> Tensor:
         """Final hidden states ``(B, T, C)``: ``lm_head(hidden(x)) == forward(x)`` whenever
-        :attr:`logits_are_linear`."""
+        :attr:`logits_are_linear` (with the same ``document_ids``)."""
         ...
 
     @property
