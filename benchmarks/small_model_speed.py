@@ -306,8 +306,8 @@ def run(shape_name: str, precision: str | None, args: argparse.Namespace) -> dic
     extra = [paired, profiler] if args.profile else [paired]
     defaults = training.trainer_defaults
 
-    def with_pairing() -> dict:
-        d = defaults()
+    def with_pairing(verbose: bool = False) -> dict:
+        d = defaults(verbose)
         d["callbacks"] = [*d["callbacks"], *extra]
         return d
 
