@@ -27,7 +27,7 @@ class FakeTrainer:
         self.global_step = 0
 
 
-def run_steps(monkeypatch, seconds_per_step: dict[int, float], steps: int):
+def run_steps(monkeypatch, seconds_per_step: dict[int, float], steps: int, validate_after: tuple = ()):
     """Drive AutoThreads (re-probe after 45 ms, 3 probed steps) over ``steps`` fake steps that take
     ``seconds_per_step[threads]`` on a fake clock, from 2 threads; returns the thread count after each
     step and the callback."""
@@ -47,9 +47,19 @@ def run_steps(monkeypatch, seconds_per_step: dict[int, float], steps: int):
             trainer.global_step += 1
             callback.on_train_batch_end(trainer, None, None, None, 0)
             history.append(torch.get_num_threads())
+            if trainer.global_step in validate_after:
+                callback.on_validation_start(trainer, None)
         return history, callback
     finally:
         torch.set_num_threads(original)
+
+
+def test_validation_during_a_probe_ends_it_with_the_count_from_before(monkeypatch):
+    # The probe of 1 thread starts after step 5; validation comes after step 6, before it decides.
+    history, callback = run_steps(monkeypatch, {2: 0.010, 1: 0.004}, 10, validate_after=(6,))
+    assert history[:6] == [2] * 4 + [1, 1]
+    assert history[6:] == [2] * 4  # back to 2 threads; the next probe waits another 45 ms
+    assert callback._probing is None and callback.switches == []
 
 
 def test_auto_threads_reprobe_keeps_the_faster_count(monkeypatch):

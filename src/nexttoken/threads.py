@@ -173,4 +173,6 @@ class AutoThreads(L.Callback):
         self._probing, self._recent = None, []
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._probing is not None:  # a probe cut by validation decides nothing: back to the count
+            self._end_probe(trainer, self._back_to)
         self._recent = []  # the first step after validation is not comparable
