@@ -116,3 +116,18 @@ def test_plot_curves_writes_a_png_of_the_curves(tmp_path):
     image = matplotlib.image.imread(plot_curves(csv, tmp_path / "curves.png"))
     assert near_colour(image, "tab:green") == 0 and near_colour(image, "tab:orange") > 50
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.csv"]
+
+
+def test_a_chat_report_counts_examples_and_scores_responses_only():
+    from nexttoken.data.sft import ExampleCounts
+
+    nll, tokens, n_bytes = 300.0, 250, 400
+    validation = {**summarize(nll, tokens, n_bytes), "tokens": tokens, "bytes": n_bytes}
+    counts = ExampleCounts(examples=12, response_tokens=250, prompt_tokens_ignored=1234, response_bytes=400)
+    lines = format_report(validation, {}, vocab_size=259, examples=counts).splitlines()
+    assert lines[0] == (
+        "validation over 12 held-out examples: 250 response tokens (400 bytes) scored, "
+        "1,234 prompt tokens ignored:"
+    )
+    assert numbers(lines[4]) == [round(nll / (math.log(2) * n_bytes), 4)]
+    assert len(lines) == 5  # no compressors: they would see the responses without their prompts

@@ -12,7 +12,6 @@ with its generation prompt, exactly as conversations were rendered for fine-tuni
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -236,7 +235,8 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     # The history keeps at least half the context; the reply gets the rest (up to --max-new-tokens).
     context = model.max_context
     room = None if context is None else context - min(args.max_new_tokens, context // 2)
-    for turn in itertools.count():
+    replies = 0
+    while True:
         if interactive:
             print("you> ", end="", file=stdout, flush=True)
         line = stdin.readline()
@@ -261,8 +261,9 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k or None,
-            seed=args.seed + turn,
+            seed=args.seed + replies,  # the same seed twice would repeat itself
         )
+        replies += 1
         messages.append(Message("assistant", reply))
         print(f"{'assistant> ' if interactive else ''}{reply}", file=stdout, flush=True)
     return 0
