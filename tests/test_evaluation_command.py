@@ -116,12 +116,16 @@ def test_cuda_matches_cpu(tiny_llama_dir, tmp_path, capfd):
 
 
 # --------------------------------------------------------------------------- chat and instruction records
-def test_cli_scores_the_responses_of_chat_records(tiny_gpt2_dir, tmp_path, capfd):
+def test_cli_scores_the_responses_of_chat_records(tmp_path, capfd):
+    from conftest import save_tiny_hf_model
     from nexttoken.data.chat import read_conversations, resolve_chat_template
     from nexttoken.loss import IGNORE_INDEX, next_token_loss
     from test_cli import PLAIN_CHAT_TEMPLATE
     from test_sft_cache import write_chats
 
+    # A context longer than every conversation (the longest renders to 96 tokens), so each one is
+    # scored in one window and the hand computation below is a single forward pass.
+    tiny_gpt2_dir = save_tiny_hf_model(tmp_path / "gpt2", "gpt2", add_bos=False, max_positions=128)
     chats = write_chats(tmp_path / "chats.jsonl", 6)
     template_file = tmp_path / "template.jinja"
     template_file.write_text(PLAIN_CHAT_TEMPLATE)
