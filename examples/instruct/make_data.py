@@ -75,7 +75,9 @@ def main() -> None:
         with open(args.out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for question, answer in part:
                 f.write(json.dumps(record(question, answer)) + "\n")
-    print(f"{args.out}/train.jsonl: {len(train)} records; {args.out}/test.jsonl: {len(test)} held-out records")
+    print(
+        f"{args.out}/train.jsonl: {len(train)} records; {args.out}/test.jsonl: {len(test)} held-out records"
+    )
 
 
 if __name__ == "__main__":
