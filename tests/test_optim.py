@@ -8,6 +8,8 @@ from nexttoken.optim import (
     BIAS,
     DECAY,
     EMBEDDING,
+    FROZEN,
+    LORA,
     NORM,
     build_optimizer,
     decay_audit,
@@ -202,3 +204,76 @@ def test_warmup_cosine_formula():
     mid = warmup_cosine(12, warmup_steps=4, max_steps=20, min_lr_ratio=0.1)
     assert mid == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert warmup_cosine(1000, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) == pytest.approx(0.1)
+
+
+def lora_nanogpt(**unfreeze):
+    """TinyNanoGPT with LoRA on its block matmuls (peft), the rest frozen except what ``unfreeze`` names."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = TinyNanoGPT()
+    inject_adapter_in_model(
+        LoraConfig(r=2, lora_alpha=4, target_modules=r"blocks\.\d\.(attn|proj|mlp\.0|mlp\.2)"), model
+    )
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in unfreeze):
+            p.requires_grad_(True)
+    return model
+
+
+def test_lora_adapters_are_their_own_group_and_frozen_parameters_are_listed_as_frozen():
+    model = lora_nanogpt()
+    groups = param_groups(model, 0.1, lora_weight_decay=0.02)
+    assert_each_trainable_param_once(model, groups)
+    decay, no_decay, lora = groups
+    assert decay["params"] == [] and no_decay["params"] == []  # the base is frozen: in no group
+    assert lora["weight_decay"] == 0.02
+    adapters = {id(p) for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    assert {id(p) for p in lora["params"]} == adapters and len(
+        adapters
+    ) == 16  # 2 blocks x 4 matmuls x (A, B)
+    audit = decay_audit(model)
+    assert {r.reason for r in audit.records} == {LORA}
+    frozen = {r.name: r for r in audit.frozen}
+    assert set(frozen) == {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen["blocks.0.attn.base_layer.weight"].reason == FROZEN
+    assert frozen["wte.weight"].numel == 50 * 8
+    assert sum(r.numel for r in audit.records + audit.frozen) == sum(p.numel() for p in model.parameters())
+    summary = audit.summary()
+    assert "lora decay on 16 tensors" in summary and f"frozen: {len(frozen)} tensors" in summary
+    assert "blocks.1.mlp.2.lora_B.default.weight" in audit.table() and "frozen (Linear)" in audit.table()
+
+
+def test_golden_rule_still_holds_for_what_trains_beside_the_adapters():
+    # A trained embedding (say, rows for new special tokens), a norm and a matmul weight left unfrozen.
+    model = lora_nanogpt(**{"wte.": True, "ln_f.": True, "blocks.0.mlp.0.base_layer.weight": True})
+    decay, no_decay, lora = param_groups(model, 0.1, lora_weight_decay=0.0)
+    assert [id(p) for p in decay["params"]] == [id(model.blocks[0].mlp[0].base_layer.weight)]
+    assert {id(p) for p in no_decay["params"]} == {
+        id(model.wte.weight),  # the embedding, and the head tied to it: no decay
+        id(model.ln_f.weight),
+        id(model.ln_f.bias),
+    }
+    reasons = {r.name: r.reason for r in decay_audit(model).records}
+    assert reasons["wte.weight"] == EMBEDDING and reasons["ln_f.weight"] == NORM
+    assert reasons["blocks.0.mlp.0.base_layer.weight"] == DECAY
+    assert all(reasons[n] == LORA for n in reasons if ".lora_" in n)
+
+
+def test_lora_decay_is_decoupled_and_only_on_the_adapters():
+    model = lora_nanogpt(**{"blocks.0.mlp.0.base_layer.weight": True, "ln_f.": True})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr, wd, lora_wd = 0.5, 0.1, 0.3
+    optimizer, _ = build_optimizer(model, lr=lr, weight_decay=wd, lora_weight_decay=lora_wd, warmup_steps=0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)  # Adam's step is then 0: only the decoupled decay moves weights
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            expected = before[name] * (1 - lr * lora_wd)
+        elif name == "blocks.0.mlp.0.base_layer.weight":
+            expected = before[name] * (1 - lr * wd)
+        else:
+            expected = before[name]  # frozen, or a norm
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7, msg=name)

@@ -21,6 +21,7 @@ import torch
 from nexttoken.data.chat import ChatTemplate, Message
 from nexttoken.data.tokenizers import Tokenizer, document_start
 from nexttoken.errors import UserError
+from nexttoken.models.load import ADAPTER_HELP
 from nexttoken.models.protocol import CausalLM
 
 
@@ -116,6 +117,7 @@ def _sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 2
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
+    parser.add_argument("--adapter", default=None, metavar="DIR_OR_CKPT", help=ADAPTER_HELP)
 
 
 def _chat_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +166,7 @@ def _load_for_sampling(args: argparse.Namespace):
         )
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    return load_model(path, device=args.device)
+    return load_model(path, device=args.device, adapter=args.adapter)
 
 
 def _chat_template(tokenizer: Tokenizer, template_file: str | None) -> ChatTemplate:

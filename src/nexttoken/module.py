@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
@@ -20,9 +20,12 @@ from nexttoken.errors import UserError
 from nexttoken.loss import count_scored, fused_loss_available, fused_next_token_loss, next_token_loss
 from nexttoken.metrics import NextTokenMetrics
 from nexttoken.models.gpt import PRESETS
-from nexttoken.models.load import is_hf_model
+from nexttoken.models.load import is_checkpoint, is_hf_model
 from nexttoken.models.protocol import CausalLM
-from nexttoken.optim import build_optimizer
+from nexttoken.optim import LORA_WEIGHT_DECAY, build_optimizer
+
+if TYPE_CHECKING:
+    from nexttoken.models.lora import LoraSettings
 
 # The fused linear+cross-entropy path pays once the vocabulary is much wider than the model
 # (the logits dominate memory); below that the plain matmul is cheaper (benchmarks/loss_memory.py).
@@ -35,11 +38,13 @@ OnNonFinite = Literal["stop", "skip"]
 
 
 class CausalLMModule(L.LightningModule):
-    """Next-token training of nexttoken's GPT (``model`` = a preset name) or a Hugging Face causal
-    LM (``model`` = a local folder or .gguf file).
+    """Next-token training of nexttoken's GPT (``model`` = a preset name, or a nexttoken checkpoint to
+    start from) or a Hugging Face causal LM (``model`` = a local folder or .gguf file), whole or with
+    LoRA adapters (``lora_r``).
 
     Args:
-        model: a GPT preset (``tiny``, ``mini``, ``small``, ...) or a local HF model folder / GGUF file.
+        model: a GPT preset (``tiny``, ``mini``, ``small``, ...), a nexttoken checkpoint (``.ckpt``,
+            its weights and tokenizer are the start), or a local HF model folder / GGUF file.
         vocab_size: set from the data's tokenizer when left out.
         block_size, n_layer, n_head, n_embd, dropout, bias: override the preset's shape.
         lr, weight_decay, betas, warmup_steps, min_lr: AdamW and its warmup + cosine schedule;
@@ -49,6 +54,15 @@ class CausalLMModule(L.LightningModule):
             checkpoint, which is kept) or ``skip``s that optimizer step.
         compile: ``torch.compile`` the model.
         trust_remote_code: allow a HF model folder's own code to run (off unless you ask).
+        lora_r: train LoRA adapters of this rank and freeze the pretrained ``model`` (None: train
+            every weight). Checkpoints then hold the adapters, the optimizer state, and the base
+            model's path and sha256.
+        lora_alpha: the adapters' update is scaled by ``lora_alpha / lora_r`` (default ``2 * lora_r``).
+        lora_dropout: dropout on the adapters' input.
+        lora_targets: module names to adapt (exact, or the last part of a dotted name); default every
+            attention and MLP projection (every Linear but the output head).
+        lora_weight_decay: the adapters' decoupled weight decay (their own optimizer group); it pulls
+            the update toward zero, i.e. the model toward the base.
     """
 
     def __init__(
@@ -70,6 +84,11 @@ class CausalLMModule(L.LightningModule):
         on_nonfinite: OnNonFinite = "stop",
         compile: bool = False,
         trust_remote_code: bool = False,
+        lora_r: int | None = None,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        lora_targets: list[str] | None = None,
+        lora_weight_decay: float = LORA_WEIGHT_DECAY,
     ) -> None:
         super().__init__()
         if fused_loss not in FusedLoss.__args__:
@@ -85,12 +104,19 @@ class CausalLMModule(L.LightningModule):
             )
         if model.endswith(".gguf") and not Path(model).expanduser().is_file():
             raise UserError(f"--model.model {model}: no such file; pass a local .gguf file or a GPT preset")
-        if model not in PRESETS and not is_hf_model(model):
+        if model not in PRESETS and not is_hf_model(model) and not is_checkpoint(model):
             raise UserError(
-                f"--model.model {model!r} is neither a GPT preset ({', '.join(PRESETS)}) nor a local "
-                "Hugging Face model folder or .gguf file"
+                f"--model.model {model!r} is neither a GPT preset ({', '.join(PRESETS)}), a nexttoken "
+                "checkpoint (.ckpt) nor a local Hugging Face model folder or .gguf file"
             )
+        if lora_r is not None:
+            _check_lora_settings(model, lora_r, lora_alpha, lora_dropout, lora_targets, lora_weight_decay)
         self.save_hyperparameters()
+        # A LoRA checkpoint holds the adapters only: the frozen base comes from the base model's file.
+        self.strict_loading = lora_r is None
+        self.lora_modules: list[str] = []
+        self.base_fingerprint: str | None = None
+        self.base_held_in_bf16 = False
         self.model: CausalLM | None = None
         self.tokenizer = None
         self.val_metrics = NextTokenMetrics()
@@ -111,11 +137,27 @@ class CausalLMModule(L.LightningModule):
                 raise ValueError("vocab_size is unknown: pass it, or train with a TextDataModule")
             self.hparams.vocab_size = self.tokenizer.vocab_size
         self.model = self._build_network()
+        if self.lora is not None:
+            from nexttoken.models.lora import attach_lora, weights_fingerprint
+
+            self.lora_modules = attach_lora(self.model, self.lora)
+            self.base_fingerprint = weights_fingerprint(self.hparams.model)
         if self.hparams.compile:
             self.model.compile()
 
+    @property
+    def lora(self) -> LoraSettings | None:
+        """The run's LoRA settings; None when every weight trains."""
+        if self.hparams.lora_r is None:
+            return None
+        from nexttoken.models.lora import settings_from
+
+        return settings_from(self.hparams)
+
     def _build_network(self) -> CausalLM:
         hp = self.hparams
+        if is_checkpoint(hp.model):
+            return self._network_from_checkpoint(hp.model)
         if is_hf_model(hp.model):
             from nexttoken.models.hf import load_hf_causal_lm
 
@@ -128,6 +170,32 @@ class CausalLMModule(L.LightningModule):
         self.hparams.block_size = config.block_size
         return GPT(config)
 
+    def _network_from_checkpoint(self, path: str) -> CausalLM:
+        """The network of a nexttoken checkpoint, as the starting point of this run."""
+        from nexttoken.models.load import load_module
+
+        base = load_module(path)
+        if base.hparams.get("lora_r") is not None:
+            raise UserError(
+                f"--model.model {path} is a LoRA checkpoint; merge it first (nexttoken export {path} OUT --merge) "
+                "and fine-tune the merged folder"
+            )
+        if self.tokenizer is None:
+            self.tokenizer = base.tokenizer
+        elif base.tokenizer is not None and base.tokenizer.fingerprint != self.tokenizer.fingerprint:
+            raise UserError(
+                f"--model.model {path} was trained with another tokenizer ({base.tokenizer.kind}, vocab "
+                f"{base.tokenizer.vocab_size}) than the data's ({self.tokenizer.kind}, vocab "
+                f"{self.tokenizer.vocab_size}); leave --data.tokenizer out to use the checkpoint's"
+            )
+        network = base.model
+        block_size, limit = self.hparams.block_size, network.max_context
+        if block_size is not None and limit is not None and block_size > limit:
+            raise UserError(
+                f"--data.block_size {block_size} is longer than {path}'s context ({limit}); use at most {limit}"
+            )
+        return network.train()
+
     @property
     def uses_fused_loss(self) -> bool:
         """Whether :meth:`nll_sum` takes the fused linear + cross-entropy path (``fused_loss`` and
@@ -135,6 +203,8 @@ class CausalLMModule(L.LightningModule):
         mode = self.hparams.fused_loss
         if not self.model.logits_are_linear:
             return False  # softcapped or scaled logits (some HF models) are not hidden @ W.T
+        if not isinstance(self.model.lm_head, torch.nn.Linear):
+            return False  # an adapted head (LoRA) is not just hidden @ W.T
         if mode != "auto":
             return mode == "on"
         if not fused_loss_available():
@@ -159,6 +229,52 @@ class CausalLMModule(L.LightningModule):
         return next_token_loss(self.model(input_ids, document_ids=document_ids), targets, reduction="sum")
 
     # ----------------------------------------------------------------- training
+    def holds_base_in_bf16(self) -> bool:
+        """Whether this fit holds the frozen base weights in bf16: bf16-mixed rounds every one of them
+        to bf16 for its matmul anyway (identical steps, less memory). Only under Lightning's own
+        autocast plugin (single device, DDP): FSDP flattens parameters and needs one dtype."""
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        plugin = self.trainer.precision_plugin
+        return self.lora is not None and type(plugin) is MixedPrecision and plugin.precision == "bf16-mixed"
+
+    def on_fit_start(self) -> None:
+        if self.holds_base_in_bf16():
+            from nexttoken.models.lora import hold_base_weights
+
+            hold_base_weights(self.model, torch.bfloat16)
+            self.base_held_in_bf16 = True
+
+    def on_fit_end(self) -> None:
+        # Back to fp32 for what runs outside autocast (the report's sample). These are the bf16-rounded
+        # values; checkpoints hold no base weights, so every later load reads the exact ones again.
+        if self.base_held_in_bf16:
+            from nexttoken.models.lora import hold_base_weights
+
+            hold_base_weights(self.model, torch.float32)
+            self.base_held_in_bf16 = False
+
+    def lora_summary(self, audit) -> str:
+        """What LoRA adapts: its settings, the trainable share, the base and every adapted module."""
+        from nexttoken.models.lora import describe_modules
+
+        lora, hp = self.lora, self.hparams
+        trainable = sum(r.numel for r in audit.records)
+        total = trainable + sum(r.numel for r in audit.frozen)
+        lines = [
+            f"lora: rank {lora.r}, alpha {lora.alpha:g} (update scale {lora.alpha / lora.r:g}), dropout "
+            f"{lora.dropout:g}, weight decay {hp.lora_weight_decay:g}; {trainable:,} trainable params "
+            f"({100 * trainable / total:.2f}% of {total:,}); base {hp.model} (sha256 {self.base_fingerprint[:12]}…)",
+            f"lora: {len(self.lora_modules)} modules adapted"
+            + (
+                " (their frozen weights held in bf16 while bf16-mixed trains):"
+                if self.holds_base_in_bf16()
+                else ":"
+            ),
+        ]
+        lines += [f"  {pattern}" for pattern in describe_modules(self.lora_modules)]
+        return "\n".join(lines)
+
     def model_summary_line(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
         return f"{self.hparams.model} ({n / 1e6:.2f}M parameters, vocab {self.hparams.vocab_size})"
@@ -287,6 +403,7 @@ class CausalLMModule(L.LightningModule):
             self.model,
             lr=hp.lr,
             weight_decay=hp.weight_decay,
+            lora_weight_decay=hp.lora_weight_decay,
             betas=tuple(hp.betas),
             warmup_steps=warmup_steps,
             max_steps=max_steps,
@@ -302,6 +419,15 @@ class CausalLMModule(L.LightningModule):
         # A checkpoint carries its tokenizer, so it can be evaluated or sampled on its own.
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.to_dict()
+        if self.lora is not None:
+            # The adapters only (the optimizer state is theirs too); the base is named and fingerprinted.
+            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+            checkpoint["lora"] = {
+                "base_model": str(self.hparams.model),
+                "sha256": self.base_fingerprint,
+                "modules": list(self.lora_modules),
+            }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from nexttoken.data.tokenizers import Tokenizer
@@ -315,6 +441,8 @@ class CausalLMModule(L.LightningModule):
                 f"than the data gives now ({self.tokenizer.kind}, vocab {self.tokenizer.vocab_size}); "
                 "use the run's --data settings, or start a new run without --ckpt_path"
             )
+        if self.lora is not None:
+            self._check_lora_checkpoint(checkpoint)
         own = self.state_dict()
         for name, tensor in checkpoint["state_dict"].items():
             if name in own and own[name].shape != tensor.shape:
@@ -323,3 +451,51 @@ class CausalLMModule(L.LightningModule):
                     f"{tuple(own[name].shape)}; use the run's --model/--data settings (its config.yaml), "
                     "or start a new run without --ckpt_path"
                 )
+
+    def _check_lora_checkpoint(self, checkpoint: dict) -> None:
+        """A LoRA checkpoint fits only the base it was trained on and exactly these adapters."""
+        from nexttoken.models.lora import check_fingerprint
+
+        saved = checkpoint.get("lora")
+        if saved is None:
+            raise UserError(
+                "the checkpoint is not a LoRA run (it holds every weight); drop --model.lora_r to continue it, "
+                "or start a new LoRA run without --ckpt_path"
+            )
+        check_fingerprint(saved, self.hparams.model, "the checkpoint's adapter", actual=self.base_fingerprint)
+        expected = {name for name, p in self.named_parameters() if p.requires_grad}
+        given = set(checkpoint["state_dict"])
+        if given != expected:
+            missing, extra = sorted(expected - given), sorted(given - expected)
+            raise UserError(
+                f"the checkpoint's adapters do not fit this model ({len(missing)} missing, e.g. "
+                f"{(missing or ['-'])[0]}; {len(extra)} unexpected, e.g. {(extra or ['-'])[0]}); "
+                "use the run's --model settings (its config.yaml)"
+            )
+
+
+def _check_lora_settings(
+    model: str,
+    r: int,
+    alpha: float | None,
+    dropout: float,
+    targets: list[str] | None,
+    weight_decay: float,
+) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise UserError(f"--model.lora_r must be a positive rank (e.g. 8 or 16), got {r!r}")
+    if model in PRESETS:
+        raise UserError(
+            f"--model.lora_r adapts a pretrained model, but --model.model {model} is a preset with random "
+            "weights; pass a nexttoken checkpoint (.ckpt), a Hugging Face model folder or a .gguf file"
+        )
+    if alpha is not None and alpha <= 0:
+        raise UserError(f"--model.lora_alpha must be positive, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"--model.lora_dropout must be in [0, 1), got {dropout!r}")
+    if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
+        raise UserError(
+            f"--model.lora_targets must be module names such as [q_proj, v_proj], got {targets!r}"
+        )
+    if weight_decay < 0:
+        raise UserError(f"--model.lora_weight_decay must be >= 0, got {weight_decay!r}")

@@ -5,12 +5,17 @@ Linear-like modules such as Hugging Face's ``Conv1D``) towards zero, and nothing
 Biases, norms of any class, embeddings (and any weight tied to one, such as a tied output head)
 and every parameter whose role cannot be told get ``weight_decay=0``: shrinking a norm's gain or
 an embedding row towards zero is not regularization, it is damage.
+
+Adapters (LoRA's A and B, see ``nexttoken.models.lora``) are a group of their own with their own
+decay: decaying them pulls the update ``B A`` toward zero, i.e. the model toward its base, which is
+a different regularizer from shrinking a weight. Frozen parameters are listed by the audit as frozen
+and given to no optimizer group.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,6 +26,11 @@ NORM = "norm"
 EMBEDDING = "embedding"
 TIED = "tied to embedding"
 UNCLASSIFIED = "unclassified (no decay)"
+LORA = "lora adapter"
+FROZEN = "frozen"
+# The adapters' default decay: what the LoRA paper's GPT-2 runs (Hu et al. 2021, microsoft/LoRA) and
+# torchtune's LoRA recipes use; README "Fine-tuning with LoRA" has the measurement behind keeping it.
+LORA_WEIGHT_DECAY = 0.01
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
 if hasattr(nn, "RMSNorm"):
@@ -45,64 +55,87 @@ class ParamRecord:
     name: str
     shape: tuple[int, ...]
     numel: int
-    decay: bool
+    decay: bool  # in the matmul-weight group (``weight_decay``)
     reason: str
     module_type: str
 
 
 @dataclass(frozen=True)
 class DecayAudit:
-    records: list[ParamRecord]
+    records: list[ParamRecord]  # every trainable parameter, in one of the optimizer's groups
+    frozen: list[ParamRecord] = field(default_factory=list)  # requires_grad=False: in no group
 
     @property
     def unclassified(self) -> list[str]:
         return [r.name for r in self.records if r.reason == UNCLASSIFIED]
 
+    @property
+    def adapters(self) -> list[ParamRecord]:
+        return [r for r in self.records if r.reason == LORA]
+
     def count(self, decay: bool) -> int:
-        """Parameters (elements, not tensors) that decay (``True``) or do not (``False``)."""
-        return sum(r.numel for r in self.records if r.decay == decay)
+        """Parameters in the matmul-decay group (True) or in the no-decay group (False; adapters,
+        which have a group of their own, are in neither)."""
+        return sum(r.numel for r in self.records if r.decay == decay and r.reason != LORA)
 
     def summary(self) -> str:
         decayed = [r for r in self.records if r.decay]
-        kept = [r for r in self.records if not r.decay]
-        line = (
-            f"weight decay on {len(decayed)} tensors ({self.count(True):,} params, matmul weights); "
-            f"none on {len(kept)} tensors ({self.count(False):,} params: "
-        )
+        kept = [r for r in self.records if not r.decay and r.reason != LORA]
+        line = f"weight decay on {len(decayed)} tensors ({self.count(True):,} params, matmul weights); "
+        if self.adapters:
+            line += (
+                f"lora decay on {len(self.adapters)} tensors "
+                f"({sum(r.numel for r in self.adapters):,} params, adapters); "
+            )
+        line += f"none on {len(kept)} tensors ({self.count(False):,} params"
         reasons = sorted({r.reason for r in kept})
-        line += ", ".join(f"{sum(r.reason == x for r in kept)} {x}" for x in reasons) + ")"
+        if reasons:
+            line += ": " + ", ".join(f"{sum(r.reason == x for r in kept)} {x}" for x in reasons)
+        line += ")"
+        if self.frozen:
+            line += f"; frozen: {len(self.frozen)} tensors ({sum(r.numel for r in self.frozen):,} params)"
         if self.unclassified:
             line += f"; could not classify: {', '.join(self.unclassified)}"
         return line
 
     def table(self) -> str:
-        width = max([len(r.name) for r in self.records] + [9])
-        rows = [f"{'parameter':<{width}}  {'shape':<16} {'count':>12}  decay  reason"]
-        for r in self.records:
+        rows = self.records + self.frozen
+        width = max([len(r.name) for r in rows] + [9])
+        lines = [f"{'parameter':<{width}}  {'shape':<16} {'count':>12}  decay  reason"]
+        for r in rows:
             shape = "x".join(map(str, r.shape)) or "scalar"
-            rows.append(
-                f"{r.name:<{width}}  {shape:<16} {r.numel:>12,}  {'yes' if r.decay else 'no':<5}  "
-                f"{r.reason} ({r.module_type})"
+            decay = "yes" if r.decay else "lora" if r.reason == LORA else "no"
+            lines.append(
+                f"{r.name:<{width}}  {shape:<16} {r.numel:>12,}  {decay:<5}  {r.reason} ({r.module_type})"
             )
-        return "\n".join(rows)
+        return "\n".join(lines)
 
 
 def decay_audit(model: nn.Module) -> DecayAudit:
-    """One record per trainable parameter (shared parameters once): does it decay, and why."""
+    """One record per parameter (shared parameters once): its group and why. Trainable ones are in
+    ``records``, frozen ones (``requires_grad=False``) in ``frozen``."""
+    from nexttoken.models.lora import adapter_parameter_ids
+
     embedding_weights = {
         id(m.weight): name for name, m in model.named_modules() if isinstance(m, _EMBEDDING_TYPES)
     }
+    adapters = adapter_parameter_ids(model)
     owner: dict[int, tuple[nn.Module, str]] = {}
     for module in model.modules():
         for attr, param in module.named_parameters(recurse=False):
             owner.setdefault(id(param), (module, attr))
 
-    records = []
+    records, frozen = [], []
     for name, param in model.named_parameters():  # deduplicates tied parameters
-        if not param.requires_grad:
-            continue
         module, attr = owner[id(param)]
-        if id(param) in embedding_weights:
+        if not param.requires_grad:
+            frozen.append(
+                ParamRecord(name, tuple(param.shape), param.numel(), False, FROZEN, type(module).__name__)
+            )
+            continue
+        if id(param) in adapters:
+            reason = LORA
+        elif id(param) in embedding_weights:
             # The first owner may be the tied output head; an embedding anywhere wins.
             reason = EMBEDDING if isinstance(module, _EMBEDDING_TYPES) else TIED
         elif _is_norm(module):
@@ -123,18 +156,23 @@ def decay_audit(model: nn.Module) -> DecayAudit:
                 module_type=type(module).__name__,
             )
         )
-    return DecayAudit(records)
+    return DecayAudit(records, frozen)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """torch optimizer groups: matmul weights with ``weight_decay``, everything else with 0."""
+def param_groups(
+    model: nn.Module, weight_decay: float, lora_weight_decay: float = LORA_WEIGHT_DECAY
+) -> list[dict]:
+    """torch optimizer groups: matmul weights with ``weight_decay``, everything else that trains with 0,
+    and adapters (LoRA's A and B) with ``lora_weight_decay``. Frozen parameters are in none."""
     params = dict(model.named_parameters())
     audit = decay_audit(model)
     decay = [params[r.name] for r in audit.records if r.decay]
-    no_decay = [params[r.name] for r in audit.records if not r.decay]
+    no_decay = [params[r.name] for r in audit.records if not r.decay and r.reason != LORA]
+    adapters = [params[r.name] for r in audit.adapters]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        {"params": adapters, "weight_decay": lora_weight_decay},
     ]
 
 
@@ -158,6 +196,7 @@ def build_optimizer(
     *,
     lr: float = 3e-4,
     weight_decay: float = 0.1,
+    lora_weight_decay: float = LORA_WEIGHT_DECAY,
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     warmup_steps: int = 100,
@@ -170,9 +209,10 @@ def build_optimizer(
 
     ``lr`` is the peak learning rate, reached after ``warmup_steps`` optimizer steps; the cosine ends at
     ``min_lr`` (an absolute rate; default ``lr / 10``) at ``max_steps``. ``weight_decay`` applies to
-    matmul weights only. The schedule is stepped once per optimizer step.
+    matmul weights only; ``lora_weight_decay`` is the adapters' own decay (LoRA runs). The schedule is
+    stepped once per optimizer step.
     """
-    groups = [g for g in param_groups(model, weight_decay) if g["params"]]
+    groups = [g for g in param_groups(model, weight_decay, lora_weight_decay) if g["params"]]
     all_params = [p for g in groups for p in g["params"]]
     if not all_params:
         raise ValueError("the model has no trainable parameters")

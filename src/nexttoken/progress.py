@@ -170,12 +170,14 @@ def start_summary(
 ) -> list[str]:
     """The summary's lines for a :class:`~nexttoken.module.CausalLMModule` being trained on a
     :class:`~nexttoken.data.datamodule.TextDataModule` that is set up."""
+    audit = decay_audit(module.model)
     notes = [*getattr(module, "schedule_notes", []), *([time_limit] if time_limit else [])]
     lines = [
         *data_lines(data),
         f"model: {module.model_summary_line()}",
+        *([module.lora_summary(audit)] if getattr(module, "lora", None) is not None else []),
         precision,
-        f"weight decay: {decay_audit(module.model).summary()}",
+        f"weight decay: {audit.summary()}",
         *[f"note: {note}" for note in notes],
     ]
     if trainer.logger is not None:

@@ -308,7 +308,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     name, text = read_inspect_text(args.text)
     out = _check_html_target(args.html)
     model, tokenizer = load_model(
-        args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        adapter=args.adapter,
     )
     scores = score_text(
         model,

@@ -21,7 +21,7 @@ from nexttoken.checkpoints import AtomicCheckpointIO, read_checkpoint
 from nexttoken.console import one_line
 from nexttoken.data.datamodule import TextDataModule
 from nexttoken.errors import UserError
-from nexttoken.models.load import is_hf_model
+from nexttoken.models.load import is_checkpoint, is_hf_model
 from nexttoken.module import CausalLMModule
 from nexttoken.precision import auto_precision
 from nexttoken.progress import ProgressLog, StartSummary, StepProgressBar
@@ -216,9 +216,10 @@ class NextTokenCLI(LightningCLI):
                     logger["init_args"]["version"] = version
                     logger["init_args"]["keep_before_step"] = self._resume_step
         check_tokenizer(config.data.tokenizer)
-        # A Hugging Face model brings its own tokenizer: train on its tokens unless told otherwise.
+        # A pretrained model (Hugging Face, GGUF, a nexttoken checkpoint) brings its own tokenizer:
+        # train on its tokens unless told otherwise.
         model_spec = config.model.model
-        if is_hf_model(model_spec) and config.data.tokenizer == "bpe":
+        if (is_hf_model(model_spec) or is_checkpoint(model_spec)) and config.data.tokenizer == "bpe":
             config.data.tokenizer = model_spec
 
         chosen, reason = auto_precision(
@@ -292,7 +293,17 @@ class NextTokenCLI(LightningCLI):
 
 # The settings that decide the network's shape and its token ids: a checkpoint only fits if they agree.
 SHAPE_SETTINGS = {
-    "model": ("model", "n_layer", "n_head", "n_embd", "block_size", "bias"),
+    "model": (
+        "model",
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "block_size",
+        "bias",
+        "lora_r",
+        "lora_alpha",
+        "lora_targets",
+    ),
     "data": ("tokenizer", "vocab_size", "block_size"),
 }
 

@@ -381,11 +381,18 @@ def _single_template(template: Any) -> str | None:
 
 def load_local_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A local Hugging Face tokenizer: a folder with ``tokenizer.json`` (and maybe a
-    ``tokenizer_config.json`` naming its eos/bos tokens and chat template), or a ``tokenizer.json``
-    file."""
+    ``tokenizer_config.json`` naming its eos/bos tokens and chat template), a ``tokenizer.json`` file, or
+    the tokenizer that a GGUF model file or a nexttoken checkpoint carries."""
     path = Path(path).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return _gguf_tokenizer(path)
+    if path.suffix == ".ckpt" and path.is_file():
+        from nexttoken.checkpoints import read_checkpoint
+
+        checkpoint = read_checkpoint(path)
+        if "tokenizer" not in checkpoint:
+            raise DataError(f"checkpoint {path} carries no tokenizer; pass --data.tokenizer")
+        return Tokenizer.from_dict(checkpoint["tokenizer"])
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise DataError(

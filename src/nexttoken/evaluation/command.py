@@ -20,11 +20,12 @@ from nexttoken.evaluation.responses import ResponseEvalResult, evaluate_records
 from nexttoken.evaluation.score import BOS_MODES, EvalResult, evaluate_texts
 from nexttoken.evaluation.windows import check_window_settings
 from nexttoken.io import write_atomically
-from nexttoken.models.load import DTYPE_CHOICES, load_model
+from nexttoken.models.load import ADAPTER_HELP, DTYPE_CHOICES, load_model
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by ``eval`` and ``inspect``."""
+    parser.add_argument("--adapter", default=None, metavar="DIR_OR_CKPT", help=ADAPTER_HELP)
     parser.add_argument(
         "--context",
         type=int,
@@ -147,7 +148,11 @@ def run_eval(args: argparse.Namespace) -> int:
         return run_response_eval(args, sources, data_format, format_line)
     documents = load_documents(sources, flag="DATA")
     model, tokenizer = load_model(
-        args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        adapter=args.adapter,
     )
     print(
         f"nexttoken eval: {len(documents)} document(s); "
@@ -164,7 +169,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.batch_size,
         bos=args.bos,
         progress=args.progress,
-        model_name=str(args.model),
+        model_name=str(args.model) + (f" + {args.adapter}" if args.adapter else ""),
     )
     print(result.to_json() if args.json else format_table(result), flush=True)
     return 0
