@@ -269,6 +269,20 @@ def write_chat_records(path: Path, n: int) -> Path:
     return write_chats(path, n)
 
 
+def test_max_steps_0_scores_the_whole_held_out_set_not_the_sanity_check(tmp_path, monkeypatch, capfd):
+    """Lightning's sanity check runs 2 validation batches before step 0; with --trainer.max_steps 0
+    the report must still be the score of every held-out example (here 1 example per batch)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NEXTTOKEN_CACHE", str(tmp_path / "cache"))
+    chats = write_chat_records(tmp_path / "chats.jsonl", 40)
+    argv = ["fit", "--data.path", str(chats), "--data.tokenizer", "bytes", "--data.packing", "false"]
+    assert main([*argv, "--data.val_batch_size", "1", "--trainer.max_steps", "0"]) == 0
+    report = json.loads((tmp_path / "runs" / "version_0" / "report.json").read_text())
+    held_out = report["validation_examples"]
+    assert held_out["examples"] == 5 and report["validation"]["tokens"] == held_out["response_tokens"]
+    assert report["validation"]["bytes"] == held_out["response_bytes"]
+
+
 def test_fit_on_chat_records_needs_no_other_flag(tmp_path, monkeypatch, capfd):
     from nexttoken.data.chat import Message, resolve_chat_template
     from nexttoken.generate import generate_reply

