@@ -178,6 +178,19 @@ def _chat_template(tokenizer: Tokenizer, template_file: str | None) -> ChatTempl
         raise UserError(str(error).replace("--data.chat_template", "--chat-template")) from None
 
 
+def _reply(model: CausalLM, template: ChatTemplate, messages: Sequence[Message], args, *, seed: int) -> str:
+    """:func:`generate_reply` with the command line's sampling flags."""
+    return generate_reply(
+        model,
+        template,
+        messages,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        seed=seed,
+    )
+
+
 def run_generate(args: argparse.Namespace) -> int:
     if args.chat is None and (args.system is not None or args.chat_template is not None):
         raise UserError("--system and --chat-template go with --chat MESSAGE; add --chat or drop them")
@@ -189,17 +202,7 @@ def run_generate(args: argparse.Namespace) -> int:
         messages = ([Message("system", args.system)] if args.system is not None else []) + [
             Message("user", args.chat)
         ]
-        print(
-            generate_reply(
-                model,
-                template,
-                messages,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_k=args.top_k or None,
-                seed=args.seed,
-            )
-        )
+        print(_reply(model, template, messages, args, seed=args.seed))
         return 0
     text = generate_text(
         model,
@@ -256,15 +259,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
                 f"(earlier turns no longer fit the context of {model.max_context} tokens: dropped)",
                 file=sys.stderr,
             )
-        reply = generate_reply(
-            model,
-            template,
-            messages,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k or None,
-            seed=args.seed + replies,  # the same seed twice would repeat itself
-        )
+        reply = _reply(model, template, messages, args, seed=args.seed + replies)  # a new seed per reply
         replies += 1
         messages.append(Message("assistant", reply))
         print(f"{'assistant> ' if interactive else ''}{reply}", file=stdout, flush=True)

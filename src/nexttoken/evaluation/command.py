@@ -107,6 +107,12 @@ def settings_note(context: int | None, stride: int | None, max_context: int | No
     return ", ".join(parts)
 
 
+def format_rows(rows: Sequence[tuple[str, str]]) -> str:
+    """``(label, value)`` rows as a two-column table, the labels padded to the longest."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def format_table(result: EvalResult) -> str:
     first = (
         "scored (a start token is prepended to each document)"
@@ -129,8 +135,7 @@ def format_table(result: EvalResult) -> str:
         ("word perplexity", f"{result.word_perplexity:.4f}"),
         ("speed", f"{result.tokens_per_second:,.1f} tokens/s ({result.seconds:.1f} s)"),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return format_rows(rows)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -263,8 +268,7 @@ def format_response_table(result: ResponseEvalResult) -> str:
         ("bits per byte", f"{result.bits_per_byte:.4f}"),
         ("speed", f"{result.tokens_per_second:,.1f} tokens/s ({result.seconds:.1f} s)"),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return format_rows(rows)
 
 
 # --------------------------------------------------------------------------- --tasks
