@@ -299,3 +299,27 @@ def test_packed_documents_train_with_dropout_and_check_shapes():
     assert model.wpe.weight.grad[:4].abs().sum() > 0 and model.wpe.weight.grad[4:].abs().sum() == 0
     with pytest.raises(ValueError, match="document_ids .* must have the shape of input_ids"):
         model(row, document_ids=document_ids[:, :5])
+
+
+def test_cpu_attention_runs_in_fp32_under_bf16_autocast():
+    # torch's CPU bf16 attention kernel is the slow one at small heads: nexttoken attends in fp32 there.
+    import torch.nn.functional as F
+
+    from nexttoken.models.gpt import attend
+
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attend(q, k, v, None, 0.0)
+    in_fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, in_fp32.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert not torch.equal(got, in_bf16)  # the two kernels round differently: this checks which one ran
+
+
+def test_a_bf16_model_runs_without_autocast():
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)).to(torch.bfloat16)
+    logits = model(torch.randint(0, 50, (2, 16)))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()

@@ -175,7 +175,11 @@ def test_gradient_rescale_over_two_processes_is_the_global_token_mean():
             world_size=world_size,
             accumulate_grad_batches=accumulate,
             strategy=RankStrategy(collective, rank),
+            precision_plugin=SimpleNamespace(),  # 32-true: no loss scaler
             global_step=0,
+            max_steps=-1,
+            should_stop=False,
+            _logger_connector=SimpleNamespace(should_update_logs=True),  # the logger writes every step
         )
         module.log = lambda name, value, **kwargs: logged.append((name, float(value)))
         ranks.append(module)

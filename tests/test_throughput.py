@@ -40,7 +40,13 @@ def test_tokens_per_second_is_tokens_over_clock_time(monkeypatch, world_size):
         log=lambda name, value, **kwargs: logged.setdefault(name, []).append(float(value)),
         model=SimpleNamespace(flops_per_token=lambda seq_len: flops_per_token * seq_len),
     )
-    trainer = SimpleNamespace(world_size=world_size)
+    trainer = SimpleNamespace(
+        world_size=world_size,
+        global_step=0,
+        max_steps=-1,
+        should_stop=False,
+        _logger_connector=SimpleNamespace(should_update_logs=True),  # the logger writes every step
+    )
     batch = (torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long))
     callback = ThroughputCallback(window=2, peak_flops=peak)
     callback.on_train_start(trainer, module)

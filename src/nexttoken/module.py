@@ -17,12 +17,15 @@ import torch
 from torch import Tensor
 
 from nexttoken.errors import UserError
-from nexttoken.loss import count_scored, fused_loss_available, fused_next_token_loss, next_token_loss
+from nexttoken.loss import count_scored, fused_next_token_loss, next_token_loss
 from nexttoken.metrics import NextTokenMetrics
 from nexttoken.models.gpt import PRESETS
 from nexttoken.models.load import is_checkpoint, is_hf_model
 from nexttoken.models.protocol import CausalLM
+from nexttoken.nonfinite import NonFiniteGuard, OnNonFinite
 from nexttoken.optim import LORA_WEIGHT_DECAY, build_optimizer
+from nexttoken.schedule import timer_clock
+from nexttoken.throughput import LogThrottle
 
 if TYPE_CHECKING:
     from nexttoken.models.lora import LoraSettings
@@ -34,7 +37,12 @@ FUSED_LOSS_MIN_VOCAB_RATIO = 8
 FALLBACK_SCHEDULE_STEPS = 100_000
 
 FusedLoss = Literal["auto", "on", "off"]
-OnNonFinite = Literal["stop", "skip"]
+# torch.compile, when left to "auto": measured on a 2-core CPU at small GPT shapes it makes a step
+# only 5-8% faster and costs 1-2 minutes of compilation on a cold inductor cache, which a run repays
+# only after 500-15,000 steps (benchmarks/README.md, small_model_speed.py --compile-check): off on
+# CPUs. On a GPU the fused kernels pay for long runs: on from this many optimizer steps (or with no
+# step limit); gpu_check.py measures it.
+COMPILE_MIN_STEPS_GPU = 1000
 
 
 class CausalLMModule(L.LightningModule):
@@ -52,7 +60,8 @@ class CausalLMModule(L.LightningModule):
         fused_loss: ``auto`` (fused where the vocabulary is ≥ 8x the width), ``on`` or ``off``.
         on_nonfinite: a NaN/inf loss ``stop``s training (naming the step and the last good
             checkpoint, which is kept) or ``skip``s that optimizer step.
-        compile: ``torch.compile`` the model.
+        compile: ``torch.compile`` the model and its loss together (one graph per mode); ``auto``:
+            on a GPU for runs of 1000+ steps, off on a CPU (see ``COMPILE_MIN_STEPS_GPU``).
         trust_remote_code: allow a HF model folder's own code to run (off unless you ask).
         lora_r: train LoRA adapters of this rank and freeze the pretrained ``model`` (None: train
             every weight). Checkpoints then hold the adapters, the optimizer state, and the base
@@ -82,7 +91,7 @@ class CausalLMModule(L.LightningModule):
         min_lr: float | None = None,
         fused_loss: FusedLoss = "auto",
         on_nonfinite: OnNonFinite = "stop",
-        compile: bool = False,
+        compile: bool | Literal["auto"] = "auto",
         trust_remote_code: bool = False,
         lora_r: int | None = None,
         lora_alpha: float | None = None,
@@ -97,11 +106,6 @@ class CausalLMModule(L.LightningModule):
             )
         if on_nonfinite not in OnNonFinite.__args__:
             raise UserError(f"--model.on_nonfinite must be stop or skip, got {on_nonfinite!r}")
-        if fused_loss == "on" and not fused_loss_available():
-            raise UserError(
-                f"--model.fused_loss on: torch {torch.__version__} has no fused linear + cross-entropy "
-                "(F.linear_cross_entropy, torch >= 2.13); use --model.fused_loss auto or off"
-            )
         if model.endswith(".gguf") and not Path(model).expanduser().is_file():
             raise UserError(f"--model.model {model}: no such file; pass a local .gguf file or a GPT preset")
         if model not in PRESETS and not is_hf_model(model) and not is_checkpoint(model):
@@ -123,6 +127,9 @@ class CausalLMModule(L.LightningModule):
         self._window_nll = torch.zeros((), dtype=torch.float64)
         self._window_tokens = torch.zeros((), dtype=torch.int64)
         self._loss_scale: int | None = None
+        self._nonfinite = NonFiniteGuard(on_nonfinite)
+        self._log_throttle = LogThrottle()
+        self.compiled, self.compile_reason = False, ""
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -142,8 +149,23 @@ class CausalLMModule(L.LightningModule):
 
             self.lora_modules = attach_lora(self.model, self.lora)
             self.base_fingerprint = weights_fingerprint(self.hparams.model)
-        if self.hparams.compile:
-            self.model.compile()
+        self.compiled, self.compile_reason = self._compile_choice()
+        if self.compiled:
+            # The network and the loss in one graph: elementwise work around the head (and the
+            # fused loss, which calls model.hidden) is compiled too, not only model.forward.
+            self._compiled_nll_sum = torch.compile(self._nll_sum)
+
+    def _compile_choice(self) -> tuple[bool, str]:
+        mode = self.hparams.compile
+        if mode is True or mode is False:
+            return mode, "set by you"
+        trainer = self._trainer
+        if trainer is None or trainer.strategy.root_device.type != "cuda":
+            return False, "auto: off on a CPU"
+        steps = trainer.max_steps
+        if steps is None or steps < 0 or steps >= COMPILE_MIN_STEPS_GPU:
+            return True, f"auto: a GPU run of {COMPILE_MIN_STEPS_GPU:,}+ steps"
+        return False, f"auto: a GPU run shorter than {COMPILE_MIN_STEPS_GPU:,} steps"
 
     @property
     def lora(self) -> LoraSettings | None:
@@ -207,8 +229,6 @@ class CausalLMModule(L.LightningModule):
             return False  # an adapted head (LoRA) is not just hidden @ W.T
         if mode != "auto":
             return mode == "on"
-        if not fused_loss_available():
-            return False
         head = self.model.lm_head
         return head.weight.shape[0] >= FUSED_LOSS_MIN_VOCAB_RATIO * head.weight.shape[1]
 
@@ -222,6 +242,10 @@ class CausalLMModule(L.LightningModule):
         ``input_ids[:, t]``); targets equal to ``IGNORE_INDEX`` (padding) are not scored.
         ``document_ids`` (B, T): packed documents or chat examples, kept apart (``CausalLM.forward``).
         """
+        compiled = getattr(self, "_compiled_nll_sum", None)
+        return (compiled or self._nll_sum)(input_ids, targets, document_ids)
+
+    def _nll_sum(self, input_ids: Tensor, targets: Tensor, document_ids: Tensor | None = None) -> Tensor:
         if self.uses_fused_loss:
             head = self.model.lm_head
             hidden = self.model.hidden(input_ids, document_ids=document_ids)
@@ -300,36 +324,28 @@ class CausalLMModule(L.LightningModule):
             window_nll = self.trainer.strategy.reduce(window_nll, reduce_op="sum")
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size * self._loss_scale
         factor = scale / window_tokens.clamp(min=1)
-        # One multi-tensor kernel per (device, dtype) instead of one small kernel per parameter.
-        grads: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for p in self.parameters():
-            if p.grad is not None:
-                grads.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-        for (device, dtype), group in grads.items():
-            torch._foreach_mul_(group, factor.to(device=device, dtype=dtype))
         loss = (window_nll / window_tokens.clamp(min=1)).float()
-        if not torch.isfinite(loss):  # one host sync per optimizer step; a NaN must not reach the weights
-            self._handle_nonfinite(optimizer, loss)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/perplexity", loss.exp(), prog_bar=False)
-        # A CPU tensor: logging a Python float would copy it to the GPU, which waits for the GPU.
-        self.log("train/lr", torch.tensor(float(optimizer.param_groups[0]["lr"])))
+        # Rescale every gradient and look for NaN/inf in them and in the loss on the device, without
+        # waiting for it: a non-finite step is skipped inside the optimizer's own kernel (optimizers
+        # without that are checked on the host at once) and reported at the next check.
+        self._nonfinite.before_step(self, optimizer, loss, factor)
+        if self._log_throttle(self.trainer, self.trainer.global_step + 1):  # self.log costs Python time
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/perplexity", loss.exp(), prog_bar=False)
+            # A CPU tensor: logging a Python float would copy it to the GPU, which waits for the GPU.
+            self.log("train/lr", torch.tensor(float(optimizer.param_groups[0]["lr"])))
         self._window_nll = torch.zeros_like(self._window_nll)
         self._window_tokens = torch.zeros_like(self._window_tokens)
 
-    def _handle_nonfinite(self, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
-        step = self.trainer.global_step + 1
-        if self.hparams.on_nonfinite == "skip":
-            # Dropping the gradients makes AdamW leave every parameter and its moments untouched.
-            optimizer.zero_grad(set_to_none=True)
-            self.print(f"warning: non-finite loss ({loss.item()}) at step {step}; the step was skipped")
-            return
-        callback = self.trainer.checkpoint_callback
-        last_good = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-        raise UserError(
-            f"non-finite loss ({loss.item()}) at step {step}; training stopped, the last good checkpoint is "
-            f"{last_good or '(none saved yet)'}; lower --model.lr, or pass --model.on_nonfinite skip to skip such steps"
-        )
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Every log_every_n_steps steps, when Lightning reads the logged values anyway.
+        self._nonfinite.maybe_check(self, self.trainer.log_every_n_steps)
+
+    def on_validation_start(self) -> None:
+        self._nonfinite.check(self)
+
+    def on_train_end(self) -> None:
+        self._nonfinite.check(self)
 
     def configure_gradient_clipping(
         self,
@@ -387,15 +403,16 @@ class CausalLMModule(L.LightningModule):
         total = self.trainer.estimated_stepping_batches
         # What the schedule made of the settings; `nexttoken fit` prints these in its start summary.
         self.schedule_notes: list[str] = []
-        if math.isfinite(total):
-            max_steps = int(total)
-        else:
+        # A time limit (--trainer.max_time) puts the cosine on the clock too (nexttoken.schedule).
+        clock = timer_clock(self.trainer)
+        max_steps = int(total) if math.isfinite(total) else None
+        if max_steps is None and clock is None:
             max_steps = FALLBACK_SCHEDULE_STEPS
             self.schedule_notes.append(
-                f"the run has no step limit, so the cosine schedule spans {max_steps:,} steps; "
-                "set --trainer.max_steps to fit it to the run"
+                f"the run has no step or time limit, so the cosine schedule spans {max_steps:,} steps; "
+                "set --trainer.max_steps or --trainer.max_time to fit it to the run"
             )
-        warmup_steps = min(hp.warmup_steps, max(max_steps // 10, 1))
+        warmup_steps = hp.warmup_steps if max_steps is None else min(hp.warmup_steps, max(max_steps // 10, 1))
         if warmup_steps < hp.warmup_steps:
             self.schedule_notes.append(
                 f"warmup capped at {warmup_steps} step{'' if warmup_steps == 1 else 's'} (a tenth of the run's {max_steps:,}) "
@@ -410,6 +427,7 @@ class CausalLMModule(L.LightningModule):
             warmup_steps=warmup_steps,
             max_steps=max_steps,
             min_lr=hp.min_lr,
+            clock=clock,
             # fp16's loss scaler must unscale before clipping, which Lightning cannot do for a fused
             # optimizer (it unscales inside its own step): use the foreach kernel there.
             fused=False if str(self.trainer.precision) in ("16-mixed", "16") else None,
@@ -418,6 +436,8 @@ class CausalLMModule(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Never save weights past an unreported non-finite step (and call the previous ones good).
+        self._nonfinite.check(self)
         # A checkpoint carries its tokenizer, so it can be evaluated or sampled on its own.
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.to_dict()

@@ -14,11 +14,13 @@ and given to no optimizer group.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from nexttoken.schedule import WarmupCosine, warmup_cosine  # noqa: F401 - warmup_cosine: the formula
 
 DECAY = "matmul weight"
 BIAS = "bias"
@@ -176,17 +178,6 @@ def param_groups(
     ]
 
 
-def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warmup to 1 over
-    ``warmup_steps``, then cosine down to ``min_lr_ratio`` (of the peak) at ``max_steps``, flat after."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if max_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def _fused_supported(params: list[torch.Tensor]) -> bool:
     return all(p.device.type in ("cpu", "cuda", "mps") and p.is_floating_point() for p in params)
 
@@ -200,17 +191,18 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     warmup_steps: int = 100,
-    max_steps: int = 10_000,
+    max_steps: int | None = 10_000,
     min_lr: float | None = None,
     fused: bool | None = None,
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    clock: Callable[[], float] | None = None,
+) -> tuple[torch.optim.AdamW, WarmupCosine]:
     """AdamW over the Golden Rule groups (fused kernel where torch has one, unless ``fused=False``)
-    + warmup/cosine.
+    + warmup/cosine (``nexttoken.schedule``: over ``max_steps``, or the ``clock``, or both).
 
     ``lr`` is the peak learning rate, reached after ``warmup_steps`` optimizer steps; the cosine ends at
-    ``min_lr`` (an absolute rate; default ``lr / 10``) at ``max_steps``. ``weight_decay`` applies to
-    matmul weights only; ``lora_weight_decay`` is the adapters' own decay (LoRA runs). The schedule is
-    stepped once per optimizer step.
+    ``min_lr`` (an absolute rate; default ``lr / 10``) at the end of the steps or the clock.
+    ``weight_decay`` applies to matmul weights only; ``lora_weight_decay`` is the adapters' own decay
+    (LoRA runs). The schedule is stepped once per optimizer step.
     """
     groups = [g for g in param_groups(model, weight_decay, lora_weight_decay) if g["params"]]
     all_params = [p for g in groups for p in g["params"]]
@@ -221,10 +213,7 @@ def build_optimizer(
     kind = {"fused": True} if use_fused else {"foreach": True}
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kind)
     min_lr_ratio = (lr / 10 if min_lr is None else min_lr) / lr if lr > 0 else 0.0
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: warmup_cosine(
-            step, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio
-        ),
+    schedule = WarmupCosine(
+        optimizer, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio, clock=clock
     )
     return optimizer, schedule

@@ -177,6 +177,7 @@ def start_summary(
         f"model: {module.model_summary_line()}",
         *([module.lora_summary(audit)] if getattr(module, "lora", None) is not None else []),
         precision,
+        *([f"compile: on ({module.compile_reason})"] if getattr(module, "compiled", False) else []),
         f"weight decay: {audit.summary()}",
         *[f"note: {note}" for note in notes],
     ]

@@ -1,5 +1,6 @@
 """End-of-run report: the validation scoreboard beside what general-purpose compressors achieve
-on the same held-out bytes, the train/validation curves as a PNG, and a sample of the model's text."""
+on the same held-out bytes, the train/validation curves as a PNG (with the compressors as reference
+lines), a sample of the model's text, and where the run's time went (``nexttoken.phases``)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import csv
 import gzip
 import json
 import lzma
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nexttoken.io import write_atomically
+from nexttoken.phases import RunPhases, format_phases
 
 if TYPE_CHECKING:
     import lightning as L
@@ -32,6 +35,25 @@ def compressor_bits_per_byte(data: bytes) -> dict[str, float]:
         "xz -9e": len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
     }
     return {name: 8.0 * size / len(data) for name, size in sizes.items()}
+
+
+# Beside the token files of the cache: one computation per held-out set (xz -9e takes seconds per MB).
+COMPRESSORS_FILE = "val_compressors.json"
+
+
+def held_out_compressors(data: TextDataModule) -> tuple[dict[str, float], bool]:
+    """Compressor bits per byte of the data's held-out text, and whether they came from the cache."""
+    from nexttoken.data.cache import cached_json
+
+    computed = []
+
+    def compute() -> dict[str, float]:
+        computed.append(True)
+        return compressor_bits_per_byte(data.val_text_bytes())
+
+    cache = getattr(data, "cache", None)
+    values = cached_json(cache, COMPRESSORS_FILE, compute) if cache is not None else compute()
+    return values, not computed
 
 
 def format_report(
@@ -79,8 +101,11 @@ def read_metrics(metrics_csv: str | Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def plot_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
-    """Train and validation loss against optimizer step, with validation bits per byte beside."""
+def plot_curves(
+    metrics_csv: str | Path, out_png: str | Path, compressors: dict[str, float] | None = None
+) -> Path:
+    """Train and validation loss against optimizer step, with validation bits per byte beside it and
+    each compressor's bits per byte on the same held-out bytes as a reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,10 +124,15 @@ def plot_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
     ax_loss.grid(alpha=0.3)
     if "val/bits_per_byte" in series:
         steps, values = zip(*series["val/bits_per_byte"])
-        ax_bpb.plot(steps, values, marker="o", color="tab:green")
+        ax_bpb.plot(steps, values, marker="o", color="tab:green", label="model")
+    styles = ("--", "-.", ":")
+    for (name, bpb), style in zip((compressors or {}).items(), styles * 3):
+        ax_bpb.axhline(bpb, linestyle=style, color="0.4", linewidth=1, label=f"{name} ({bpb:.2f})")
     ax_bpb.set_xlabel("optimizer step")
     ax_bpb.set_ylabel("bits per byte")
-    ax_bpb.set_title("validation bits per byte")
+    ax_bpb.set_title("validation bits per byte (lower is better)")
+    if ax_bpb.get_legend_handles_labels()[0]:
+        ax_bpb.legend(fontsize=8)
     ax_bpb.grid(alpha=0.3)
     fig.tight_layout()
     out_png = Path(out_png)
@@ -134,25 +164,28 @@ def _sample_lines(module: CausalLMModule, data: TextDataModule) -> list[str]:
 def write_report(trainer: L.Trainer, module: CausalLMModule, data: TextDataModule, run_dir: Path) -> str:
     """Print the end-of-run report and write ``report.txt``, ``report.json`` and ``curves.png``
     into ``run_dir``; returns the report's text."""
+    started = time.perf_counter()
     validation = module.last_validation
     examples = data.examples.counts("val") if data.examples is not None else None
     # Compressors see no prompts, so they only compare with a model scored on plain text.
-    compressors = compressor_bits_per_byte(data.val_text_bytes()) if examples is None else {}
+    compressors, compressors_cached = held_out_compressors(data) if examples is None else ({}, False)
+    timings = {"compressors": time.perf_counter() - started}
     text = format_report(validation, compressors, module.hparams.vocab_size, examples)
     metrics_csv = run_dir / "metrics.csv"
     if trainer.logger is not None:
         trainer.logger.save()
     lines = ["", "=" * 60, text]
     if metrics_csv.exists():
-        png = plot_curves(metrics_csv, run_dir / "curves.png")
+        mark = time.perf_counter()
+        png = plot_curves(metrics_csv, run_dir / "curves.png", compressors)
+        timings["curves"] = time.perf_counter() - mark
         lines.append(f"curves: {png}")
     best = getattr(trainer.checkpoint_callback, "best_model_path", "")
     if best:
         lines.append(f"checkpoints: {Path(best).parent}  (best: {Path(best).name}, last: last.ckpt)")
+    mark = time.perf_counter()
     lines += [*_sample_lines(module, data), "-" * 60]
-    report = "\n".join(lines)
-    print(report, flush=True)
-    write_atomically(run_dir / "report.txt", report.lstrip("\n") + "\n")
+    timings["sample"] = time.perf_counter() - mark
     summary = {
         "validation": validation,
         "compressors_bits_per_byte": compressors,
@@ -160,5 +193,21 @@ def write_report(trainer: L.Trainer, module: CausalLMModule, data: TextDataModul
     }
     if examples is not None:
         summary["validation_examples"] = asdict(examples)
+    threads = next((c for c in trainer.callbacks if type(c).__name__ == "AutoThreads"), None)
+    if threads is not None and threads.choice:
+        lines.append(f"threads: {threads.choice}")
+        summary["threads"] = threads.choice
+    phases = next((c for c in trainer.callbacks if isinstance(c, RunPhases)), None)
+    if phases is not None:
+        note = ", ".join(
+            f"{name} {seconds:.2f}" + (" (cached)" if name == "compressors" and compressors_cached else "")
+            for name, seconds in timings.items()
+        )
+        phases.add("report", time.perf_counter() - started, note)
+        summary["phases"] = phases.summary(trainer.global_step)
+        lines.append(format_phases(summary["phases"]))
+    report = "\n".join(lines)
+    print(report, flush=True)
+    write_atomically(run_dir / "report.txt", report.lstrip("\n") + "\n")
     write_atomically(run_dir / "report.json", json.dumps(summary, indent=2) + "\n")
     return report

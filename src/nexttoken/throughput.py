@@ -9,7 +9,8 @@
 * :class:`ThroughputCallback` shows both in the progress bar during ``fit`` and logs them
   (``train/tokens_per_sec``, ``train/mfu``). It times whole steps, batch end to batch end, so data
   loading, the optimizer and logging count; validation and the time before the first step do not.
-  It only reads clocks and tensor shapes: no host-device synchronization of its own. It also logs
+  It only reads clocks and tensor shapes: no host-device synchronization of its own, and it calls
+  ``self.log`` only when the logger writes or the progress bar refreshes (:class:`LogThrottle`). It also logs
   ``time/elapsed_sec``, the wall time since training started, for curves against time.
 """
 
@@ -23,6 +24,30 @@ import lightning as L
 import torch
 
 from nexttoken.peak import cached_matmul_peak, precision_dtype
+
+
+class LogThrottle:
+    """Whether a per-step value should go through ``self.log`` this step: at every step the logger
+    writes (``log_every_n_steps``), at the last step, and otherwise at most every ``seconds`` (for the
+    progress bar, which shows the latest logged value).
+
+    Lightning's ``self.log`` is Python work of ~0.2-2 ms per call (it walks its result collection),
+    which at small shapes is several percent of a training step (``benchmarks/small_model_speed.py``);
+    the logger only ever writes the values of its own steps, so the others are wasted.
+    """
+
+    def __init__(self, seconds: float = 0.5) -> None:
+        self.seconds = seconds
+        self._last = -float("inf")
+
+    def __call__(self, trainer: L.Trainer, steps_done: int) -> bool:
+        """``steps_done``: optimizer steps finished, counting the one being logged."""
+        now = time.perf_counter()
+        last_step = trainer.should_stop or 0 < trainer.max_steps <= steps_done
+        if trainer._logger_connector.should_update_logs or last_step or now - self._last >= self.seconds:
+            self._last = now
+            return True
+        return False
 
 
 def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops: float) -> float:
@@ -54,6 +79,7 @@ class ThroughputCallback(L.Callback):
         self._flops_per_token: int | None = None
         self._seq_len: int | None = None
         self._fit_started = time.perf_counter()
+        self._throttle = LogThrottle()
         # What the last update computed (for reports and tests).
         self.tokens_per_sec: float | None = None
         self.mfu: float | None = None
@@ -91,6 +117,8 @@ class ThroughputCallback(L.Callback):
                 self._flops_per_token = pl_module.model.flops_per_token(seq_len)
                 self._seq_len = seq_len
             self.mfu = mfu(self.tokens_per_sec, self._flops_per_token, self.peak_flops)
+        if not self._throttle(trainer, trainer.global_step):
+            return
         # CPU tensors: Lightning keeps them where they are, so logging never waits for a GPU.
         log = pl_module.log
         # Wall time since training started (validation included): the x axis of time-based curves.

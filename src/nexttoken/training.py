@@ -23,9 +23,11 @@ from nexttoken.data.datamodule import TextDataModule
 from nexttoken.errors import UserError
 from nexttoken.models.load import is_checkpoint, is_hf_model
 from nexttoken.module import CausalLMModule
+from nexttoken.phases import RunPhases, fit_called
 from nexttoken.precision import auto_precision
 from nexttoken.progress import ProgressLog, StartSummary, StepProgressBar
 from nexttoken.report import write_report
+from nexttoken.threads import AutoThreads
 from nexttoken.throughput import ThroughputCallback
 
 DEFAULT_ROOT = "runs"
@@ -75,6 +77,9 @@ def trainer_defaults(verbose: bool = False) -> dict:
         "check_val_every_n_epoch": None,
         "log_every_n_steps": 10,
         "gradient_clip_val": 1.0,
+        # No validation pass before training: it costs start-up time on every run (nexttoken.phases),
+        # and the first validation comes at val_check_interval anyway.
+        "num_sanity_val_steps": 0,
         "precision": precision,
         "default_root_dir": DEFAULT_ROOT,
         "logger": {"class_path": RUN_LOGGER, "init_args": {"save_dir": DEFAULT_ROOT, "name": ""}},
@@ -91,6 +96,10 @@ def trainer_defaults(verbose: bool = False) -> dict:
                 filename="best-{step}",
                 auto_insert_metric_name=False,
             ),
+            # Speed and time (nexttoken.threads, nexttoken.phases): the thread count, measured
+            # before the throughput clock starts; where the run's time goes, for the report.
+            AutoThreads(),
+            RunPhases(),
             # tokens/s and MFU in the progress bar and the logs (nexttoken.throughput).
             ThroughputCallback(),
             ProgressLog(),
@@ -272,6 +281,7 @@ class NextTokenCLI(LightningCLI):
                 self.datamodule.make_train_loader(0, self.trainer.world_size)
 
     def before_fit(self) -> None:
+        fit_called()  # nexttoken.phases: the set-up ends, the data phase starts
         self._prepare_data_now()
 
     def before_validate(self) -> None:

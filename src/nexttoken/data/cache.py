@@ -378,3 +378,20 @@ def _build_locked(lock, directory: Path, exists, read, write, doing):
         return result, True
     finally:
         lock.release()
+
+
+def cached_json(cache: TokenCache, name: str, compute: Callable[[], Any]) -> Any:
+    """A small JSON result about a cached corpus (such as the compressors' bits per byte on its
+    held-out text), computed once and kept as ``name`` beside the token files. A cache folder that
+    cannot be written only means computing it again next time."""
+    path = cache.directory / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    value = compute()
+    try:
+        write_atomically(path, json.dumps(value, indent=1))
+    except OSError:
+        pass
+    return value

@@ -66,6 +66,26 @@ class GPTConfig:
         return cls(vocab_size=vocab_size, **{**PRESETS[name], **overrides})
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float) -> Tensor:
+    """``F.scaled_dot_product_attention``, causal unless ``attn_mask`` is given. On a CPU it runs in
+    fp32 even under bf16 autocast: torch's bf16 attention kernel there is up to 4x slower than its fp32
+    one at small heads (forward+backward at 12x4x64x32: 5.7 vs 1.35 ms) and no faster at large ones."""
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(
+                q.float(),
+                k.float(),
+                v.float(),
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=attn_mask is None,
+            )
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=attn_mask is None
+    )
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -84,14 +104,7 @@ class CausalSelfAttention(nn.Module):
         # softmax(q k^T / sqrt(head_dim) + causal mask) v, with a fused kernel (flash / memory-efficient
         # where available). is_causal=True masks j > i, so position i never sees a later token.
         # Packed documents: attn_mask (B, 1, T, T) is causal AND block-diagonal (models/masking.py).
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None,
-        )
+        y = attend(q, k, v, attn_mask, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-join the heads
         return self.resid_dropout(self.c_proj(y))
 
