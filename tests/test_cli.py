@@ -252,3 +252,135 @@ def test_every_config_parses(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "model:" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- chat and instruction records
+# A chat template for a tokenizer with no chat markers: the EOS ends each turn.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def write_chat_records(path: Path, n: int) -> Path:
+    """``n`` chat records; with the default val_fraction (0.05) records 8, 21, 26, ... are held out."""
+    from test_sft_cache import write_chats
+
+    return write_chats(path, n)
+
+
+def test_max_steps_0_scores_the_whole_held_out_set_not_the_sanity_check(tmp_path, monkeypatch, capfd):
+    """Lightning's sanity check runs 2 validation batches before step 0; with --trainer.max_steps 0
+    the report must still be the score of every held-out example (here 1 example per batch)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NEXTTOKEN_CACHE", str(tmp_path / "cache"))
+    chats = write_chat_records(tmp_path / "chats.jsonl", 40)
+    argv = ["fit", "--data.path", str(chats), "--data.tokenizer", "bytes", "--data.packing", "false"]
+    assert main([*argv, "--data.val_batch_size", "1", "--trainer.max_steps", "0"]) == 0
+    report = json.loads((tmp_path / "runs" / "version_0" / "report.json").read_text())
+    held_out = report["validation_examples"]
+    assert held_out["examples"] == 5 and report["validation"]["tokens"] == held_out["response_tokens"]
+    assert report["validation"]["bytes"] == held_out["response_bytes"]
+
+
+def test_fit_on_chat_records_needs_no_other_flag(tmp_path, monkeypatch, capfd):
+    from nexttoken.data.chat import Message, resolve_chat_template
+    from nexttoken.generate import generate_reply
+    from nexttoken.models.load import load_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NEXTTOKEN_CACHE", str(tmp_path / "cache"))
+    chats = write_chat_records(tmp_path / "chats.jsonl", 40)
+    assert main(["fit", "--data.path", str(chats), "--trainer.max_steps", "3"]) == 0
+    out = capfd.readouterr().out
+    assert "format: chat (auto: the records have 'messages')" in out
+    assert "data: train 35 examples (" in out and "packed rows of 256 tokens; example cache built" in out
+    assert "validation over 5 held-out examples:" in out and "prompt tokens ignored" in out
+    assert "sample reply to the first held-out prompt" in out and "gzip" not in out
+    run = tmp_path / "runs" / "version_0"
+    report = json.loads((run / "report.json").read_text())
+    assert report["validation_examples"]["examples"] == 5
+    assert report["validation"]["tokens"] == report["validation_examples"]["response_tokens"]
+    # The checkpoint carries its tokenizer (a BPE trained on the rendered conversations) and template.
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    model, tokenizer = load_model(str(checkpoint))
+    assert tokenizer.kind == "bpe" and tokenizer.chat_template is not None
+    expected = generate_reply(
+        model, resolve_chat_template(tokenizer), [Message("user", "What is 2 plus 3?")], 20, temperature=0
+    )
+    capfd.readouterr()
+    argv = [
+        "generate",
+        str(checkpoint),
+        "--chat",
+        "What is 2 plus 3?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "20",
+    ]
+    assert main(argv) == 0
+    assert capfd.readouterr().out == expected + "\n"
+
+
+def test_chat_keeps_the_history_across_turns(tmp_path, monkeypatch, capfd):
+    import argparse
+    import io
+
+    from nexttoken.data.chat import Message, resolve_chat_template
+    from nexttoken.generate import add_chat_arguments, generate_reply, run_chat
+    from nexttoken.models.load import load_model
+
+    monkeypatch.chdir(tmp_path)
+    corpus = write_corpus(tmp_path / "corpus", n_docs=4)
+    # A context of 96 tokens: the history fits until the third turn.
+    assert main(fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 1, "--data.block_size", "96")) == 0
+    ckpt = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+    parser = argparse.ArgumentParser()
+    add_chat_arguments(parser)
+    args = parser.parse_args([str(ckpt), "--max-new-tokens", "6", "--system", "Be brief.", "--seed", "5"])
+    out = io.StringIO()
+    assert run_chat(args, stdin=io.StringIO("Hi\n\nHow are you?\n/reset\nHi\n"), stdout=out) == 0
+    # A second path: the second reply follows the whole history, the third a fresh start (/reset).
+    model, tokenizer = load_model(str(ckpt))
+    template = resolve_chat_template(tokenizer)
+    system = [Message("system", "Be brief.")]
+    first = generate_reply(model, template, [*system, Message("user", "Hi")], 6, seed=5)
+    history = [*system, Message("user", "Hi"), Message("assistant", first), Message("user", "How are you?")]
+    second = generate_reply(model, template, history, 6, seed=6)
+    third = generate_reply(model, template, [*system, Message("user", "Hi")], 6, seed=7)
+    assert out.getvalue() == f"{first}\n{second}\n{third}\n"
+    without_history = generate_reply(model, template, [*system, Message("user", "How are you?")], 6, seed=6)
+    assert second != without_history  # the history is part of the prompt
+
+
+def test_fit_on_chat_records_with_a_hugging_face_folder(tmp_path, monkeypatch, capfd):
+    from conftest import save_tiny_hf_model
+
+    folder = save_tiny_hf_model(tmp_path / "tiny-chat-llama", "llama", add_bos=True, max_positions=256)
+    (folder / "chat_template.jinja").write_text(PLAIN_CHAT_TEMPLATE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NEXTTOKEN_CACHE", str(tmp_path / "cache"))
+    chats = write_chat_records(tmp_path / "chats.jsonl", 12)
+    assert (
+        main(["fit", "--data.path", str(chats), "--model.model", str(folder), "--trainer.max_steps", "2"])
+        == 0
+    )
+    out = capfd.readouterr().out
+    assert "format: chat" in out and "validation over 1 held-out examples:" in out
+
+
+@pytest.mark.slow
+def test_fit_on_chat_records_with_smollm2(tmp_path, monkeypatch, capfd, smollm2_gguf):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NEXTTOKEN_CACHE", str(tmp_path / "cache"))
+    chats = write_chat_records(tmp_path / "chats.jsonl", 10)
+    assert (
+        main(
+            ["fit", "--data.path", str(chats), "--model.model", str(smollm2_gguf), "--trainer.max_steps", "1"]
+        )
+        == 0
+    )
+    out = capfd.readouterr().out
+    assert "format: chat" in out and "vocab 49152" in out
+    assert "validation over 1 held-out examples:" in out

@@ -172,3 +172,17 @@ def test_one_text_file_samples_its_head(tmp_path):
     path.write_text("é" * 5000 + "\n")
     (sample,) = Corpus([path], 0.1).sample(1001)
     assert sample == "é" * 500  # 1000 bytes: the cut never splits a character
+
+
+def test_records_are_split_by_the_documents_rule(tmp_path):
+    # Conversations are read as records with several fields; they go to the split their name gives,
+    # exactly as the same records read as documents do.
+    folder = tmp_path / "data"
+    write_jsonl(folder / "a.jsonl", texts(120))
+    pq.write_table(pa.table({"text": texts(40, "parquet"), "extra": list(range(40))}), folder / "b.parquet")
+    corpus = Corpus(find_documents(folder), 0.2)
+    by_documents = [is_val for is_val, _ in corpus.documents()]
+    by_records = [(is_val, r.values) for is_val, r in corpus.records(["text"], optional=["extra", "missing"])]
+    assert [is_val for is_val, _ in by_records] == by_documents and 10 < sum(by_documents) < 60
+    assert by_records[0][1] == {"text": texts(120)[0], "extra": None, "missing": None}
+    assert by_records[-1][1] == {"text": texts(40, "parquet")[-1], "extra": 39, "missing": None}

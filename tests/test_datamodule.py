@@ -572,3 +572,105 @@ def test_a_cache_another_machine_is_building_is_waited_for_not_built_again(tmp_p
     assert child.returncode == 0, log.read_text()
     assert json.loads(out.strip().splitlines()[-1]) == [True, str(shared / key)]
     assert not list(shared.glob(".*.partial"))
+
+
+# --------------------------------------------------------------------------- chat and instruction records
+def chat_dm(tmp_path: Path, n: int = 60, **kwargs) -> TextDataModule:
+    from test_sft_cache import write_chats
+
+    chats = write_chats(tmp_path / "chats" / "chats.jsonl", n)
+    settings = dict(tokenizer="bytes", block_size=128, batch_size=4, val_fraction=0.2)
+    return make_dm(tmp_path, corpus=chats, **{**settings, **kwargs})
+
+
+def test_chat_records_are_served_as_response_masked_examples(tmp_path):
+    dm = chat_dm(tmp_path)
+    assert dm.data_format == "chat" and dm.format_line == "format: chat (auto: the records have 'messages')"
+    assert dm.cache is None and dm.examples is not None and dm.tokenizer.vocab_size == 259
+    examples = dm.examples.train
+    # One epoch of packed training rows holds each example's scored targets once (none left over
+    # here: the rows divide into whole batches or the leftover rows are counted).
+    loader = dm.train_dataloader()
+    scored = sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in loader)
+    assert 0 < scored <= dm.examples.counts("train").response_tokens
+    batch = next(iter(loader))
+    assert len(batch) == 3 and batch[0].shape == (4, 128)  # packed: document_ids travel along
+    # Every row is whole examples, each shifted on its own: a row's targets are its examples' next tokens.
+    row_ids = batch[2][0]
+    for doc in row_ids.unique():
+        if doc == 0:
+            continue
+        inputs = batch[0][0][row_ids == doc].tolist()
+        assert any(e.tokens[:-1].tolist() == inputs for e in examples)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_chat_validation_is_the_response_scoreboard_of_the_evaluator(tmp_path, packing):
+    from nexttoken.evaluation.responses import evaluate_examples
+    from nexttoken.module import CausalLMModule
+
+    dm = chat_dm(tmp_path, packing=packing, val_batch_size=3)
+    torch.manual_seed(0)
+    module = CausalLMModule(
+        model="tiny", vocab_size=dm.vocab_size, block_size=128, n_layer=2, n_embd=32, n_head=2
+    )
+    module.configure_model()
+    module.eval()
+    packed = 0
+    with torch.no_grad():
+        for i, batch in enumerate(dm.val_dataloader()):
+            packed += len(batch) == 4  # document_ids come with rows of several examples
+            module.validation_step(batch, i)
+    assert bool(packed) == packing
+    mine = module.val_metrics.compute()
+    # A second path: nexttoken eval's evaluator, each example scored alone through its windows.
+    other = evaluate_examples(module.model, list(dm.examples.val), context=128)
+    counts = dm.examples.counts("val")
+    assert int(mine["tokens"]) == other.response_tokens == counts.response_tokens
+    assert int(mine["bytes"]) == other.bytes == counts.response_bytes
+    assert mine["loss"].item() == pytest.approx(other.loss, rel=1e-5)
+    assert mine["bits_per_byte"].item() == pytest.approx(other.bits_per_byte, rel=1e-5)
+
+
+def test_chat_cache_is_reused_and_other_ranks_read_it_by_key(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    first = chat_dm(tmp_path)
+    assert first.cache_hit is False and first._cache_key.startswith("examples/")
+    again = chat_dm(tmp_path)
+    assert again.cache_hit is True and again.examples.directory == first.examples.directory
+    other = TextDataModule(
+        path=str(tmp_path / "chats"), tokenizer="bytes", block_size=128, cache_dir=str(tmp_path / "cache")
+    )
+    other.trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda key, src: first._cache_key))
+    monkeypatch.setattr(TextDataModule, "corpus", lambda self: pytest.fail("another rank read the records"))
+    other.setup("fit")
+    assert other.examples.directory == first.examples.directory and other.data_format == "chat"
+    monkeypatch.undo()
+    # Settings the examples depend on make another entry.
+    assert chat_dm(tmp_path, train_on="all")._cache_key != first._cache_key
+    assert chat_dm(tmp_path, truncation="drop", block_size=96)._cache_key != first._cache_key
+
+
+def test_chat_flags_are_checked_choices(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(TextDataModule, "data")
+    assert parser.parse_args(["--data.format", "chat"]).data.format == "chat"
+    for flag, value in (("format", "xml"), ("train_on", "prompts"), ("truncation", "right")):
+        with pytest.raises(Exception, match="Expected a typing.Literal"):
+            parser.parse_args([f"--data.{flag}", value])
+    defaults = parser.get_defaults().data
+    assert (defaults.format, defaults.train_on, defaults.truncation, defaults.packing) == (
+        "auto",
+        "responses",
+        "left",
+        True,
+    )
+    assert defaults.document_mask is False and defaults.chat_template is None
+
+
+def test_document_mask_is_for_plain_text(tmp_path):
+    with pytest.raises(DataError, match="--data.document_mask applies to plain text"):
+        chat_dm(tmp_path, document_mask=True)

@@ -113,3 +113,62 @@ def test_cuda_matches_cpu(tiny_llama_dir, tmp_path, capfd):
     assert cli(tiny_llama_dir, f, "--device", "cuda", "--json", "--no-progress") == 0
     obj = json.loads(capfd.readouterr().out)
     assert obj["device"].startswith("cuda") and obj["dtype"] in ("bfloat16", "float32")
+
+
+# --------------------------------------------------------------------------- chat and instruction records
+def test_cli_scores_the_responses_of_chat_records(tmp_path, capfd):
+    from conftest import save_tiny_hf_model
+    from nexttoken.data.chat import read_conversations, resolve_chat_template
+    from nexttoken.loss import IGNORE_INDEX, next_token_loss
+    from test_cli import PLAIN_CHAT_TEMPLATE
+    from test_sft_cache import write_chats
+
+    # A context longer than every conversation (the longest renders to 96 tokens), so each one is
+    # scored in one window and the hand computation below is a single forward pass.
+    tiny_gpt2_dir = save_tiny_hf_model(tmp_path / "gpt2", "gpt2", add_bos=False, max_positions=128)
+    chats = write_chats(tmp_path / "chats.jsonl", 6)
+    template_file = tmp_path / "template.jinja"
+    template_file.write_text(PLAIN_CHAT_TEMPLATE)
+    assert cli(tiny_gpt2_dir, chats, "--chat-template", template_file, "--json", "--no-progress") == 0
+    out, err = capfd.readouterr()
+    result = json.loads(out)
+    assert "format: chat (auto: the records have 'messages'); 6 conversation(s)" in err
+    # By hand: each conversation rendered and run whole; the loss over its scored tokens only.
+    model, tokenizer = load_hf_causal_lm(tiny_gpt2_dir)
+    template = resolve_chat_template(tokenizer, template_file)
+    conversations, _ = read_conversations([json.loads(line) for line in chats.read_text().splitlines()])
+    nll, tokens, scored_bytes = 0.0, 0, 0
+    with torch.no_grad():
+        for conversation in conversations:
+            example = template.encode(conversation)
+            ids = torch.from_numpy(example.tokens)[None]
+            scored = torch.from_numpy(example.scored[1:])
+            targets = torch.where(scored, ids[0, 1:], IGNORE_INDEX)[None]
+            nll += next_token_loss(model(ids[:, :-1]), targets, reduction="sum").item()
+            tokens += int(scored.sum())
+            scored_bytes += int(example.nbytes[1:][example.scored[1:]].sum())
+    assert result["examples"] == 6 and result["response_tokens"] == tokens and result["bytes"] == scored_bytes
+    assert result["loss"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert cli(tiny_gpt2_dir, chats, "--chat-template", template_file, "--train-on", "all", "--json") == 0
+    assert json.loads(capfd.readouterr().out)["prompt_tokens_ignored"] == 0
+    assert cli(tiny_gpt2_dir, chats, "--chat-template", template_file, "--no-progress") == 0
+    table = capfd.readouterr().out
+    assert (
+        f"{tokens:,} response tokens ({scored_bytes:,} bytes); " in table and "prompt tokens ignored" in table
+    )
+
+
+def test_cli_bad_chat_inputs(tiny_gpt2_dir, tmp_path):
+    from test_sft_cache import chat_record, write_chats
+
+    chats = write_chats(tmp_path / "chats.jsonl", 3)
+    with pytest.raises(UserError, match=r"no chat template.*pass one with --chat-template FILE"):
+        cli(tiny_gpt2_dir, chats)
+    (tmp_path / "notes.txt").write_text("plain text\n")
+    with pytest.raises(UserError, match="notes.txt is a text file among chat/instruction records"):
+        cli(tiny_gpt2_dir, chats, tmp_path / "notes.txt")
+    bad = write_chats(
+        tmp_path / "bad.jsonl", records=[chat_record(0), {"messages": [{"role": "x", "content": "a"}]}]
+    )
+    with pytest.raises(UserError, match=r"bad.jsonl line 2: message 0 has role 'x'"):
+        cli(tmp_path / "no-model-needed", bad)  # the records are read before the model is loaded

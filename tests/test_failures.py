@@ -386,3 +386,83 @@ def test_resume_after_sigkill_continues_the_same_curve(tmp_path):
     assert sorted(resumed) == sorted(full)
     for step in full:
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-6), step
+
+
+# ------------------------------------------------------------------ chat and instruction records
+def chat_fit(chats: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--data.path",
+        str(chats),
+        "--data.tokenizer",
+        "bytes",
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+        "--trainer.max_steps",
+        "1",
+        *extra,
+    ]
+
+
+def chats_with(tmp_path: Path, bad: dict) -> Path:
+    """A chat file whose 5th record (line 5) is ``bad``."""
+    from test_sft_cache import chat_record, write_chats
+
+    rows = [chat_record(i) for i in range(4)] + [bad] + [chat_record(i) for i in range(5, 30)]
+    return write_chats(tmp_path / "data" / "chats.jsonl", records=rows)
+
+
+@pytest.mark.parametrize(
+    ("bad", "expect"),
+    [
+        (
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            "chats.jsonl line 5: message 0 has role 'robot'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": {"text": "hi"}}]},
+            "chats.jsonl line 5: the content of message 0 is dict, not a string",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}]},
+            "chats.jsonl line 5 has no assistant turn, so --data.train_on responses scores nothing",
+        ),
+    ],
+)
+def test_a_bad_chat_record_is_named(tmp_path, capfd, bad, expect):
+    chats = chats_with(tmp_path, bad)
+    assert_clean_failure(capfd, chat_fit(chats, tmp_path), expect=expect, untouched=tmp_path)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_chat_template_that_fails_to_render_shows_its_own_line(tmp_path, capfd):
+    from test_sft_cache import write_chats
+
+    chats = write_chats(tmp_path / "data" / "chats.jsonl", 30)
+    template = tmp_path / "bad.jinja"
+    template.write_text(
+        "{% for m in messages %}\n{{ m['role'] }}: {{ m['content'] | nosuchfilter }}\n{% endfor %}\n"
+    )
+    line = assert_clean_failure(
+        capfd,
+        chat_fit(chats, tmp_path, "--data.chat_template", str(template)),
+        expect=f"the chat template ({template}) failed to render",
+        untouched=tmp_path,
+    )
+    assert "line 2" in line and "nosuchfilter" in line
+
+
+def test_a_model_without_a_chat_template_needs_one(tmp_path, capfd, tiny_gpt2_dir):
+    from test_sft_cache import write_chats
+
+    chats = write_chats(tmp_path / "data" / "chats.jsonl", 30)
+    argv = chat_fit(chats, tmp_path, "--data.tokenizer", str(tiny_gpt2_dir))
+    assert_clean_failure(
+        capfd,
+        argv,
+        expect="the model's tokenizer has no chat template, so conversations cannot be rendered; "
+        "pass one with --data.chat_template FILE",
+        untouched=tmp_path,
+    )

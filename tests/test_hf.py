@@ -198,3 +198,25 @@ def test_a_model_that_lets_packed_documents_meet_is_refused(tiny_llama_dir, monk
     ):
         model(row, document_ids=document_ids)
     model(row)  # unpacked batches are not affected
+
+
+@pytest.mark.parametrize("crosses", [False, True])
+def test_packing_check_runs_on_a_base_held_in_bf16(tiny_llama_dir, monkeypatch, crosses):
+    """A LoRA base is held in bf16 under bf16-mixed: the packing check runs under autocast to it
+    (in fp32 its matmuls would fail), and still refuses a model whose packed documents meet."""
+    import transformers.masking_utils as masking_utils
+
+    if crosses:
+        monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    model, _ = load_hf_causal_lm(tiny_llama_dir)
+    for layer in model.model.model.layers:
+        layer.to(torch.bfloat16)
+    row, document_ids, docs, starts = packed_row(model.config.vocab_size)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        if crosses:
+            with pytest.raises(UserError, match="cannot keep packed examples apart"):
+                model(row, document_ids=document_ids)
+            return
+        packed = model(row, document_ids=document_ids)[0].float()
+        for doc, a, b in zip(docs, starts, starts[1:]):
+            torch.testing.assert_close(packed[a:b], model(doc[None])[0].float(), atol=2e-2, rtol=2e-2)

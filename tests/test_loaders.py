@@ -158,7 +158,7 @@ class Recorder(L.LightningModule):
         self.seen: list[torch.Tensor] = []
 
     def training_step(self, batch, batch_idx):
-        input_ids, _ = batch
+        input_ids = batch[0]  # (input_ids, targets[, document_ids])
         self.seen.append(input_ids.clone())
         return self.weight * input_ids.float().mean()
 
@@ -199,22 +199,36 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("where", "loader_workers"), [("mid_epoch", 0), ("end_of_epoch", 0), ("mid_epoch", 2)]
+    ("where", "loader_workers", "data"),
+    [
+        ("mid_epoch", 0, "text"),
+        ("end_of_epoch", 0, "text"),
+        ("mid_epoch", 2, "text"),
+        ("mid_epoch", 0, "chat packed"),
+        ("end_of_epoch", 0, "chat padded"),
+        ("mid_epoch", 2, "chat padded"),
+    ],
 )
-def test_resume_from_a_step_checkpoint_sees_the_same_batches(tmp_path, where, loader_workers):
+def test_resume_from_a_step_checkpoint_sees_the_same_batches(tmp_path, where, loader_workers, data):
     # With workers, the DataLoader prefetches batches the model has not seen yet: they must not count.
-    corpus = write_corpus(tmp_path / "corpus", n_docs=6, repeat=1)
+    if data == "text":
+        corpus = write_corpus(tmp_path / "corpus", n_docs=6, repeat=1)
+        shape = dict(block_size=16, batch_size=4)
+    else:  # chat examples, packed rows or padded ones, in the same resumable loader
+        from test_sft_cache import write_chats
+
+        corpus = write_chats(tmp_path / "corpus" / "chats.jsonl", 24)
+        shape = dict(block_size=96, batch_size=4, packing=data == "chat packed")
     dm_kwargs = dict(
         path=[str(corpus)],
         tokenizer="bytes",
-        block_size=16,
-        batch_size=4,
         val_fraction=0.2,
         loader_workers=loader_workers,
+        **shape,
     )
     probe = make_dm(tmp_path, corpus=corpus, **{k: v for k, v in dm_kwargs.items() if k != "path"})
     per_epoch = len(probe.train_dataloader())
-    assert 2 <= per_epoch <= 6
+    assert 2 <= per_epoch <= 8
     n = per_epoch + 1 if where == "mid_epoch" else per_epoch
     checkpoints = tmp_path / "ckpt"
     callback = L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=n, save_top_k=-1)
@@ -350,3 +364,57 @@ def test_ddp_ranks_share_val_exactly_and_train_disjointly(tmp_path):
     train = [{tuple(r) for r in rank["train"]} for rank in ranks]
     assert len(ranks[0]["train"]) == len(ranks[1]["train"]) > 0
     assert not train[0] & train[1]
+
+
+# --------------------------------------------------------------------------- document masking
+def segments_alone(block: torch.Tensor, starts_at: callable) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The documents of a block of T + 1 tokens cut by hand: ``(inputs, targets)`` of each, where a
+    document's inputs run from its start to the next start and its targets are the tokens after them."""
+    starts = [0] + [i for i in range(1, len(block) - 1) if starts_at(block, i)]
+    ends = starts[1:] + [len(block) - 1]
+    return [(block[s:e], block[s + 1 : e + 1]) for s, e in zip(starts, ends, strict=True)]
+
+
+def test_document_mask_gives_each_document_the_loss_it_has_alone(tmp_path):
+    from nexttoken.loss import next_token_loss
+    from nexttoken.models.gpt import GPT, GPTConfig
+
+    dm = make_dm(tmp_path, block_size=48, batch_size=3, document_mask=True)
+    eos = dm.tokenizer.eos_id
+    input_ids, targets, document_ids = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    model = GPT(
+        GPTConfig.from_preset("tiny", dm.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=48)
+    ).eval()
+    with torch.no_grad():
+        masked = next_token_loss(model(input_ids, document_ids=document_ids), targets, reduction="sum")
+        by_hand, n = 0.0, 0
+        for row in range(input_ids.shape[0]):
+            block = torch.cat([input_ids[row], targets[row, -1:]])
+            # The bytes tokenizer's stream is "EOS doc EOS doc ...": a document starts at each EOS.
+            for inputs, next_tokens in segments_alone(block, lambda b, i: b[i] == eos):
+                by_hand += next_token_loss(model(inputs[None]), next_tokens[None], reduction="sum").item()
+                n += len(next_tokens)
+        plain = next_token_loss(model(input_ids), targets, reduction="sum").item()
+    assert int((targets != IGNORE_INDEX).sum()) == n == targets.numel()  # every target still scored
+    assert (document_ids[:, 1:] != document_ids[:, :-1]).any()  # the blocks do hold several documents
+    assert masked.item() == pytest.approx(by_hand, rel=1e-5)
+    assert abs(plain - by_hand) > 1e-3 * abs(by_hand)  # without the mask, documents see each other
+
+
+def test_document_mask_without_a_start_token_scores_no_first_token(tmp_path, tiny_gpt2_dir):
+    # GPT-2/SmolLM2-style tokenizers start documents with no token ("doc EOS doc EOS"): each
+    # document's first token has no context of its own, so it is not scored, and its bytes don't count.
+    dm = make_dm(tmp_path, tokenizer=str(tiny_gpt2_dir), block_size=16, batch_size=2, document_mask=True)
+    eos = dm.tokenizer.eos_id
+    stream = np.load(dm.cache.val)
+    byte_counts = np.load(dm.cache.val_bytes)
+    scored_positions = [p for p in range(1, len(stream)) if stream[p - 1] != eos]
+    n_targets, n_bytes = 0, 0
+    for _, targets, batch_bytes, _ in dm.val_dataloader():
+        n_targets += int((targets != IGNORE_INDEX).sum())
+        n_bytes += int(batch_bytes.sum())
+    assert n_targets == len(scored_positions) < len(stream) - 1
+    assert n_bytes == int(byte_counts[scored_positions].sum()) < dm.val_bytes
+    plain = make_dm(tmp_path, tokenizer=str(tiny_gpt2_dir), block_size=16, batch_size=2)
+    assert len(next(iter(plain.train_dataloader()))) == 2 and len(next(iter(dm.train_dataloader()))) == 3

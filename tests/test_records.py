@@ -268,3 +268,17 @@ def test_no_warnings_on_good_files(tmp_path):
         warnings.simplefilter("error")
         for path in files.values():
             read(path)
+
+
+def test_an_absent_optional_column_is_a_missing_field(tmp_path):
+    # Alpaca's 'input' is optional: a Parquet file (or saved dataset) without that column reads as
+    # records without the field; a required column that is absent is still an error.
+    path = tmp_path / "alpaca.parquet"
+    pq.write_table(pa.table({"instruction": ["Add.", "Greet."], "output": ["4", "Hello."]}), path)
+    records = list(RecordSource(path, "alpaca.parquet").read(["instruction", "output"], optional=["input"]))
+    assert [r.values for r in records] == [
+        {"instruction": "Add.", "output": "4", "input": None},
+        {"instruction": "Greet.", "output": "Hello.", "input": None},
+    ]
+    with pytest.raises(DataError, match="has no column 'input'"):
+        list(RecordSource(path, "alpaca.parquet").read(["input"]))

@@ -126,6 +126,21 @@ def test_plot_curves_writes_a_png_of_the_curves(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.csv"]
 
 
+def test_a_chat_report_counts_examples_and_scores_responses_only():
+    from nexttoken.data.sft import ExampleCounts
+
+    nll, tokens, n_bytes = 300.0, 250, 400
+    validation = {**summarize(nll, tokens, n_bytes), "tokens": tokens, "bytes": n_bytes}
+    counts = ExampleCounts(examples=12, response_tokens=250, prompt_tokens_ignored=1234, response_bytes=400)
+    lines = format_report(validation, {}, vocab_size=259, examples=counts).splitlines()
+    assert lines[0] == (
+        "validation over 12 held-out examples: 250 response tokens (400 bytes) scored, "
+        "1,234 prompt tokens ignored:"
+    )
+    assert numbers(lines[4]) == [round(nll / (math.log(2) * n_bytes), 4)]
+    assert len(lines) == 5  # no compressors: they would see the responses without their prompts
+
+
 class HeldOut:
     """What held_out_compressors needs from a TextDataModule."""
 

@@ -23,7 +23,8 @@ commands:
   validate   score a checkpoint on the validation split of the data (`--ckpt_path`)
   eval       perplexity / bits per byte of any causal LM on any text; lm-eval tasks with --tasks
   inspect    per-token surprisal of a text as an HTML page, and the most surprising tokens
-  generate   sample text from a checkpoint, a Hugging Face folder or a GGUF file
+  generate   sample text from a checkpoint, a Hugging Face folder or a GGUF file (--chat: a reply)
+  chat       talk with a model through its chat template (history kept across turns)
   export     write a checkpoint as a Hugging Face folder (config, safetensors, tokenizer)
 
 global options:
@@ -43,6 +44,11 @@ def _tool_commands() -> dict:
         "eval": (evaluation.add_eval_arguments, evaluation.run_eval, "score a causal LM on text"),
         "inspect": (surprisal.add_inspect_arguments, surprisal.run_inspect, "per-token surprisal as HTML"),
         "generate": (generate.add_generate_arguments, generate.run_generate, "sample text from a model"),
+        "chat": (
+            generate.add_chat_arguments,
+            generate.run_chat,
+            "talk with a model through its chat template",
+        ),
         "export": (
             export.add_export_arguments,
             export.run_export,

@@ -12,7 +12,9 @@ with its generation prompt, exactly as conversations were rendered for fine-tuni
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+from typing import TextIO
 
 import torch
 
@@ -94,17 +96,23 @@ def generate_reply(
     return template.tokenizer.decode(reply)
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model",
-        metavar="MODEL",
-        nargs="?",
-        default=None,
-        help="nexttoken checkpoint (.ckpt), Hugging Face model folder, or .gguf file",
-    )
-    parser.add_argument("--checkpoint", default=None, help="the same as MODEL (kept for older scripts)")
-    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+def fit_history(template: ChatTemplate, messages: list[Message], room: int | None) -> int:
+    """Drop the oldest turns (after any system message) until the prompt of ``messages`` takes at
+    most ``room`` tokens (None: no limit), keeping the last message; returns how many were dropped."""
+    dropped = 0
+    first = 1 if messages and messages[0].role == "system" else 0
+    while room is not None and len(messages) > first + 1 and len(template.prompt_ids(messages)) > room:
+        del messages[first]
+        dropped += 1
+        # A conversation goes on with a user's turn (some templates insist on it).
+        while len(messages) > first + 1 and messages[first].role == "assistant":
+            del messages[first]
+            dropped += 1
+    return dropped
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
@@ -112,17 +120,90 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, metavar="DIR_OR_CKPT", help=ADAPTER_HELP)
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def _chat_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--system", default=None, metavar="TEXT", help="a system message before the conversation"
+    )
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template (default: the model's own; a checkpoint carries the one it was trained with)",
+    )
+
+
+def _model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        nargs="?",
+        default=None,
+        help="nexttoken checkpoint (.ckpt), Hugging Face model folder, or .gguf file",
+    )
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    _model_argument(parser)
+    parser.add_argument("--checkpoint", default=None, help="the same as MODEL (kept for older scripts)")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    parser.add_argument(
+        "--chat",
+        default=None,
+        metavar="MESSAGE",
+        help="reply to this user message through the chat template, stopping at the end of the turn",
+    )
+    _chat_arguments(parser)
+    _sampling_arguments(parser)
+
+
+def _load_for_sampling(args: argparse.Namespace):
     from nexttoken.models.load import load_model
 
-    path = args.model or args.checkpoint
+    path = args.model or getattr(args, "checkpoint", None)
     if path is None:
         raise UserError(
             "no MODEL given; pass a checkpoint (.ckpt), a Hugging Face model folder or a .gguf file"
         )
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    model, tokenizer = load_model(path, device=args.device, adapter=args.adapter)
+    return load_model(path, device=args.device, adapter=args.adapter)
+
+
+def _chat_template(tokenizer: Tokenizer, template_file: str | None) -> ChatTemplate:
+    from nexttoken.data.chat import resolve_chat_template
+
+    try:
+        return resolve_chat_template(tokenizer, template_file)
+    except UserError as error:  # the data module's flag is this command's --chat-template
+        raise UserError(str(error).replace("--data.chat_template", "--chat-template")) from None
+
+
+def _reply(model: CausalLM, template: ChatTemplate, messages: Sequence[Message], args, *, seed: int) -> str:
+    """:func:`generate_reply` with the command line's sampling flags."""
+    return generate_reply(
+        model,
+        template,
+        messages,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        seed=seed,
+    )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if args.chat is None and (args.system is not None or args.chat_template is not None):
+        raise UserError("--system and --chat-template go with --chat MESSAGE; add --chat or drop them")
+    if args.chat is not None and args.prompt:
+        raise UserError("--prompt continues a text and --chat replies to a message; pass one of them")
+    model, tokenizer = _load_for_sampling(args)
+    if args.chat is not None:
+        template = _chat_template(tokenizer, args.chat_template)
+        messages = ([Message("system", args.system)] if args.system is not None else []) + [
+            Message("user", args.chat)
+        ]
+        print(_reply(model, template, messages, args, seed=args.seed))
+        return 0
     text = generate_text(
         model,
         tokenizer,
@@ -133,4 +214,53 @@ def run_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(text)
+    return 0
+
+
+# --------------------------------------------------------------------------- nexttoken chat
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    """``nexttoken chat MODEL [--system TEXT] [--chat-template FILE] ...``"""
+    _model_argument(parser)
+    _chat_arguments(parser)
+    _sampling_arguments(parser, max_new_tokens=300)
+
+
+def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    """An interactive conversation: each line read is a user message; the reply is printed and the
+    whole history is the next reply's prompt (the oldest turns are dropped, with a note, once it no
+    longer fits the model's context). ``/reset`` starts over; ``/exit`` or end of input ends it."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    model, tokenizer = _load_for_sampling(args)
+    template = _chat_template(tokenizer, args.chat_template)
+    system = [Message("system", args.system)] if args.system is not None else []
+    messages = list(system)
+    interactive = stdin.isatty()
+    if interactive:
+        print(f"chatting with {args.model} (/reset starts over, /exit or Ctrl-D ends)", file=stdout)
+    # The history keeps at least half the context; the reply gets the rest (up to --max-new-tokens).
+    context = model.max_context
+    room = None if context is None else context - min(args.max_new_tokens, context // 2)
+    replies = 0
+    while True:
+        if interactive:
+            print("you> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            messages = list(system)
+            continue
+        if not text.strip():
+            continue
+        messages.append(Message("user", text))
+        if fit_history(template, messages, room):
+            print(
+                f"(earlier turns no longer fit the context of {model.max_context} tokens: dropped)",
+                file=sys.stderr,
+            )
+        reply = _reply(model, template, messages, args, seed=args.seed + replies)  # a new seed per reply
+        replies += 1
+        messages.append(Message("assistant", reply))
+        print(f"{'assistant> ' if interactive else ''}{reply}", file=stdout, flush=True)
     return 0

@@ -390,6 +390,8 @@ class CausalLMModule(L.LightningModule):
         results = self.val_metrics.compute()
         scored = {"tokens": int(results.pop("tokens")), "bytes": int(results.pop("bytes", 0))}
         self.val_metrics.reset()
+        if self.trainer.sanity_checking:  # a couple of batches, not the held-out set's score
+            return
         for name, value in results.items():
             self.log(f"val/{name}", value.float(), prog_bar=name in ("loss", "perplexity"))
         self.last_validation = {**{k: float(v) for k, v in results.items()}, **scored}

@@ -170,14 +170,10 @@ def start_summary(
 ) -> list[str]:
     """The summary's lines for a :class:`~nexttoken.module.CausalLMModule` being trained on a
     :class:`~nexttoken.data.datamodule.TextDataModule` that is set up."""
-    meta = data.cache.read_meta()
     audit = decay_audit(module.model)
-    cache = "reused" if data.cache_hit else f"built in {meta['seconds']:.1f} s"
     notes = [*getattr(module, "schedule_notes", []), *([time_limit] if time_limit else [])]
     lines = [
-        f"data: train {_count(meta['train_documents'], 'document')}, {meta['train_tokens']:,} tokens; "
-        f"validation {_count(meta['val_documents'], 'document')}, {meta['val_tokens']:,} tokens "
-        f"({meta['val_bytes']:,} bytes); token cache {cache} ({data.cache.directory})",
+        *data_lines(data),
         f"model: {module.model_summary_line()}",
         *([module.lora_summary(audit)] if getattr(module, "lora", None) is not None else []),
         precision,
@@ -187,6 +183,33 @@ def start_summary(
     ]
     if trainer.logger is not None:
         lines.append(f"run folder: {trainer.logger.log_dir}")
+    return lines
+
+
+def data_lines(data: Any) -> list[str]:
+    """What the data is: the format ``--data.format`` chose (when there was a choice), the split's
+    sizes and the cache; for chat/instruction data, the examples and what fitting them to the block
+    dropped or cut."""
+    lines = [data.format_line] if data.format_line else []
+    if data.examples is not None:
+        examples = data.examples
+        cache = "reused" if data.cache_hit else f"built in {examples.meta['seconds']:.1f} s"
+        train, val = examples.counts("train"), examples.counts("val")
+        lines.append(
+            f"data: train {_count(train.examples, 'example')} ({train.response_tokens:,} response tokens, "
+            f"{train.prompt_tokens_ignored:,} prompt tokens ignored); validation "
+            f"{_count(val.examples, 'example')} ({val.response_tokens:,} response tokens, "
+            f"{val.response_bytes:,} bytes); {'packed' if data.hparams.packing else 'padded'} rows of "
+            f"{data.hparams.block_size} tokens; example cache {cache} ({examples.directory})"
+        )
+        return lines + examples.fit_report().lines()
+    meta = data.cache.read_meta()
+    cache = "reused" if data.cache_hit else f"built in {meta['seconds']:.1f} s"
+    lines.append(
+        f"data: train {_count(meta['train_documents'], 'document')}, {meta['train_tokens']:,} tokens; "
+        f"validation {_count(meta['val_documents'], 'document')}, {meta['val_tokens']:,} tokens "
+        f"({meta['val_bytes']:,} bytes); token cache {cache} ({data.cache.directory})"
+    )
     return lines
 
 

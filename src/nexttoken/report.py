@@ -10,6 +10,7 @@ import gzip
 import json
 import lzma
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     import lightning as L
 
     from nexttoken.data.datamodule import TextDataModule
+    from nexttoken.data.sft import ExampleCounts
     from nexttoken.module import CausalLMModule
 
 
@@ -54,18 +56,32 @@ def held_out_compressors(data: TextDataModule) -> tuple[dict[str, float], bool]:
     return values, not computed
 
 
-def format_report(validation: dict[str, float], compressors: dict[str, float], vocab_size: int) -> str:
+def format_report(
+    validation: dict[str, float],
+    compressors: dict[str, float],
+    vocab_size: int,
+    examples: ExampleCounts | None = None,
+) -> str:
     """The scoreboard as text. ``validation``: :func:`nexttoken.metrics.summarize`'s numbers plus
     ``tokens`` and ``bytes`` scored; ``compressors``: bits per byte by compressor name (shown only when
-    the validation has bits per byte); ``vocab_size``: the perplexity of uniform guessing, for scale."""
+    the validation has bits per byte); ``vocab_size``: the perplexity of uniform guessing, for scale;
+    ``examples``: the make-up of a chat/instruction validation set (the scores are over responses)."""
+    if examples is not None:
+        header = (
+            f"validation over {examples.examples:,} held-out examples: {validation['tokens']:,} response tokens "
+            f"({validation['bytes']:,} bytes) scored, {examples.prompt_tokens_ignored:,} prompt tokens ignored:"
+        )
+    else:
+        header = f"validation over {validation['tokens']:,} held-out tokens ({validation['bytes']:,} bytes):"
     lines = [
-        f"validation over {validation['tokens']:,} held-out tokens ({validation['bytes']:,} bytes):",
+        header,
         f"  loss            {validation['loss']:.4f} nats/token",
         f"  perplexity      {validation['perplexity']:.2f}   (uniform guessing over the vocabulary: {vocab_size:,})",
         f"  bits per token  {validation['bits_per_token']:.4f}",
     ]
     if "bits_per_byte" in validation:
         lines.append(f"  bits per byte   {validation['bits_per_byte']:.4f}")
+    if "bits_per_byte" in validation and compressors:
         lines.append("the same held-out bytes, compressed (bits per byte; lower is better):")
         for name, bpb in compressors.items():
             lines.append(f"  {name:<14}  {bpb:.4f}")
@@ -125,16 +141,36 @@ def plot_curves(
     return out_png
 
 
+def _sample_lines(module: CausalLMModule, data: TextDataModule) -> list[str]:
+    """A sample of the model's text; for chat data, its reply to the first held-out prompt."""
+    from nexttoken.data.chat import Message, resolve_chat_template
+    from nexttoken.generate import generate_reply, generate_text
+
+    settings = {"max_new_tokens": 120, "temperature": 0.8, "top_k": 50, "seed": 0}
+    if data.examples is None:
+        sample = generate_text(module.model, module.tokenizer, "", **settings)
+        return ["sample (temperature 0.8, top-k 50):", "-" * 60, sample.strip("\n")]
+    messages = [Message(**m) for m in data.examples.sample_messages()]
+    reply = generate_reply(module.model, resolve_chat_template(module.tokenizer), messages, **settings)
+    prompt = messages[-1].content if messages else ""
+    return [
+        "sample reply to the first held-out prompt (temperature 0.8, top-k 50):",
+        "-" * 60,
+        *[f"> {line}" for line in prompt.splitlines()],
+        reply.strip("\n"),
+    ]
+
+
 def write_report(trainer: L.Trainer, module: CausalLMModule, data: TextDataModule, run_dir: Path) -> str:
     """Print the end-of-run report and write ``report.txt``, ``report.json`` and ``curves.png``
     into ``run_dir``; returns the report's text."""
-    from nexttoken.generate import generate_text
-
     started = time.perf_counter()
     validation = module.last_validation
-    compressors, compressors_cached = held_out_compressors(data)
+    examples = data.examples.counts("val") if data.examples is not None else None
+    # Compressors see no prompts, so they only compare with a model scored on plain text.
+    compressors, compressors_cached = held_out_compressors(data) if examples is None else ({}, False)
     timings = {"compressors": time.perf_counter() - started}
-    text = format_report(validation, compressors, module.hparams.vocab_size)
+    text = format_report(validation, compressors, module.hparams.vocab_size, examples)
     metrics_csv = run_dir / "metrics.csv"
     if trainer.logger is not None:
         trainer.logger.save()
@@ -148,16 +184,15 @@ def write_report(trainer: L.Trainer, module: CausalLMModule, data: TextDataModul
     if best:
         lines.append(f"checkpoints: {Path(best).parent}  (best: {Path(best).name}, last: last.ckpt)")
     mark = time.perf_counter()
-    sample = generate_text(
-        module.model, module.tokenizer, "", max_new_tokens=120, temperature=0.8, top_k=50, seed=0
-    )
+    lines += [*_sample_lines(module, data), "-" * 60]
     timings["sample"] = time.perf_counter() - mark
-    lines += ["sample (temperature 0.8, top-k 50):", "-" * 60, sample.strip("\n"), "-" * 60]
     summary = {
         "validation": validation,
         "compressors_bits_per_byte": compressors,
         "global_step": trainer.global_step,
     }
+    if examples is not None:
+        summary["validation_examples"] = asdict(examples)
     threads = next((c for c in trainer.callbacks if type(c).__name__ == "AutoThreads"), None)
     if threads is not None and threads.choice:
         lines.append(f"threads: {threads.choice}")

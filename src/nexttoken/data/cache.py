@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
@@ -50,6 +50,7 @@ CHUNK_CHARS = 1 << 20
 # hundred MB at most even when one document is a whole job.
 _ENCODE_CHUNK_CHARS = 1 << 23
 STREAM_FILES = ("train.npy", "val.npy", "val_bytes.npy", "val.txt")
+Result = TypeVar("Result")
 
 
 def default_cache_dir() -> Path:
@@ -240,58 +241,14 @@ class TokenCache:
         before it is renamed into place; a refused or failed build leaves nothing behind, not even
         the lock file or the folders it made.
         """
-        from filelock import FileLock
 
-        made = [p for p in (self.directory.parent, self.directory.parent.parent) if not p.exists()]
-        lock_file = Path(str(self.directory) + ".lock")
-        had_lock_file = lock_file.exists()
-        try:
-            # Warnings about skipped documents wait until the build is known to be usable: a corpus
-            # with nothing in it is one error, not also a warning per empty file.
-            with warnings.catch_warnings(record=True) as held:
-                warnings.simplefilter("always")
-                result = self._get_or_build(
-                    FileLock(str(lock_file)), corpus, make_tokenizer, workers, progress, chunk_chars, check
-                )
-            for warning in held:
-                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-            return result
-        except BaseException:
-            if not had_lock_file:
-                lock_file.unlink(missing_ok=True)
-            for folder in made:  # deepest first; only if nothing else appeared in them
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-            raise
+        def write(staging: Path) -> dict[str, Any]:
+            meta = self._write(staging, corpus, make_tokenizer(), workers, progress, chunk_chars)
+            if check is not None:
+                check(meta)
+            return meta
 
-    def _get_or_build(self, lock, corpus, make_tokenizer, workers, progress, chunk_chars, check):
-        from filelock import Timeout
-
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.warning("waiting for another process to finish tokenizing into %s", self.directory)
-            lock.acquire()
-        try:
-            if self.exists():
-                return self.read_meta(), False
-            # Whoever held the lock before us and left a staging folder was killed: it is garbage.
-            for partial_folder in self.directory.parent.glob(f".{self.directory.name}.*.partial"):
-                shutil.rmtree(partial_folder, ignore_errors=True)
-            try:
-                with atomic_folder(self.directory) as staging:
-                    meta = self._write(staging, corpus, make_tokenizer(), workers, progress, chunk_chars)
-                    if check is not None:
-                        check(meta)
-            except OSError:
-                # Where the filesystem does not share locks between machines, another one may have
-                # renamed its complete folder into place first: use it.
-                if self.exists():
-                    return self.read_meta(), False
-                raise
-            return meta, True
-        finally:
-            lock.release()
+        return build_once(self.directory, self.exists, self.read_meta, write, doing="tokenizing into")
 
     def _write(
         self,
@@ -357,6 +314,70 @@ class TokenCache:
         }
         write_atomically(staging / "meta.json", json.dumps(meta, indent=1))
         return meta
+
+
+def build_once(
+    directory: Path,
+    exists: Callable[[], bool],
+    read: Callable[[], Result],
+    write: Callable[[Path], Result],
+    doing: str = "building",
+) -> tuple[Result, bool]:
+    """``(result, built)``: ``read()`` of the complete cache folder ``directory``, or, when it is
+    absent, ``write(staging)`` into a staging folder that is renamed to ``directory`` once ``write``
+    returns. One process builds at a time (a lock file beside the folder); the others wait, then
+    read what it wrote. ``write`` may refuse a build by raising; a refused or failed build leaves
+    nothing behind, not even the lock file or the folders it made. Warnings raised while building
+    (skipped documents) are shown only once the build is known to be usable. ``doing``: what a
+    waiting process says the other one is doing ("tokenizing into").
+    """
+    from filelock import FileLock
+
+    made = [p for p in (directory.parent, directory.parent.parent) if not p.exists()]
+    lock_file = Path(str(directory) + ".lock")
+    had_lock_file = lock_file.exists()
+    try:
+        with warnings.catch_warnings(record=True) as held:
+            warnings.simplefilter("always")
+            result = _build_locked(FileLock(str(lock_file)), directory, exists, read, write, doing)
+        for warning in held:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        return result
+    except BaseException:
+        if not had_lock_file:
+            lock_file.unlink(missing_ok=True)
+        for folder in made:  # deepest first; only if nothing else appeared in them
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _build_locked(lock, directory: Path, exists, read, write, doing):
+    from filelock import Timeout
+
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("waiting for another process to finish %s %s", doing, directory)
+        lock.acquire()
+    try:
+        if exists():
+            return read(), False
+        # Whoever held the lock before us and left a staging folder was killed: it is garbage.
+        for partial_folder in directory.parent.glob(f".{directory.name}.*.partial"):
+            shutil.rmtree(partial_folder, ignore_errors=True)
+        try:
+            with atomic_folder(directory) as staging:
+                result = write(staging)
+        except OSError:
+            # Where the filesystem does not share locks between machines, another one may have
+            # renamed its complete folder into place first: use it.
+            if exists():
+                return read(), False
+            raise
+        return result, True
+    finally:
+        lock.release()
 
 
 def cached_json(cache: TokenCache, name: str, compute: Callable[[], Any]) -> Any:

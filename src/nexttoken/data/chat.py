@@ -38,15 +38,18 @@ and dropped, with a count, by :func:`nexttoken.data.sft.fit_to_block`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from nexttoken.data.documents import DataError
+from nexttoken.data.parallel import ordered_map
+from nexttoken.data.records import Record
 from nexttoken.data.tokenizers import Tokenizer, token_byte_counts
 
 DataFormat = Literal["auto", "text", "chat", "instruction"]
@@ -54,6 +57,8 @@ TrainOn = Literal["responses", "all", "last_response"]
 DATA_FORMATS: tuple[str, ...] = DataFormat.__args__
 TRAIN_ON: tuple[str, ...] = TrainOn.__args__
 ROLES = ("system", "user", "assistant")
+# Every field a conversation may be read from (chat or instruction records).
+CONVERSATION_FIELDS = ("messages", "prompt", "response", "instruction", "input", "output", "system")
 
 
 @dataclass(frozen=True)
@@ -179,15 +184,24 @@ def to_conversation(record: Mapping[str, Any], fmt: str, where: str) -> Conversa
     raise DataError(f"records of format {fmt!r} are not conversations; use format chat or instruction")
 
 
+def record_fields(record: Record) -> dict[str, Any]:
+    """The fields a record read with ``optional=CONVERSATION_FIELDS`` has (absent ones dropped)."""
+    return {name: value for name, value in record.values.items() if value is not None}
+
+
 def read_conversations(
-    records: Iterable[Mapping[str, Any]], fmt: str = "auto", source: str = "the data"
+    records: Iterable[Mapping[str, Any] | Record], fmt: str = "auto", source: str = "the data"
 ) -> tuple[list[Conversation], str]:
-    """``(conversations, format line)`` of ``records`` (numbered from 1 in messages: a JSONL file's
-    line numbers when it has no blank lines). Every record must have the chosen format's fields."""
+    """``(conversations, format line)`` of ``records``: plain mappings (numbered from 1 in messages:
+    a JSONL file's line numbers when it has no blank lines), or :class:`~nexttoken.data.records.Record`
+    s read with ``optional=CONVERSATION_FIELDS`` (named by their file and line). Every record must
+    have the chosen format's fields."""
     conversations: list[Conversation] = []
     chosen, line = fmt, ""
     for index, record in enumerate(records, start=1):
         where = f"{source}, record {index}"
+        if isinstance(record, Record):
+            where, record = record.where, record_fields(record)
         if index == 1:
             chosen, line = choose_format(fmt, record, where)
             if chosen == "text":
@@ -417,3 +431,42 @@ def encode_conversations(
 ) -> list[Example]:
     """Every conversation rendered, tokenized and masked (errors name the record)."""
     return [template.encode(conversation, train_on) for conversation in conversations]
+
+
+# --------------------------------------------------------------------------- encoding, in workers
+# Conversations per job handed to an encoding worker.
+_JOB_CONVERSATIONS = 256
+_worker_template: ChatTemplate | None = None
+
+
+def _start_encoder(tokenizer_state: dict[str, Any], template: str, origin: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+    global _worker_template
+    _worker_template = ChatTemplate(Tokenizer.from_dict(tokenizer_state), template, origin)
+
+
+def _encode_in_worker(train_on: TrainOn, conversations: list[Conversation]) -> list[Example]:
+    return encode_conversations(_worker_template, conversations, train_on)
+
+
+def encode_in_parallel(
+    template: ChatTemplate, conversations: Sequence[Conversation], train_on: TrainOn, workers: int
+) -> Iterator[Example]:
+    """:func:`encode_conversations` in ``workers`` processes (0: this one), in order (the workers
+    import this module, not torch)."""
+    jobs = (
+        list(conversations[i : i + _JOB_CONVERSATIONS])
+        for i in range(0, len(conversations), _JOB_CONVERSATIONS)
+    )
+    if workers == 0:
+        results = ordered_map(lambda job: encode_conversations(template, job, train_on), jobs, 0)
+    else:
+        results = ordered_map(
+            partial(_encode_in_worker, train_on),
+            jobs,
+            workers,
+            initializer=_start_encoder,
+            initargs=(template.tokenizer.to_dict(), template.template, template.origin),
+        )
+    for examples in results:
+        yield from examples

@@ -12,7 +12,7 @@ import hashlib
 import heapq
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from nexttoken.data.documents import (
@@ -26,7 +26,7 @@ from nexttoken.data.documents import (
     split_text,
     unit_hash,
 )
-from nexttoken.data.records import RecordSource
+from nexttoken.data.records import Record, RecordSource
 
 # A saved DatasetDict's own held-out split, in order of preference.
 VAL_SPLITS = ("validation", "test")
@@ -129,10 +129,11 @@ class Corpus:
             return name in self._val_names
         return held_out(name, self.val_fraction)
 
-    def _is_val(self, path: Path, document: Document) -> bool:
+    def _is_val(self, path: Path, name: str, split: str | None) -> bool:
+        """Whether the document or record ``name`` (of ``split``) of training source ``path`` is held out."""
         if path in self._splits and self._splits[path][1] is not None:
-            return document.split == self._splits[path][1]
-        return self._hash_split(path) and self._held_out_name(document.name)
+            return split == self._splits[path][1]
+        return self._hash_split(path) and self._held_out_name(name)
 
     def documents(self, on_read: Callable[[int], None] | None = None) -> Iterator[tuple[bool, Document]]:
         """Every document as ``(is_validation, document)``, in corpus order (training sources, then
@@ -145,10 +146,38 @@ class Corpus:
             return
         for path in self.train_paths:
             for document in self._read(path, self._splits_read(path), on_read=on_read):
-                yield self._is_val(path, document), document
+                yield self._is_val(path, document.name, document.split), document
         for path in self.val_paths:
             for document in self._read(path, self._splits_read(path), on_read=on_read):
                 yield True, document
+
+    def records(
+        self,
+        fields: Sequence[str],
+        *,
+        optional: Sequence[str] = (),
+        on_read: Callable[[int], None] | None = None,
+    ) -> Iterator[tuple[bool, Record]]:
+        """Every record as ``(is_validation, record)`` with the named fields (required and
+        ``optional``), split by the same rule as :meth:`documents` (a record is a document); for
+        data whose records are not one text, such as conversations. Text files are an error."""
+        for is_val, path in [(False, p) for p in self.train_paths] + [(True, p) for p in self.val_paths]:
+            if is_text_file(path):
+                raise DataError(
+                    f"{path} is a text file, but this data is read as records (JSON Lines, JSON, Parquet or a "
+                    "saved dataset); remove it from --data.path, or use --data.format text"
+                )
+            source = RecordSource(path, self._name(path))
+            for record in source.read(
+                fields,
+                optional=optional,
+                splits=self._splits_read(path),
+                errors=self.errors,
+                on_read=on_read,
+                field_flag="--data.format",
+            ):
+                name = source.record_name(record.index, record.split)
+                yield is_val or self._is_val(path, name, record.split), record
 
     def _read(self, path: Path, splits, **kwargs) -> Iterator[Document]:
         return iter_documents(
@@ -161,18 +190,18 @@ class Corpus:
             raise no_text_error(self.train_paths)
         return documents
 
-    def check_split(self, train_documents: int, val_documents: int) -> None:
-        """An error unless both sides of the split got documents."""
+    def check_split(self, train_documents: int, val_documents: int, unit: str = "document") -> None:
+        """An error unless both sides of the split got documents (or records: ``unit``)."""
         if not train_documents and not val_documents:
             raise no_text_error(self.train_paths + self.val_paths)
         if not val_documents:
             raise DataError(
-                f"no document fell into the validation split (of {train_documents:,} documents, "
+                f"no {unit} fell into the validation split (of {train_documents:,} {unit}s, "
                 f"val_fraction {self.val_fraction}); raise --data.val_fraction or pass --data.val_path"
             )
         if not train_documents:
             raise DataError(
-                f"every one of the {val_documents:,} documents fell into the validation split; "
+                f"every one of the {val_documents:,} {unit}s fell into the validation split; "
                 "lower --data.val_fraction, or give training text besides --data.val_path"
             )
 
@@ -226,6 +255,16 @@ class Corpus:
             for document in self._read(path, splits, select=wanted, on_read=on_read):
                 sample.add(unit_hash(_SAMPLE_SALT + document.name), document.text)
         return sample.texts()
+
+
+def bounded_sample(named_texts: Iterable[tuple[str, str]], max_bytes: int) -> list[str]:
+    """The rule of :meth:`Corpus.sample` for texts already at hand, as ``(name, text)``: about
+    ``max_bytes`` of them (at most one more), those with the smallest salted hashes of their names,
+    in the order they came; all of them when they are smaller."""
+    sample = _SmallestHashes(max_bytes)
+    for name, text in named_texts:
+        sample.add(unit_hash(_SAMPLE_SALT + name), text)
+    return sample.texts()
 
 
 class _SmallestHashes:

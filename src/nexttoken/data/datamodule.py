@@ -16,6 +16,11 @@ Life of the data:
    uninterrupted run would have.
 4. ``val_dataloader``: batches ``(input_ids, targets, n_bytes)`` that score every held-out token
    exactly once, for any batch size and any number of ranks (no padding samples, no repeats).
+
+Chat and instruction records (``--data.format``, chosen from the records' fields by default) take
+another path from step 1 on: their examples are encoded, masked and cached by
+:mod:`nexttoken.data.sft_cache`, and served packed or padded by the example loaders of
+:mod:`nexttoken.data.loaders`; this module only dispatches.
 """
 
 from __future__ import annotations
@@ -32,12 +37,27 @@ import torch
 from torch.utils.data import DataLoader
 
 from nexttoken.data.cache import CACHE_FORMAT, CHUNK_CHARS, TokenCache, default_cache_dir, progress_bar
+from nexttoken.data.chat import DataFormat, TrainOn, resolve_chat_template
 from nexttoken.data.corpus import Corpus
 from nexttoken.data.documents import DataError, default_corpus, find_documents
-from nexttoken.data.loaders import ResumableDataLoader, TrainBatches, ValBatches
+from nexttoken.data.loaders import (
+    ExampleTrainBatches,
+    ExampleValBatches,
+    ResumableDataLoader,
+    TrainBatches,
+    ValBatches,
+)
 from nexttoken.data.packing import num_train_blocks
 from nexttoken.data.parallel import available_cores
-from nexttoken.data.tokenizers import Tokenizer, build_tokenizer
+from nexttoken.data.sft import Truncation
+from nexttoken.data.sft_cache import (
+    ExampleData,
+    choose_data_format,
+    example_cache_key,
+    get_or_build_examples,
+    open_example_cache,
+)
+from nexttoken.data.tokenizers import Tokenizer, build_tokenizer, document_start
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +91,20 @@ class TextDataModule(L.LightningDataModule):
             training process, which is enough for memory-mapped blocks).
         bpe_sample_mb: the BPE tokenizer is trained on a uniform, seeded sample of this many
             megabytes (10^6 bytes) of the training split, or all of it when it is smaller.
+        format: ``auto`` (text files are text; records go by their fields: ``messages`` is chat,
+            ``prompt`` + ``response`` or ``instruction`` + ``output`` is instruction), ``text``,
+            ``chat`` or ``instruction``.
+        chat_template: a Jinja chat template file for chat/instruction data; default: the
+            tokenizer's own (ChatML for ``bytes`` and ``bpe``).
+        train_on: chat/instruction tokens the loss scores: every assistant reply and its end-of-turn
+            token (``responses``), only the last reply (``last_response``), or ``all``.
+        truncation: an example longer than ``block_size`` loses its oldest tokens (``left``) or
+            is dropped (``drop``); either way the count is reported.
+        packing: chat/instruction data: several examples per row of ``block_size``, with attention
+            and positions kept apart per example; false: one example per row, padded to the longest
+            in its batch. (Plain text is always cut into full blocks.)
+        document_mask: plain text: attention stops at document boundaries inside a block and
+            positions restart at each document (chat examples are kept apart by ``packing``).
     """
 
     def __init__(
@@ -92,6 +126,12 @@ class TextDataModule(L.LightningDataModule):
         text_field: str = "text",
         loader_workers: int = 0,
         bpe_sample_mb: float = 64.0,
+        format: DataFormat = "auto",
+        chat_template: str | None = None,
+        train_on: TrainOn = "responses",
+        truncation: Truncation = "left",
+        packing: bool = True,
+        document_mask: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("block_size", block_size), ("batch_size", batch_size)):
@@ -119,7 +159,10 @@ class TextDataModule(L.LightningDataModule):
         self.val_bytes: int | None = None
         self.cache_hit: bool | None = None
         self.cache: TokenCache | None = None
-        self._cache_key: str | None = None
+        self.examples: ExampleData | None = None  # chat/instruction data instead of a token cache
+        self.data_format: str | None = None
+        self.format_line: str | None = None  # what --data.format chose, for the start summary
+        self._cache_key: str | None = None  # the cache folder under cache_root: tokens/KEY or examples/KEY
         self._set_up = False
         self._train_loader: ResumableDataLoader | None = None
         self._pending_train_state: dict[str, Any] | None = None
@@ -140,9 +183,12 @@ class TextDataModule(L.LightningDataModule):
         key = self._cache_key
         if self.trainer is not None:  # every rank takes part: it is a collective
             key = self.trainer.strategy.broadcast(key, src=0)
-        if self.cache is None:
-            cache = TokenCache(self.cache_root / "tokens" / key) if key else None
-            if cache is not None and cache.exists():
+        if self.cache is None and self.examples is None:
+            examples = open_example_cache(self.cache_root / key) if key else None
+            cache = TokenCache(self.cache_root / key) if key else None
+            if examples is not None:
+                self._use_examples(examples)
+            elif cache is not None and cache.exists():
                 self._use(cache, cache.read_meta(), built=False)
             else:
                 self._build()
@@ -164,22 +210,34 @@ class TextDataModule(L.LightningDataModule):
         return Corpus(sources, hp.val_fraction, val_sources, errors=errors, text_field=hp.text_field)
 
     def _build(self) -> None:
-        """Tokenize the corpus into the cache, or find it there. Idempotent."""
-        if self.cache is not None:
+        """Tokenize the corpus into the cache (or encode its conversations into the example cache),
+        or find it there. Idempotent."""
+        if self.cache is not None or self.examples is not None:
             return
-        hp = self.hparams
         corpus = self.corpus()
+        self.data_format, self.format_line = choose_data_format(
+            corpus.train_paths, self.hparams.format, self.hparams.text_field
+        )
+        if self.data_format == "text":
+            self._build_tokens(corpus)
+        else:
+            self._build_examples(corpus)
+
+    def _tokenizer_spec(self) -> tuple[Tokenizer | None, Any]:
+        """``(tokenizer, what names it in a cache key)``; no tokenizer for a BPE still to be trained."""
+        hp = self.hparams
         if hp.tokenizer == "bpe":
             # A BPE is a function of the training split and these settings: key it by them, so a
             # cached corpus is found without training (or sampling) anything.
-            given = None
-            spec: Any = ["bpe", hp.vocab_size, self._bpe_sample_bytes, _tokenizers_version()]
-        else:
-            given = build_tokenizer(hp.tokenizer)
-            spec = given.fingerprint
+            return None, ["bpe", hp.vocab_size, self._bpe_sample_bytes, _tokenizers_version()]
+        given = build_tokenizer(hp.tokenizer)
+        return given, given.fingerprint
+
+    def _build_tokens(self, corpus: Corpus) -> None:
+        given, spec = self._tokenizer_spec()
         key = json.dumps([CACHE_FORMAT, corpus.identity(), spec])
-        self._cache_key = hashlib.sha256(key.encode()).hexdigest()[:24]
-        cache = TokenCache(self.cache_root / "tokens" / self._cache_key)
+        self._cache_key = "tokens/" + hashlib.sha256(key.encode()).hexdigest()[:24]
+        cache = TokenCache(self.cache_root / self._cache_key)
         meta, built = cache.get_or_build(
             corpus,
             lambda: given or self._train_bpe(corpus),
@@ -199,6 +257,48 @@ class TextDataModule(L.LightningDataModule):
                 cache.directory,
             )
         self._use(cache, meta, built)
+
+    def _build_examples(self, corpus: Corpus) -> None:
+        hp = self.hparams
+        if hp.document_mask:
+            raise DataError(
+                f"--data.document_mask applies to plain text; {self.data_format} examples are kept apart by "
+                "--data.packing (on by default); drop --data.document_mask"
+            )
+        given, spec = self._tokenizer_spec()
+        # Checked before any record is read. A BPE to be trained has the special tokens and the
+        # ChatML template of the bytes tokenizer: check the template against that.
+        template = resolve_chat_template(given or build_tokenizer("bytes"), hp.chat_template)
+        settings = {
+            "format": self.data_format,
+            "train_on": hp.train_on,
+            "block_size": hp.block_size,
+            "truncation": hp.truncation,
+        }
+        self._cache_key = "examples/" + example_cache_key(
+            corpus.identity(), spec, template.template, settings
+        )
+        examples = get_or_build_examples(
+            self.cache_root / self._cache_key,
+            corpus,
+            fmt=self.data_format,
+            template=template,
+            tokenizer=given,
+            train_on=hp.train_on,
+            block_size=hp.block_size,
+            truncation=hp.truncation,
+            vocab_size=hp.vocab_size,
+            bpe_sample_bytes=self._bpe_sample_bytes,
+            workers=self._tokenizing_workers(corpus),
+        )
+        self._use_examples(examples)
+
+    def _use_examples(self, examples: ExampleData) -> None:
+        self.examples = examples
+        self.data_format = examples.meta["data_format"]
+        self.tokenizer = examples.tokenizer
+        self.vocab_size = self.tokenizer.vocab_size
+        self.cache_hit = not examples.built
 
     @property
     def _bpe_sample_bytes(self) -> int:
@@ -251,6 +351,8 @@ class TextDataModule(L.LightningDataModule):
 
     def _require_setup(self) -> TokenCache:
         if self.cache is None:
+            if self.examples is not None:
+                raise RuntimeError("chat/instruction data has no token streams; use .examples")
             raise RuntimeError("call prepare_data() and setup() before asking for data")
         return self.cache
 
@@ -271,7 +373,15 @@ class TextDataModule(L.LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
+    def _document_mask(self) -> tuple[int | None, int] | None:
+        """``(start_id, end_id)`` of the token streams' document framing, with ``--data.document_mask``."""
+        if not self.hparams.document_mask:
+            return None
+        return document_start(self.tokenizer), self.tokenizer.eos_id
+
     def make_train_loader(self, rank: int = 0, world_size: int = 1) -> ResumableDataLoader:
+        if self.examples is not None:
+            return self._example_train_loader(rank, world_size)
         cache = self._require_setup()
         hp = self.hparams
         num_blocks = num_train_blocks(self.train_tokens, hp.block_size)
@@ -280,21 +390,62 @@ class TextDataModule(L.LightningDataModule):
                 f"the training split has {num_blocks} blocks of {hp.block_size} tokens, fewer than the "
                 f"{world_size} processes; add text or lower --data.block_size"
             )
-        dataset = TrainBatches(cache.train, hp.block_size, hp.batch_size, hp.seed, rank, world_size)
+        dataset = TrainBatches(
+            cache.train,
+            hp.block_size,
+            hp.batch_size,
+            hp.seed,
+            rank,
+            world_size,
+            document_mask=self._document_mask(),
+        )
+        return ResumableDataLoader(dataset, num_workers=hp.loader_workers)
+
+    def _example_train_loader(self, rank: int, world_size: int) -> ResumableDataLoader:
+        hp = self.hparams
+        examples = self.examples.train
+        try:
+            dataset = ExampleTrainBatches(
+                examples,
+                hp.block_size,
+                hp.batch_size,
+                hp.seed,
+                packing=hp.packing,
+                pad_id=self.tokenizer.eos_id,
+                rank=rank,
+                world_size=world_size,
+            )
+        except ValueError:  # fewer rows than processes
+            raise DataError(
+                f"the training split has {len(examples):,} examples, too few to give each of the {world_size} "
+                "processes a batch; add records or use fewer processes"
+            ) from None
         return ResumableDataLoader(dataset, num_workers=hp.loader_workers)
 
     def make_val_loader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
-        cache = self._require_setup()
         hp = self.hparams
-        dataset = ValBatches(
-            cache.val,
-            cache.val_bytes,
-            hp.block_size,
-            hp.val_batch_size or hp.batch_size,
-            pad_id=self.tokenizer.eos_id,
-            rank=rank,
-            world_size=world_size,
-        )
+        if self.examples is not None:
+            dataset = ExampleValBatches(
+                self.examples.val,
+                hp.block_size,
+                hp.val_batch_size or hp.batch_size,
+                packing=hp.packing,
+                pad_id=self.tokenizer.eos_id,
+                rank=rank,
+                world_size=world_size,
+            )
+        else:
+            cache = self._require_setup()
+            dataset = ValBatches(
+                cache.val,
+                cache.val_bytes,
+                hp.block_size,
+                hp.val_batch_size or hp.batch_size,
+                pad_id=self.tokenizer.eos_id,
+                rank=rank,
+                world_size=world_size,
+                document_mask=self._document_mask(),
+            )
         # An IterableDataset: Lightning never injects a (padding) DistributedSampler into it.
         return DataLoader(dataset, batch_size=None, num_workers=hp.loader_workers)
 

@@ -1,13 +1,16 @@
-"""The data loaders: one rank's training batches (resumable mid-epoch) and validation batches.
+"""The data loaders: one rank's training batches (resumable mid-epoch) and validation batches, of
+plain-text blocks and of chat/instruction examples.
 
-Both are ``IterableDataset``s that shard by rank themselves, so Lightning never injects a padding
-``DistributedSampler``; blocks come from :mod:`nexttoken.data.packing`, where the one shift lives.
+All are ``IterableDataset``s that shard by rank themselves, so Lightning never injects a padding
+``DistributedSampler``; blocks come from :mod:`nexttoken.data.packing`, where the one shift lives,
+and example rows from :mod:`nexttoken.data.sft`. One resumable loader serves both kinds of training
+data (:class:`EpochBatches`, :class:`ResumableDataLoader`).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from nexttoken.data.chat import Example
 from nexttoken.data.documents import DataWarning
 from nexttoken.data.packing import (
+    mask_documents,
     num_train_blocks,
     num_val_blocks,
     train_batch,
@@ -25,6 +30,8 @@ from nexttoken.data.packing import (
     val_batches,
     val_block_bytes,
 )
+from nexttoken.data.sft import collate, train_plan, val_plan
+from nexttoken.loss import IGNORE_INDEX
 
 
 def _worker_share() -> tuple[int, int]:
@@ -33,11 +40,53 @@ def _worker_share() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-class TrainBatches(IterableDataset):
-    """One rank's training batches ``(input_ids, targets)`` for one epoch, from ``start_batch`` on.
+class EpochBatches(IterableDataset):
+    """One rank's training batches for one epoch, from ``start_batch`` on: the resumable part that
+    every kind of training data shares (plain-text blocks, chat examples).
 
-    It yields whole batches: DataLoader workers each take every n-th batch, and the DataLoader
-    returns them round-robin, so the order is the same for any number of workers.
+    A subclass says which batches an epoch has (:meth:`batch_plan`, the same length every epoch),
+    how one is made (:meth:`make_batch`, from what :meth:`open` returns once per iteration) and what
+    a checkpoint's position must match to be continued (:meth:`layout`). It yields whole batches:
+    DataLoader workers each take every n-th batch, and the DataLoader returns them round-robin, so
+    the order is the same for any number of workers.
+    """
+
+    # Set by the loader just before each epoch starts.
+    epoch = 0
+    start_batch = 0
+    num_batches = 0
+
+    def batch_plan(self, epoch: int) -> Sequence[Any]:
+        raise NotImplementedError
+
+    def open(self) -> Any:
+        """What :meth:`make_batch` reads from (opened in the process that iterates)."""
+        return None
+
+    def make_batch(self, source: Any, entry: Any) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def layout(self) -> dict[str, Any]:
+        """Plain values that fix the batches: a saved position is only valid for the same layout."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        worker, num_workers = _worker_share()
+        source = self.open()
+        plan = self.batch_plan(self.epoch)
+        for b in range(self.start_batch + worker, len(plan), num_workers):
+            yield self.make_batch(source, plan[b])
+
+
+class TrainBatches(EpochBatches):
+    """One rank's training batches ``(input_ids, targets)`` of a token stream's blocks.
+
+    ``document_mask``: ``(start_id, end_id)`` of the stream's document framing
+    (:func:`nexttoken.data.packing.mask_documents`): attention stays inside each document, and the
+    batches are ``(input_ids, targets, document_ids)``.
     """
 
     def __init__(
@@ -48,6 +97,7 @@ class TrainBatches(IterableDataset):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        document_mask: tuple[int | None, int] | None = None,
     ) -> None:
         self.stream_file = str(stream_file)
         self.block_size = block_size
@@ -55,11 +105,9 @@ class TrainBatches(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.document_mask = document_mask
         self.num_blocks = num_train_blocks(len(np.load(self.stream_file, mmap_mode="r")), block_size)
         self.num_batches = len(self.batch_plan(epoch=0))
-        # Set by the loader just before each epoch starts.
-        self.epoch = 0
-        self.start_batch = 0
 
     def batch_plan(self, epoch: int) -> np.ndarray:
         return train_batches(
@@ -71,24 +119,30 @@ class TrainBatches(IterableDataset):
             world_size=self.world_size,
         )
 
-    def __len__(self) -> int:
-        return self.num_batches
+    def layout(self) -> dict[str, Any]:
+        return {
+            "num_blocks": self.num_blocks,
+            "block_size": self.block_size,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "world_size": self.world_size,
+        }
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker, num_workers = _worker_share()
-        stream = np.load(self.stream_file, mmap_mode="r")
-        plan = self.batch_plan(self.epoch)
-        for b in range(self.start_batch + worker, len(plan), num_workers):
-            input_ids, targets = train_batch(stream, plan[b], self.block_size)
-            yield (
-                torch.from_numpy(np.ascontiguousarray(input_ids)),
-                torch.from_numpy(np.ascontiguousarray(targets)),
-            )
+    def open(self) -> np.ndarray:
+        return np.load(self.stream_file, mmap_mode="r")
+
+    def make_batch(self, stream: np.ndarray, blocks: np.ndarray) -> tuple[torch.Tensor, ...]:
+        arrays = train_batch(stream, blocks, self.block_size)
+        if self.document_mask is not None:
+            arrays = mask_documents(*arrays, *self.document_mask)
+        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
 
 
 class ValBatches(IterableDataset):
     """One rank's validation batches ``(input_ids, targets, n_bytes)``: this rank's share of the
-    blocks that together score every target of the validation stream once."""
+    blocks that together score every target of the validation stream once. ``document_mask`` as in
+    :class:`TrainBatches`: then ``(input_ids, targets, n_bytes, document_ids)``, and ``n_bytes``
+    counts only the targets left scored."""
 
     def __init__(
         self,
@@ -99,28 +153,118 @@ class ValBatches(IterableDataset):
         pad_id: int,
         rank: int = 0,
         world_size: int = 1,
+        document_mask: tuple[int | None, int] | None = None,
     ) -> None:
         self.stream_file = str(stream_file)
         self.bytes_file = str(bytes_file)
         self.block_size = block_size
         self.pad_id = pad_id
+        self.document_mask = document_mask
         num_blocks = num_val_blocks(len(np.load(self.stream_file, mmap_mode="r")), block_size)
         self.batches = val_batches(num_blocks, batch_size, rank=rank, world_size=world_size)
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         worker, num_workers = _worker_share()
         stream = np.load(self.stream_file, mmap_mode="r")
         byte_counts = np.load(self.bytes_file, mmap_mode="r")
         for blocks in self.batches[worker::num_workers]:
             input_ids, targets = val_batch(stream, blocks, self.block_size, self.pad_id)
-            yield (
-                torch.from_numpy(np.ascontiguousarray(input_ids)),
-                torch.from_numpy(np.ascontiguousarray(targets)),
-                torch.from_numpy(val_block_bytes(byte_counts, self.block_size, blocks)),
-            )
+            document_ids = None
+            if self.document_mask is not None:
+                input_ids, targets, document_ids = mask_documents(input_ids, targets, *self.document_mask)
+            scored = targets != IGNORE_INDEX if document_ids is not None else None
+            n_bytes = val_block_bytes(byte_counts, self.block_size, blocks, scored)
+            arrays = (input_ids, targets, n_bytes) + (() if document_ids is None else (document_ids,))
+            yield tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+
+
+class ExampleTrainBatches(EpochBatches):
+    """One rank's training batches of chat/instruction examples (:mod:`nexttoken.data.sft`):
+    ``(input_ids, targets[, document_ids])``, packed into rows of ``block_size`` positions or one
+    example per row padded with ``pad_id``, in a seeded order that changes every epoch."""
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        *,
+        packing: bool,
+        pad_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.examples = examples
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.packing = packing
+        self.pad_id = pad_id
+        self.rank = rank
+        self.world_size = world_size
+        self.num_batches = len(self.batch_plan(epoch=0))
+
+    def batch_plan(self, epoch: int) -> list[list[list[int]]]:
+        return train_plan(
+            self.examples,
+            self.batch_size,
+            block_size=self.block_size,
+            packing=self.packing,
+            seed=self.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+
+    def layout(self) -> dict[str, Any]:
+        return {
+            "examples": len(self.examples),
+            "batches": self.num_batches,
+            "block_size": self.block_size,
+            "batch_size": self.batch_size,
+            "packing": self.packing,
+            "seed": self.seed,
+            "world_size": self.world_size,
+        }
+
+    def make_batch(self, source: None, rows: list[list[int]]) -> tuple[torch.Tensor, ...]:
+        width = self.block_size if self.packing else None
+        return collate(self.examples, rows, self.pad_id, width).for_training()
+
+
+class ExampleValBatches(IterableDataset):
+    """One rank's validation batches of examples, ``(input_ids, targets, n_bytes[, document_ids])``:
+    every example scored once across ranks, ``n_bytes`` the UTF-8 bytes of its scored response text."""
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        block_size: int,
+        batch_size: int,
+        *,
+        packing: bool,
+        pad_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.examples = examples
+        self.width = block_size if packing else None
+        self.pad_id = pad_id
+        self.batches = val_plan(
+            examples, batch_size, block_size=block_size, packing=packing, rank=rank, world_size=world_size
+        )
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        worker, num_workers = _worker_share()
+        for rows in self.batches[worker::num_workers]:
+            yield collate(self.examples, rows, self.pad_id, self.width).for_validation()
 
 
 class _CountingIterator(Iterator):
@@ -140,7 +284,7 @@ class _CountingIterator(Iterator):
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader over :class:`TrainBatches` whose position (epoch, batches handed out) is saved
+    """A DataLoader over :class:`EpochBatches` (:class:`TrainBatches`, :class:`ExampleTrainBatches`) whose position (epoch, batches handed out) is saved
     in checkpoints: Lightning stores ``state_dict()`` of loaders that have one, and restores it
     before the first batch of a resumed run.
 
@@ -148,7 +292,7 @@ class ResumableDataLoader(DataLoader):
     the next iterator starts the next epoch (with its own permutation).
     """
 
-    def __init__(self, dataset: TrainBatches, num_workers: int = 0) -> None:
+    def __init__(self, dataset: EpochBatches, num_workers: int = 0) -> None:
         # Workers must not persist across epochs: each epoch hands them a fresh (epoch, start) copy.
         super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
         self.epoch = 0
@@ -165,15 +309,8 @@ class ResumableDataLoader(DataLoader):
         self.dataset.start_batch = self.batches_consumed
         return super().__iter__()
 
-    def _layout(self) -> dict[str, int]:
-        d = self.dataset
-        return {
-            "num_blocks": d.num_blocks,
-            "block_size": d.block_size,
-            "batch_size": d.batch_size,
-            "seed": d.seed,
-            "world_size": d.world_size,
-        }
+    def _layout(self) -> dict[str, Any]:
+        return self.dataset.layout()
 
     def state_dict(self) -> dict[str, Any]:
         # Plain ints only: checkpoints are loaded with weights_only=True.

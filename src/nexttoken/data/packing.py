@@ -97,10 +97,13 @@ def val_batch(
     return np.where(scored, input_ids, pad_id), np.where(scored, targets, IGNORE_INDEX)
 
 
-def val_block_bytes(byte_counts: np.ndarray, block_size: int, blocks: range | None = None) -> np.ndarray:
+def val_block_bytes(
+    byte_counts: np.ndarray, block_size: int, blocks: range | None = None, scored: np.ndarray | None = None
+) -> np.ndarray:
     """Bytes covered by each validation block's scored targets (stream positions ``index*T+1 ..``),
     for the blocks in ``blocks`` (default: all). Only their part of ``byte_counts`` is read, so a
-    memory-mapped file stays on disk."""
+    memory-mapped file stays on disk. ``scored`` ``(len(blocks), T)`` bool: only the targets it marks
+    count (those :func:`mask_documents` left scored); default: every target in the stream."""
     n_blocks = num_val_blocks(len(byte_counts), block_size)
     blocks = range(n_blocks) if blocks is None else blocks
     if len(blocks) and (blocks.start < 0 or blocks.stop > n_blocks):
@@ -112,6 +115,8 @@ def val_block_bytes(byte_counts: np.ndarray, block_size: int, blocks: range | No
     targets = np.asarray(
         byte_counts[blocks.start * block_size + 1 : blocks.stop * block_size + 1], dtype=np.int64
     )
+    if scored is not None:
+        targets = targets * np.asarray(scored, dtype=bool).reshape(-1)[: len(targets)]
     return np.add.reduceat(targets, np.arange(len(blocks)) * block_size)
 
 

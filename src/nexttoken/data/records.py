@@ -153,7 +153,7 @@ class RecordSource:
         wanted = list(dict.fromkeys([*fields, *optional]))
         reader = {"json": self._read_json, "parquet": self._read_parquet, "dataset": self._read_dataset}
         for index, split, where, record in reader[self.kind](
-            wanted, splits, select, errors, on_read or (lambda n: None), field_flag
+            wanted, splits, select, errors, on_read or (lambda n: None), field_flag, optional
         ):
             values = {}
             for path in wanted:
@@ -169,7 +169,7 @@ class RecordSource:
             yield Record(index, where, values, split)
 
     # ------------------------------------------------------------------ JSON
-    def _read_json(self, wanted, splits, select, errors, on_read, field_flag):
+    def _read_json(self, wanted, splits, select, errors, on_read, field_flag, optional):
         import pyarrow as pa
 
         compression = COMPRESSION_SUFFIXES.get(self.path.suffix.lower())
@@ -246,7 +246,7 @@ class RecordSource:
             yield index, None, where, record
 
     # ------------------------------------------------------------------ Parquet
-    def _read_parquet(self, wanted, splits, select, errors, on_read, field_flag):
+    def _read_parquet(self, wanted, splits, select, errors, on_read, field_flag, optional):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -257,7 +257,9 @@ class RecordSource:
                 f"{self.path} is not a readable Parquet file ({_first_line(e)}); re-create or re-download it"
             ) from None
         with parquet:
-            columns = _top_level_columns(wanted, parquet.schema_arrow.names, str(self.path), field_flag)
+            columns = _top_level_columns(
+                wanted, parquet.schema_arrow.names, str(self.path), field_flag, optional
+            )
             size = self.path.stat().st_size
             rows = max(parquet.metadata.num_rows, 1)
             done = 0
@@ -288,7 +290,7 @@ class RecordSource:
             yield indices[i], split, f"{where} {indices[i]}", record
 
     # ------------------------------------------------------------------ saved datasets
-    def _read_dataset(self, wanted, splits, select, errors, on_read, field_flag):
+    def _read_dataset(self, wanted, splits, select, errors, on_read, field_flag, optional):
         loaded = _load_dataset(self.path)
         if hasattr(loaded, "keys"):  # a DatasetDict
             parts = [(split, loaded[split]) for split in (splits if splits is not None else loaded.keys())]
@@ -296,7 +298,7 @@ class RecordSource:
             parts = [(None, loaded)]
         for split, dataset in parts:
             folder = self.path / split if split is not None else self.path
-            columns = _top_level_columns(wanted, dataset.column_names, str(folder), field_flag)
+            columns = _top_level_columns(wanted, dataset.column_names, str(folder), field_flag, optional)
             size = sum(f.stat().st_size for f in folder.glob("*.arrow"))
             rows = max(len(dataset), 1)
             done = 0
@@ -310,14 +312,19 @@ class RecordSource:
                 on_read(size * done // rows - before)
 
 
-def _top_level_columns(wanted: Sequence[str], names: Sequence[str], where: str, field_flag: str) -> list[str]:
-    """The columns holding ``wanted`` field paths; an error listing the columns if one is absent."""
+def _top_level_columns(
+    wanted: Sequence[str], names: Sequence[str], where: str, field_flag: str, optional: Sequence[str] = ()
+) -> list[str]:
+    """The columns holding ``wanted`` field paths; an error listing the columns if one that is not
+    ``optional`` is absent (an absent optional column reads as a missing field in every row)."""
     if not names:
         raise DataError(f"{where} has no columns (an empty schema); point --data.path at a file with data")
     columns = []
     for path in wanted:
         column = path if path in names else path.split(".", 1)[0]
         if column not in names:
+            if path in optional:
+                continue
             raise DataError(
                 f"{where} has no column {path!r} (its columns: {', '.join(names)}); name it with {field_flag}"
             )

@@ -55,6 +55,16 @@ class FitReport:
     marker_text: int = 0  # dropped: a message holds a special token's text
     first_marker_text: str | None = None  # where the first of those came from
 
+    def merged(self, other: FitReport) -> FitReport:
+        """The report of both datasets together (the same block and truncation)."""
+        counts = ("examples", "kept", "truncated", "too_long", "no_scored", "marker_text")
+        return FitReport(
+            block_size=self.block_size,
+            truncation=self.truncation,
+            first_marker_text=self.first_marker_text or other.first_marker_text,
+            **{name: getattr(self, name) + getattr(other, name) for name in counts},
+        )
+
     def lines(self) -> list[str]:
         """One line per thing that happened (nothing when every example fitted as it was)."""
         n, T = self.examples, self.block_size

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
-from nexttoken.data.documents import find_documents, load_documents
+from nexttoken.data.chat import CONVERSATION_FIELDS, DATA_FORMATS, TRAIN_ON, read_conversations
+from nexttoken.data.documents import find_documents, is_text_file, load_documents
+from nexttoken.data.records import Record, RecordSource
+from nexttoken.data.sft_cache import choose_data_format
 from nexttoken.errors import UserError
+from nexttoken.evaluation.responses import ResponseEvalResult, evaluate_records
 from nexttoken.evaluation.score import BOS_MODES, EvalResult, evaluate_texts
 from nexttoken.evaluation.windows import check_window_settings
 from nexttoken.io import write_atomically
@@ -66,12 +72,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="nexttoken checkpoint (.ckpt), Hugging Face model folder, or .gguf file",
     )
     parser.add_argument(
-        "data", metavar="DATA", nargs="*", help="text files, or folders searched recursively for them"
+        "data",
+        metavar="DATA",
+        nargs="*",
+        help="text files, or folders searched recursively for them; or chat/instruction records "
+        "(JSON Lines, JSON, Parquet, a saved dataset), whose responses are scored given their prompts",
     )
     add_model_arguments(parser)
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout instead of a table"
     )
+    add_response_arguments(parser)
     add_task_arguments(parser)
 
 
@@ -96,6 +107,12 @@ def settings_note(context: int | None, stride: int | None, max_context: int | No
     return ", ".join(parts)
 
 
+def format_rows(rows: Sequence[tuple[str, str]]) -> str:
+    """``(label, value)`` rows as a two-column table, the labels padded to the longest."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def format_table(result: EvalResult) -> str:
     first = (
         "scored (a start token is prepended to each document)"
@@ -118,8 +135,7 @@ def format_table(result: EvalResult) -> str:
         ("word perplexity", f"{result.word_perplexity:.4f}"),
         ("speed", f"{result.tokens_per_second:,.1f} tokens/s ({result.seconds:.1f} s)"),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return format_rows(rows)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -131,7 +147,11 @@ def run_eval(args: argparse.Namespace) -> int:
             "DATA: pass at least one text file or folder to score (or --tasks NAME for lm-evaluation-harness tasks)"
         )
     check_arguments_early(args)
-    documents = load_documents(find_documents(args.data, flag="DATA"), flag="DATA")
+    sources = find_documents(args.data, flag="DATA")
+    data_format, format_line = choose_data_format(sources, args.format)
+    if data_format != "text":
+        return run_response_eval(args, sources, data_format, format_line)
+    documents = load_documents(sources, flag="DATA")
     model, tokenizer = load_model(
         args.model,
         dtype=args.dtype,
@@ -158,6 +178,97 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     print(result.to_json() if args.json else format_table(result), flush=True)
     return 0
+
+
+# --------------------------------------------------------------------------- chat and instruction records
+def add_response_arguments(parser: argparse.ArgumentParser) -> None:
+    """``[--format F] [--chat-template FILE] [--train-on T]``: how chat/instruction DATA is scored."""
+    group = parser.add_argument_group("chat and instruction records (responses scored given their prompts)")
+    group.add_argument(
+        "--format",
+        choices=DATA_FORMATS,
+        default="auto",
+        help="auto: records with 'messages' are chat, with 'prompt'/'response' or 'instruction'/'output' "
+        "instruction; text files and records with 'text' are text",
+    )
+    group.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template (default: the model's own)",
+    )
+    group.add_argument(
+        "--train-on",
+        choices=TRAIN_ON,
+        default="responses",
+        help="the tokens scored: every reply (responses), the last one, or all",
+    )
+
+
+def read_records(sources: Sequence[Path]) -> list[Record]:
+    """Every record of ``sources`` with the fields conversations are read from."""
+    for path in sources:
+        if is_text_file(path):
+            raise UserError(
+                f"{path} is a text file among chat/instruction records; score text files in a separate run"
+            )
+    return [
+        record
+        for path in sources
+        for record in RecordSource(path, path.name).read((), optional=CONVERSATION_FIELDS)
+    ]
+
+
+def run_response_eval(args: argparse.Namespace, sources: Sequence[Path], data_format: str, line: str) -> int:
+    """``nexttoken eval MODEL chats.jsonl``: loss, perplexity and bits per byte of the responses."""
+    records = read_records(sources)
+    conversations, _ = read_conversations(records, data_format)  # bad records stop us before the model loads
+    model, tokenizer = load_model(
+        args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+    )
+    print(
+        f"nexttoken eval: {line}; {len(conversations):,} conversation(s); "
+        f"{settings_note(args.context, args.stride, model.max_context)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        result, _ = evaluate_records(
+            model,
+            tokenizer,
+            records,
+            fmt=data_format,
+            chat_template=args.chat_template,
+            train_on=args.train_on,
+            context=args.context,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            progress=args.progress,
+            model_name=str(args.model),
+        )
+    except UserError as error:  # the data module's flags are this command's
+        message = str(error).replace("--data.chat_template", "--chat-template").replace("--data.", "--")
+        raise UserError(message.replace("train_on", "train-on")) from None
+    print(result.to_json() if args.json else format_response_table(result), flush=True)
+    return 0
+
+
+def format_response_table(result: ResponseEvalResult) -> str:
+    rows = [
+        ("model", f"{result.model} ({result.dtype}, {result.device})"),
+        ("examples", f"{result.examples:,}"),
+        (
+            "scored",
+            f"{result.response_tokens:,} response tokens ({result.bytes:,} bytes); "
+            f"{result.prompt_tokens_ignored:,} prompt tokens ignored",
+        ),
+        ("windows", f"context {result.context}, stride {result.stride}"),
+        ("loss", f"{result.loss:.4f} nats/token ({result.bits_per_token:.4f} bits/token)"),
+        ("perplexity", f"{result.perplexity:.4f}"),
+        ("bits per byte", f"{result.bits_per_byte:.4f}"),
+        ("speed", f"{result.tokens_per_second:,.1f} tokens/s ({result.seconds:.1f} s)"),
+    ]
+    return format_rows(rows)
 
 
 # --------------------------------------------------------------------------- --tasks
