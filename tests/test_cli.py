@@ -363,11 +363,19 @@ def test_fit_on_chat_records_with_a_hugging_face_folder(tmp_path, monkeypatch, c
     monkeypatch.setenv("NEXTTOKEN_CACHE", str(tmp_path / "cache"))
     chats = write_chat_records(tmp_path / "chats.jsonl", 12)
     assert (
-        main(["fit", "--data.path", str(chats), "--model.model", str(folder), "--trainer.max_steps", "2"])
+        main(
+            ["fit", "--data.path", str(chats), "--model.model", str(folder), "--trainer.max_steps", "2"]
+            + ["--trainer.log_every_n_steps", "1"]
+        )
         == 0
     )
     out = capfd.readouterr().out
     assert "format: chat" in out and "validation over 1 held-out examples:" in out
+    # A pretrained model is fine-tuned at its own default learning rate, and the summary says so.
+    assert "note: learning rate 0.0001, the default for fine-tuning a pretrained model" in out
+    rows = list(csv.DictReader((tmp_path / "runs" / "version_0" / "metrics.csv").open()))
+    rates = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
+    assert rates and max(rates) == pytest.approx(1e-4)
 
 
 @pytest.mark.slow

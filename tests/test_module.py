@@ -357,3 +357,12 @@ def test_validate_scores_the_padded_stream_as_one_token_mean(tmp_path, fused_los
     with torch.no_grad():
         means = [next_token_loss(module.model(x), y).item() for x, y, _ in batches]
     assert abs(sum(means) / len(means) - nll / scored) > 1e-3 * nll / scored
+
+
+def test_the_default_learning_rate_follows_what_trains(tiny_llama_dir):
+    from nexttoken.module import DEFAULT_LR
+
+    assert CausalLMModule(model="tiny").peak_lr() == DEFAULT_LR["scratch"] == 3e-3
+    assert CausalLMModule(model=str(tiny_llama_dir)).peak_lr() == DEFAULT_LR["fine-tune"] == 1e-4
+    assert CausalLMModule(model=str(tiny_llama_dir), lora_r=4).peak_lr() == DEFAULT_LR["lora"] == 1e-3
+    assert CausalLMModule(model=str(tiny_llama_dir), lr=0.02).peak_lr() == 0.02  # --model.lr wins

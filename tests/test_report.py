@@ -213,3 +213,15 @@ def test_report_has_the_phases_of_the_run(tmp_path, capsys):
     again = json.loads((root / "version_1" / "report.json").read_text())["phases"]
     assert again["notes"]["data"] == "token cache hit"
     assert "compressors" in again["notes"]["report"] and "(cached)" in again["notes"]["report"]
+
+
+def test_a_run_without_validation_reports_that_it_has_no_score(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus")
+    root = tmp_path / "runs"
+    argv = fit_args(corpus, root, tmp_path / "cache", 3, "--trainer.limit_val_batches", "0")
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "no validation score: validation is off (--trainer.limit_val_batches 0)" in out
+    summary = json.loads((root / "version_0" / "report.json").read_text())
+    assert summary["validation"] is None and summary["compressors_bits_per_byte"] == {}
+    assert summary["global_step"] == 3

@@ -165,12 +165,16 @@ def write_report(trainer: L.Trainer, module: CausalLMModule, data: TextDataModul
     """Print the end-of-run report and write ``report.txt``, ``report.json`` and ``curves.png``
     into ``run_dir``; returns the report's text."""
     started = time.perf_counter()
-    validation = module.last_validation
+    validation = getattr(module, "last_validation", None)  # None: validation was turned off
     examples = data.examples.counts("val") if data.examples is not None else None
     # Compressors see no prompts, so they only compare with a model scored on plain text.
-    compressors, compressors_cached = held_out_compressors(data) if examples is None else ({}, False)
+    scored_text = examples is None and validation is not None
+    compressors, compressors_cached = held_out_compressors(data) if scored_text else ({}, False)
     timings = {"compressors": time.perf_counter() - started}
-    text = format_report(validation, compressors, module.hparams.vocab_size, examples)
+    if validation is None:
+        text = "no validation score: validation is off (--trainer.limit_val_batches 0)"
+    else:
+        text = format_report(validation, compressors, module.hparams.vocab_size, examples)
     metrics_csv = run_dir / "metrics.csv"
     if trainer.logger is not None:
         trainer.logger.save()
