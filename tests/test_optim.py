@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -14,7 +12,6 @@ from nexttoken.optim import (
     build_optimizer,
     decay_audit,
     param_groups,
-    warmup_cosine,
 )
 
 
@@ -197,13 +194,6 @@ def test_build_optimizer_uses_fused_adamw_and_schedule():
 def test_fused_can_be_turned_off():
     optimizer, _ = build_optimizer(TinyNanoGPT(), lr=1e-3, fused=False)
     assert not optimizer.defaults["fused"] and optimizer.defaults["foreach"] is True
-
-
-def test_warmup_cosine_formula():
-    assert warmup_cosine(0, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) == pytest.approx(0.25)
-    mid = warmup_cosine(12, warmup_steps=4, max_steps=20, min_lr_ratio=0.1)
-    assert mid == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert warmup_cosine(1000, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) == pytest.approx(0.1)
 
 
 def lora_nanogpt(**unfreeze):

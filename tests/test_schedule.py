@@ -175,3 +175,10 @@ def test_a_time_bounded_run_ends_with_its_schedule_complete(monkeypatch):
     # Warmup over 2 steps, then the cosine over the remaining 1.8 s.
     expected = [5e-3, 1e-2] + [1e-2 * cosine((0.1 * s - 0.2) / 1.8, 0.1) for s in range(2, 20)]
     assert clock.lrs == pytest.approx(expected)
+
+
+def test_warmup_cosine_formula():
+    assert warmup_cosine(0, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) == pytest.approx(0.25)
+    mid = warmup_cosine(12, warmup_steps=4, max_steps=20, min_lr_ratio=0.1)
+    assert mid == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert warmup_cosine(1000, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) == pytest.approx(0.1)

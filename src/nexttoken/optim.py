@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nexttoken.schedule import WarmupCosine, warmup_cosine  # noqa: F401 - warmup_cosine: the formula
+from nexttoken.schedule import WarmupCosine
 
 DECAY = "matmul weight"
 BIAS = "bias"
