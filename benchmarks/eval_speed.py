@@ -60,8 +60,8 @@ from pathlib import Path
 
 import torch
 
-from nexttoken.evaluation.score import evaluate_texts
 from nexttoken.models.hf import load_hf_causal_lm
+from nexttoken.scoring.text import evaluate_texts
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2" / "test.txt"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -191,7 +191,7 @@ def model_shape(args) -> dict:
 def trainer_settings() -> dict:
     """nexttoken fit's trainer defaults; a copy of the speed-relevant ones if the CLI can't load."""
     try:
-        from nexttoken.training import trainer_defaults
+        from nexttoken.commands.fit import trainer_defaults
 
         defaults = trainer_defaults()
         callbacks = [c for c in defaults.get("callbacks", []) if type(c).__name__ != "ModelCheckpoint"]
@@ -199,10 +199,10 @@ def trainer_settings() -> dict:
             "log_every_n_steps": defaults.get("log_every_n_steps", 10),
             "gradient_clip_val": defaults.get("gradient_clip_val", 1.0),
             "callbacks": callbacks,
-            "source": "nexttoken.training.trainer_defaults",
+            "source": "nexttoken.commands.fit.trainer_defaults",
         }
     except Exception as error:  # noqa: BLE001
-        from nexttoken.throughput import ThroughputCallback
+        from nexttoken.training.throughput import ThroughputCallback
 
         return {
             "log_every_n_steps": 10,
@@ -217,8 +217,8 @@ def lightning_run(args, device, precision: str, fused_loss: str, compile: bool) 
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
-    from nexttoken.module import CausalLMModule
     from nexttoken.peak import datasheet_peak
+    from nexttoken.training.module import CausalLMModule
 
     shape = model_shape(args)
     total = args.warmup + args.steps
@@ -343,8 +343,8 @@ def plain_loop(args, device):
     """The fastest Lightning bf16-mixed run's step without Lightning: same model, loss choice,
     AdamW, clipping, compile setting."""
     from nexttoken.models.gpt import GPT, GPTConfig
-    from nexttoken.module import FUSED_LOSS_MIN_VOCAB_RATIO
-    from nexttoken.optim import build_optimizer
+    from nexttoken.training.module import FUSED_LOSS_MIN_VOCAB_RATIO
+    from nexttoken.training.optim import build_optimizer
 
     train = SUMMARY["sections"].get("train_step", {})
     best = train.get("best_bf16", "bf16-mixed/fused_loss=auto/compile=False")
@@ -458,7 +458,7 @@ def multi_gpu(args, device):
         "import sys, torch, lightning as L\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'src')!r})\n"
         "from torch.utils.data import DataLoader\n"
-        "from nexttoken.module import CausalLMModule\n"
+        "from nexttoken.training.module import CausalLMModule\n"
         "b=[(torch.randint(0,512,(2,64)),torch.randint(0,512,(2,64))) for _ in range(4)]\n"
         "m=CausalLMModule(model='tiny',vocab_size=512,block_size=64)\n"
         "t=L.Trainer(accelerator='gpu',devices=2,strategy='ddp',max_steps=2,logger=False,"

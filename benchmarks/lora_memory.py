@@ -67,8 +67,8 @@ def worker(variant: str, model_path: str, batch: int, block: int, steps: int, th
     from nexttoken.loss import fused_loss_available
     from nexttoken.models.hf import load_hf_causal_lm
     from nexttoken.models.lora import LoraSettings, attach_lora, hold_base_weights
-    from nexttoken.optim import build_optimizer
     from nexttoken.precision import auto_precision
+    from nexttoken.training.optim import build_optimizer
 
     precision, _ = auto_precision("cpu")
     autocast = torch.bfloat16 if precision.startswith("bf16") else None

@@ -18,8 +18,8 @@ import torch
 from _common import plain_step, random_batches
 
 from nexttoken.models.gpt import GPT, GPTConfig
-from nexttoken.optim import build_optimizer
 from nexttoken.precision import auto_precision
+from nexttoken.training.optim import build_optimizer
 
 
 def step_times(dtype: torch.dtype | None, config: GPTConfig, batch: int, steps: int) -> list[float]:

@@ -8,7 +8,7 @@ Shapes (tiny Shakespeare, bytes tokenizer, the character-level recipes' models):
 (a) 4 layers, 4 heads, width 128, context 64, batch 12;
 (b) 6 layers, 6 heads, width 384, context 256, batch 16.
 
-nexttoken = ``nexttoken fit`` itself (``nexttoken.training.run_lightning_cli``: the Trainer with its
+nexttoken = ``nexttoken fit`` itself (``nexttoken.commands.fit.run_lightning_cli``: the Trainer with its
 production defaults, ``CausalLMModule``, ``TextDataModule``, the thread choice, progress bar, logging,
 checkpointing, the throughput callback), with ``--trainer.max_time null`` (pairing doubles the wall
 time, and the 8-minute safety net would then bend the schedule) and one more callback that pairs it
@@ -295,7 +295,7 @@ class NexttokenProfile(L.Callback):
 
 def run(shape_name: str, precision: str | None, args: argparse.Namespace) -> dict:
     """One nexttoken fit of the shape, paired with the textbook; returns the measurements."""
-    import nexttoken.training as training
+    import nexttoken.commands.fit as training
 
     shape = SHAPES[shape_name]
     total = args.warmup + args.steps
@@ -432,7 +432,7 @@ def compile_check(shape_name: str, dtype: torch.dtype | None, args: argparse.Nam
 
     from nexttoken.loss import next_token_loss
     from nexttoken.models.gpt import GPT, GPTConfig
-    from nexttoken.optim import build_optimizer
+    from nexttoken.training.optim import build_optimizer
 
     s = SHAPES[shape_name]
     config = GPTConfig(257, s["block_size"], s["n_layer"], s["n_head"], s["n_embd"])
@@ -536,7 +536,7 @@ def main() -> None:
     args.steps = max(args.steps, CURVE_STEPS)
     TextbookAttention.FUSED_QKV = args.textbook_qkv == "fused"
     if args.log_every_step:
-        from nexttoken.throughput import LogThrottle
+        from nexttoken.training.throughput import LogThrottle
 
         LogThrottle.__init__.__defaults__ = (0.0,)
     if not Path(args.data).is_file():

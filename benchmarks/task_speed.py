@@ -33,8 +33,10 @@ from pathlib import Path
 import torch
 from eval_speed import smollm2_path
 
-from nexttoken.evaluation import tasks
 from nexttoken.models.hf import load_hf_causal_lm
+from nexttoken.scoring.lmeval import tasks
+from nexttoken.scoring.lmeval.adapter import NextTokenLM
+from nexttoken.scoring.lmeval.offline import offline
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = 1.5
@@ -73,11 +75,11 @@ def main() -> None:
     t0 = time.perf_counter()
     model, tokenizer = load_hf_causal_lm(path)
     fast = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    with tasks.offline():
+    with offline():
         hflm = HFLM(pretrained=model.model, tokenizer=fast, batch_size=args.batch_size)
         requests = build_requests(args.task, args.limit)
-    ours = tasks.NextTokenLM(model=model, tokenizer=tokenizer, batch_size=args.batch_size, progress=False)
-    unpacked = tasks.NextTokenLM(
+    ours = NextTokenLM(model=model, tokenizer=tokenizer, batch_size=args.batch_size, progress=False)
+    unpacked = NextTokenLM(
         model=model, tokenizer=tokenizer, batch_size=args.batch_size, share_context=False, progress=False
     )
     print(

@@ -7,11 +7,11 @@
 Data: ``../shared/data/tinyshakespeare.txt``, the first 90% of the bytes train, the last 10% held out
 (``--data.val_fraction 0.1``: nexttoken holds out the last share of a one-file corpus's bytes); the
 tokenizer is trained on the training split only. Training runs through ``nexttoken fit`` itself
-(``nexttoken.training.run_lightning_cli``) with the recipe of ``configs/shakespeare-10min.yaml``,
+(``nexttoken.commands.fit.run_lightning_cli``) with the recipe of ``configs/shakespeare-10min.yaml``,
 for ``--minutes`` of wall time (``--trainer.max_time``, no step limit). Everything that makes the
 run fit its time is the product's own: the learning-rate schedule follows the clock when a run is
 bounded by time (``nexttoken.schedule``), and the thread count is measured and re-measured as the
-machine's load changes (``nexttoken.threads.AutoThreads``; ``--threads N`` fixes it instead).
+machine's load changes (``nexttoken.training.threads.AutoThreads``; ``--threads N`` fixes it instead).
 
 Validation (the whole held-out split) runs every 60 s of wall time (``--trainer.val_check_interval
 00:00:01:00``); the curve of held-out bits per byte against wall time is printed at the end (time =
@@ -123,7 +123,7 @@ def main() -> None:
         root = Path(args.root or tmp)
         argv += ["--trainer.default_root_dir", str(root)]
         print("nexttoken " + " ".join(argv), flush=True)
-        from nexttoken.training import run_lightning_cli
+        from nexttoken.commands.fit import run_lightning_cli
 
         load_start = os.getloadavg()[0]
         started = time.perf_counter()

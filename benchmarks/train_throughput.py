@@ -5,10 +5,10 @@
     python benchmarks/train_throughput.py --compile-check  # torch.compile vs eager, compile time included
 
 Same model (GPT preset ``small`` at block 256, vocab 4096: 12.3M parameters, 10.6M without
-embeddings), same batches, same AdamW (``nexttoken.optim.build_optimizer``), same initial weights:
+embeddings), same batches, same AdamW (``nexttoken.training.optim.build_optimizer``), same initial weights:
 
 (a) ``Trainer.fit`` on ``CausalLMModule`` with ``nexttoken fit``'s production trainer defaults
-    (``nexttoken.training.trainer_defaults()``: progress bar, CSV logger every 10 steps, checkpointing,
+    (``nexttoken.commands.fit.trainer_defaults()``: progress bar, CSV logger every 10 steps, checkpointing,
     gradient clipping at 1.0, the throughput callback), the module's own loss choice (fused here);
 (b) a minimal loop: forward, ``next_token_loss``, backward, AdamW step, zero_grad (``--hand-clip``
     adds the same gradient clipping).
@@ -20,7 +20,7 @@ step and a busy moment on a shared machine hits both alike. tokens/s = median ov
 (the first ``--warmup`` pairs are not timed).
 
 MFU = tokens/s x ``GPT.flops_per_token(256)`` (6N + attention) / the fp32 matmul peak, measured and
-cached by ``nexttoken.throughput`` (the highest reading kept). The last two lines are the goals:
+cached by ``nexttoken.training.throughput`` (the highest reading kept). The last two lines are the goals:
 MFU >= 0.40, then (a)/(b) >= 0.95.
 
 ``--compile-check`` instead measures ``torch.compile`` against eager for the default ``nexttoken fit``
@@ -45,10 +45,10 @@ import torch
 from _common import plain_step, random_batches
 
 from nexttoken.models.gpt import GPT, GPTConfig
-from nexttoken.optim import build_optimizer
 from nexttoken.peak import measure_matmul_peak, store_matmul_peak
-from nexttoken.threads import fastest_num_threads
-from nexttoken.throughput import mfu
+from nexttoken.training.optim import build_optimizer
+from nexttoken.training.threads import fastest_num_threads
+from nexttoken.training.throughput import mfu
 
 RATIO_GOAL, MFU_GOAL = 0.95, 0.40
 
@@ -81,8 +81,8 @@ def paired_run(args: argparse.Namespace) -> tuple[list[float], list[float], dict
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
-    from nexttoken.module import CausalLMModule
-    from nexttoken.training import trainer_defaults
+    from nexttoken.commands.fit import trainer_defaults
+    from nexttoken.training.module import CausalLMModule
 
     total = args.warmup + args.steps
     batches = random_batches(total, args.batch, args.block, args.vocab)
@@ -223,9 +223,9 @@ def compile_main(args: argparse.Namespace) -> None:
         # A first run compiles from scratch; inductor's on-disk caches would hide most of that.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
 
+    from nexttoken.commands.fit import trainer_defaults
     from nexttoken.data.datamodule import TextDataModule
-    from nexttoken.module import CausalLMModule
-    from nexttoken.training import trainer_defaults
+    from nexttoken.training.module import CausalLMModule
 
     def default(cls, name):
         return inspect.signature(cls.__init__).parameters[name].default

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-if ! .venv/bin/python -c "import nexttoken, torch, lightning, pytest, pyarrow, datasets, zstandard, lm_eval" 2>/dev/null; then
+if ! .venv/bin/python -c "import nexttoken, torch, lightning, pytest, pyarrow, datasets, zstandard, lm_eval, importlinter" 2>/dev/null; then
   .venv/bin/python -m pip install -q --upgrade pip
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q "torch>=2.4,<3"

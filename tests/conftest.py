@@ -7,6 +7,8 @@ weights from tiny configs, saved to temporary folders once per session.
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -117,3 +119,31 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA.resolve()} is absent")
     return SHARED_DATA
+
+
+def split_documents(
+    paths: Sequence[str | os.PathLike],
+    val_fraction: float,
+    val_paths: Sequence[str | os.PathLike] | None = None,
+    errors: str = "strict",
+    *,
+    text_field: str = "text",
+) -> tuple[list, list]:
+    """Read and split the corpus into ``(train, val)`` lists of documents, in memory (for tests).
+
+    The rule is :class:`nexttoken.data.corpus.Corpus`'s (which streams them instead):
+
+    - With ``val_paths``, those documents are the validation set (and are removed from training).
+    - A corpus of one text file holds out the last ``val_fraction`` of its bytes.
+    - A saved ``DatasetDict`` with a ``validation`` (or ``test``) split is split as it says.
+    - Otherwise each document goes to validation when :func:`held_out` says so: adding files never
+      moves the others. A corpus of text files keeps at least one file on each side.
+    """
+    from nexttoken.data.corpus import Corpus
+
+    corpus = Corpus(paths, val_fraction, val_paths, errors=errors, text_field=text_field)
+    train, val = [], []
+    for is_val, document in corpus.documents():
+        (val if is_val else train).append(document)
+    corpus.check_split(len(train), len(val))
+    return train, val

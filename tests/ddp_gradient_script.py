@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from nexttoken.module import CausalLMModule
+from nexttoken.training.module import CausalLMModule
 
 V, T = 32, 8
 

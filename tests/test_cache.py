@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 
 import nexttoken.data.cache as cache
-from conftest import TINY_TEXT, train_tiny_tokenizer
-from nexttoken.data.cache import default_cache_dir, tokenize_documents
+from conftest import TINY_TEXT, split_documents, train_tiny_tokenizer
+from nexttoken.data.cache import tokenize_documents
 from nexttoken.data.datamodule import TextDataModule
-from nexttoken.data.documents import Document, find_documents, split_documents
+from nexttoken.data.documents import Document, find_documents
 from nexttoken.data.packing import concat_documents
 from nexttoken.data.tokenizers import bytes_tokenizer, from_transformers
+from nexttoken.io import default_cache_dir
 from test_datamodule import make_dm, write_corpus
 
 CACHE_FILES = ["meta.json", "train.npy", "val.npy", "val.txt", "val_bytes.npy"]

@@ -16,8 +16,8 @@ from nexttoken.data.chat import (
     resolve_chat_template,
     to_conversation,
 )
-from nexttoken.data.documents import DataError
 from nexttoken.data.tokenizers import CHATML_TEMPLATE, IM_END, IM_START, Tokenizer, build_tokenizer
+from nexttoken.errors import DataError
 
 MULTI_TURN = [
     Message("system", "Be brief."),

@@ -206,12 +206,12 @@ def test_generate_and_export_from_checkpoint(corpus, tmp_path, capsys):
     assert main(["export", str(ckpt), str(out_dir)]) == 0
     from transformers import AutoModelForCausalLM
 
-    from nexttoken.models.load import load_module
+    from nexttoken.models.load import load_checkpoint
 
     hf = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True)
-    module = load_module(ckpt)
+    module = load_checkpoint(ckpt)
     x = torch.tensor([module.tokenizer.encode("The queen of the river")])
-    torch.testing.assert_close(hf(x).logits, module.model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hf(x).logits, module.network(x), rtol=1e-5, atol=1e-5)
     # nexttoken eval gives the checkpoint and its export the same numbers.
     text = tmp_path / "text.txt"
     text.write_text("The queen of the river was the light of the castle.\n" * 4)
@@ -285,7 +285,7 @@ def test_max_steps_0_scores_the_whole_held_out_set_not_the_sanity_check(tmp_path
 
 def test_fit_on_chat_records_needs_no_other_flag(tmp_path, monkeypatch, capfd):
     from nexttoken.data.chat import Message, resolve_chat_template
-    from nexttoken.generate import generate_reply
+    from nexttoken.models.generation import generate_reply
     from nexttoken.models.load import load_model
 
     monkeypatch.chdir(tmp_path)
@@ -327,8 +327,9 @@ def test_chat_keeps_the_history_across_turns(tmp_path, monkeypatch, capfd):
     import argparse
     import io
 
+    from nexttoken.commands.generate import add_chat_arguments, run_chat
     from nexttoken.data.chat import Message, resolve_chat_template
-    from nexttoken.generate import add_chat_arguments, generate_reply, run_chat
+    from nexttoken.models.generation import generate_reply
     from nexttoken.models.load import load_model
 
     monkeypatch.chdir(tmp_path)

@@ -10,7 +10,8 @@ import pytest
 import zstandard
 
 from nexttoken.data.corpus import _SAMPLE_SALT, Corpus
-from nexttoken.data.documents import DataError, find_documents, held_out, unit_hash
+from nexttoken.data.documents import find_documents, held_out, unit_hash
+from nexttoken.errors import DataError
 
 
 def write_jsonl(path: Path, texts: list[str], field: str = "text", compress: bool = False) -> Path:

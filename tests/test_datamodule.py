@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nexttoken.data.datamodule import TextDataModule
-from nexttoken.data.documents import DataError, DataWarning
+from nexttoken.errors import DataError, DataWarning
 from nexttoken.loss import IGNORE_INDEX
 
 LINES = [
@@ -606,8 +606,8 @@ def test_chat_records_are_served_as_response_masked_examples(tmp_path):
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_chat_validation_is_the_response_scoreboard_of_the_evaluator(tmp_path, packing):
-    from nexttoken.evaluation.responses import evaluate_examples
-    from nexttoken.module import CausalLMModule
+    from nexttoken.scoring.responses import evaluate_examples
+    from nexttoken.training.module import CausalLMModule
 
     dm = chat_dm(tmp_path, packing=packing, val_batch_size=3)
     torch.manual_seed(0)

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import split_documents
 from nexttoken.data.documents import (
-    DataError,
-    DataWarning,
     Document,
     default_corpus,
     find_documents,
@@ -15,9 +14,9 @@ from nexttoken.data.documents import (
     load_documents,
     read_document,
     record_text,
-    split_documents,
     split_text,
 )
+from nexttoken.errors import DataError, DataWarning
 
 
 def write(path: Path, content: str | bytes) -> Path:

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import TINY_TEXT
+from nexttoken.commands.eval import add_eval_arguments, run_eval
 from nexttoken.errors import UserError
-from nexttoken.evaluation.command import add_eval_arguments, run_eval
-from nexttoken.evaluation.score import evaluate_texts
 from nexttoken.models.hf import load_hf_causal_lm
+from nexttoken.scoring.text import evaluate_texts
 
 LONG = TINY_TEXT * 2
 

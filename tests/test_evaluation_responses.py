@@ -8,9 +8,9 @@ import torch
 from nexttoken.data.chat import Conversation, Message, resolve_chat_template
 from nexttoken.data.tokenizers import build_tokenizer
 from nexttoken.errors import UserError
-from nexttoken.evaluation.responses import evaluate_examples, evaluate_records
 from nexttoken.loss import IGNORE_INDEX, next_token_loss
 from nexttoken.models import GPT, GPTConfig
+from nexttoken.scoring.responses import evaluate_examples, evaluate_records
 
 RECORDS = [
     {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]},

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from conftest import TINY_TEXT
 from nexttoken.data.tokenizers import document_start
 from nexttoken.errors import UserError
-from nexttoken.evaluation.score import evaluate_texts, score_text, start_token
 from nexttoken.models.hf import load_hf_causal_lm
+from nexttoken.scoring.text import evaluate_texts, score_text, start_token
 
 LONG = TINY_TEXT * 2  # ~100 tokens with the tiny tokenizer
 

@@ -3,7 +3,7 @@ scores, against lm-eval's ``HFLM`` on the same local model folders, and through 
 
 Every task here is created in a temporary folder from generated text (HellaSwag's format for the
 multiple-choice task); nothing touches the network: ``HFLM`` is built from local folders or from a
-model object, inside :func:`nexttoken.evaluation.tasks.offline`.
+model object, inside :func:`nexttoken.scoring.lmeval.offline.offline`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,16 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from conftest import TINY_TEXT  # noqa: E402
 from nexttoken.cli import main  # noqa: E402
 from nexttoken.data.tokenizers import bytes_tokenizer  # noqa: E402
-from nexttoken.evaluation import tasks  # noqa: E402
-from nexttoken.evaluation.score import evaluate_texts  # noqa: E402
-from nexttoken.evaluation.tasks import NextTokenLM, _Request, offline, plan_rows  # noqa: E402
 from nexttoken.models.gpt import GPT, GPTConfig  # noqa: E402
-from nexttoken.models.hf import load_hf_causal_lm  # noqa: E402
+from nexttoken.models.hf import (
+    chat_tokenizer_of,  # noqa: E402
+    load_hf_causal_lm,  # noqa: E402
+)
+from nexttoken.scoring.lmeval import tasks  # noqa: E402
+from nexttoken.scoring.lmeval.adapter import NextTokenLM  # noqa: E402
+from nexttoken.scoring.lmeval.offline import offline  # noqa: E402
+from nexttoken.scoring.lmeval.requests import Request, plan_rows  # noqa: E402
+from nexttoken.scoring.text import evaluate_texts  # noqa: E402
 
 WORDS = (
     "the a of to and in is was for on with as by at from it that this be are or which "
@@ -208,11 +213,11 @@ def test_rolling_matches_hflm_like_with_like(llama, tiny_llama_dir):
 def test_row_plan_reuses_prefixes_and_shares_contexts():
     ctx = (5, 6, 7)
     reqs = [
-        _Request(0, ctx, 3, (8,)),  # one-token continuation: its input is the context itself
-        _Request(1, ctx + (8,), 3, (8, 9)),
-        _Request(2, ctx + (8,), 3, (8, 9)),  # identical to 1
-        _Request(3, ctx + (10, 11), 3, (10, 11, 12)),
-        _Request(4, (1, 2), 1, (3,)),
+        Request(0, ctx, 3, (8,)),  # one-token continuation: its input is the context itself
+        Request(1, ctx + (8,), 3, (8, 9)),
+        Request(2, ctx + (8,), 3, (8, 9)),  # identical to 1
+        Request(3, ctx + (10, 11), 3, (10, 11, 12)),
+        Request(4, (1, 2), 1, (3,)),
     ]
     separate = plan_rows(reqs, share_context=False, max_length=64)
     assert sorted(len(r.ids) for r in separate) == [2, 4, 5]  # 0 and 2 read from 1's row
@@ -391,8 +396,9 @@ def test_cli_bad_input_is_one_line(tiny_gpt2_dir, task_dir, tmp_path, capsys, ex
 
 def test_cli_without_lm_eval_says_how_to_install(tiny_gpt2_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
-    monkeypatch.delitem(sys.modules, "nexttoken.evaluation.tasks")
-    monkeypatch.delattr(sys.modules["nexttoken.evaluation"], "tasks")
+    for name in ("adapter", "tasks"):  # imported again, so that importing lm_eval fails
+        monkeypatch.delitem(sys.modules, f"nexttoken.scoring.lmeval.{name}", raising=False)
+        monkeypatch.delattr(sys.modules["nexttoken.scoring.lmeval"], name, raising=False)
     code, _, err = run_cli(capsys, tiny_gpt2_dir, "--tasks", "tinyswag")
     assert_one_line_error(code, err, 'pip install "nexttoken[tasks]"')
 
@@ -409,8 +415,8 @@ def test_chat_template_formats_prompts_with_special_tokens(tiny_llama_dir, tmp_p
     fast = AutoTokenizer.from_pretrained(tiny_llama_dir, local_files_only=True)
     fast.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
     fast.save_pretrained(folder)
-    chat = tasks.chat_tokenizer_of(folder)
-    assert chat is not None and tasks.chat_tokenizer_of(tiny_llama_dir) is None
+    chat = chat_tokenizer_of(folder)
+    assert chat is not None and chat_tokenizer_of(tiny_llama_dir) is None
     model, tokenizer = llama
     lm = NextTokenLM(model=model, tokenizer=tokenizer, chat_tokenizer=chat, progress=False)
     prompt = lm.apply_chat_template([{"role": "user", "content": "hi"}])

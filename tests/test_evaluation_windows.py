@@ -1,7 +1,7 @@
 import pytest
 
 from nexttoken.errors import UserError
-from nexttoken.evaluation.windows import Window, check_window_settings, make_windows
+from nexttoken.scoring.windows import Window, check_window_settings, make_windows
 
 
 def test_windows_worked_example():

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from nexttoken.checkpoints import AtomicCheckpointIO
 from nexttoken.cli import main
 from nexttoken.errors import UserError
-from nexttoken.module import CausalLMModule
+from nexttoken.training.module import CausalLMModule
 from test_cli import fit_args, metric_rows, write_corpus
 
 MAX_LINES = 3  # what a bad input may print in all: stdout and stderr, whoever prints it

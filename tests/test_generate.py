@@ -6,7 +6,7 @@ from conftest import train_tiny_tokenizer
 from nexttoken.data.chat import Message, resolve_chat_template
 from nexttoken.data.tokenizers import IM_END, build_tokenizer, bytes_tokenizer, from_transformers, train_bpe
 from nexttoken.errors import UserError
-from nexttoken.generate import generate_reply, generate_text, prompt_ids
+from nexttoken.models.generation import generate_reply, generate_text, prompt_ids
 from nexttoken.models.gpt import GPT, GPTConfig
 from nexttoken.models.hf import load_hf_causal_lm
 

@@ -5,8 +5,8 @@ from nexttoken.data.datamodule import TextDataModule
 from nexttoken.errors import UserError
 from nexttoken.models.gpt import GPT
 from nexttoken.models.hf import HFCausalLM
-from nexttoken.models.load import is_hf_model, load_model, load_module, resolve_device, resolve_eval_dtype
-from nexttoken.module import CausalLMModule
+from nexttoken.models.load import is_hf_model, load_checkpoint, load_model, resolve_device, resolve_eval_dtype
+from nexttoken.training.module import CausalLMModule
 from test_datamodule import write_corpus
 from test_module import quiet_trainer
 
@@ -74,9 +74,13 @@ def test_a_checkpoint_loads_as_the_trained_model_and_tokenizer(trained):
         half, _ = load_model(str(path), dtype="bfloat16", device="cpu")
         assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
         torch.testing.assert_close(half(x).float(), module.model(x), rtol=0.05, atol=0.05)
-    again = load_module(path)
-    assert isinstance(again, CausalLMModule) and not again.training
-    assert again.hparams.n_embd == 16 and again.hparams.vocab_size == 259
+    again = load_checkpoint(path)
+    assert isinstance(again.network, GPT) and not again.network.training and again.lora is None
+    assert again.settings["n_embd"] == 16 and again.settings["vocab_size"] == 259
+    # Lightning's own way of reading the checkpoint (through the module that wrote it) agrees.
+    lightning = CausalLMModule.load_from_checkpoint(path, weights_only=True)
+    for name, tensor in lightning.model.state_dict().items():
+        assert torch.equal(again.network.state_dict()[name], tensor), name
 
 
 def test_a_hugging_face_folder_loads_as_transformers_would(tiny_gpt2_dir):

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from nexttoken.data.datamodule import TextDataModule
-from nexttoken.data.documents import DataWarning
 from nexttoken.data.loaders import ResumableDataLoader, TrainBatches, ValBatches
+from nexttoken.errors import DataWarning
 from nexttoken.loss import IGNORE_INDEX
 from test_datamodule import CountingDataModule, make_dm, val_targets, write_corpus
 

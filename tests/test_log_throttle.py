@@ -1,13 +1,13 @@
 """nexttoken's per-step values reach ``self.log`` only when the logger writes, at the last step, or
-when the progress bar is due (``nexttoken.throughput.LogThrottle``)."""
+when the progress bar is due (``nexttoken.training.throughput.LogThrottle``)."""
 
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from nexttoken.module import CausalLMModule
-from nexttoken.throughput import LogThrottle, ThroughputCallback
+from nexttoken.training.module import CausalLMModule
+from nexttoken.training.throughput import LogThrottle, ThroughputCallback
 
 
 @pytest.mark.parametrize("seconds, expected", [(1e9, [1, 10, 20, 25]), (0.0, list(range(1, 26)))])

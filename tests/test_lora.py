@@ -276,13 +276,13 @@ def test_bf16_mixed_fit_holds_the_base_in_bf16_and_gives_it_back_in_fp32(gpt_run
 
 
 def test_base_is_frozen_and_unchanged_by_training(hf_run):
-    from nexttoken.models.load import load_module
+    from nexttoken.models.load import load_checkpoint
 
     base, _, ckpt, _ = hf_run
-    module = load_module(ckpt)
+    module = load_checkpoint(ckpt)
     original, _ = load_hf_causal_lm(base)
     trained = {
-        n.replace(".base_layer", ""): p for n, p in module.model.named_parameters() if ".lora_" not in n
+        n.replace(".base_layer", ""): p for n, p in module.network.named_parameters() if ".lora_" not in n
     }
     for name, p in original.named_parameters():
         assert torch.equal(trained[name], p), name
@@ -294,7 +294,7 @@ def test_eval_with_adapter_export_peft_load_merge_all_agree(run, request, tmp_pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from nexttoken.models.load import load_module
+    from nexttoken.models.load import load_checkpoint
 
     base, _, ckpt, text = request.getfixturevalue(run)
     with_ckpt = eval_json(capsys, base, text, "--adapter", ckpt)
@@ -316,10 +316,10 @@ def test_eval_with_adapter_export_peft_load_merge_all_agree(run, request, tmp_pa
         hf_base = tmp_path / "base-hf"
         assert main(["export", str(base), str(hf_base)]) == 0
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_base), str(adapter)).eval()
-    module = load_module(ckpt)
+    module = load_checkpoint(ckpt)
     x = torch.tensor([module.tokenizer.encode(text.read_text())[:32]])
     with torch.no_grad():
-        ours = module.model(x)
+        ours = module.network(x)
         torch.testing.assert_close(peft_model(x).logits, ours, rtol=1e-5, atol=1e-5)
         assert (ours - AutoModelForCausalLM.from_pretrained(hf_base)(x).logits).abs().max() > 1e-3
 
@@ -526,17 +526,17 @@ def test_smollm2_fit_eval_export_peft_merge_chain(smollm2_gguf, shared_data, tmp
     assert from_merged["perplexity"] != pytest.approx(
         eval_json(capsys, smollm2_gguf, text)["perplexity"], rel=1e-4
     )
-    from nexttoken.models.load import load_module
+    from nexttoken.models.load import load_checkpoint
 
-    module = load_module(ckpt)
+    module = load_checkpoint(ckpt)
     x = torch.tensor([module.tokenizer.encode(text.read_text())[:64]])
     base = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
     with torch.no_grad():
-        ours = module.model(x)
+        ours = module.network(x)
         torch.testing.assert_close(peft_model(x).logits, ours, rtol=1e-5, atol=1e-5)
         merged_logits = AutoModelForCausalLM.from_pretrained(merged)(x).logits
-        exact = module.model.double()(x)  # the adapted model evaluated in float64
+        exact = module.network.double()(x)  # the adapted model evaluated in float64
     # Thirty fp32 layers put the adapted model itself ~1e-4 from its float64 evaluation (logits up to ~35):
     # the merged model must be as close to it as the unmerged one is (the tiny models above meet 1e-5).
     fp32_noise = (ours.double() - exact).abs().max()

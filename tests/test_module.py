@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import split_documents
 from nexttoken.data.datamodule import TextDataModule
-from nexttoken.data.documents import find_documents, split_documents
+from nexttoken.data.documents import find_documents
 from nexttoken.loss import count_scored, fused_next_token_loss, next_token_loss
-from nexttoken.module import CausalLMModule
+from nexttoken.training.module import CausalLMModule
 from test_datamodule import write_corpus
 
 V, T = 32, 8
@@ -360,7 +361,7 @@ def test_validate_scores_the_padded_stream_as_one_token_mean(tmp_path, fused_los
 
 
 def test_the_default_learning_rate_follows_what_trains(tiny_llama_dir):
-    from nexttoken.module import DEFAULT_LR
+    from nexttoken.training.module import DEFAULT_LR
 
     assert CausalLMModule(model="tiny").peak_lr() == DEFAULT_LR["scratch"] == 3e-3
     assert CausalLMModule(model=str(tiny_llama_dir)).peak_lr() == DEFAULT_LR["fine-tune"] == 1e-4

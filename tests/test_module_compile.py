@@ -4,7 +4,7 @@ and give the eager numbers."""
 import pytest
 import torch
 
-from nexttoken.module import CausalLMModule
+from nexttoken.training.module import CausalLMModule
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from nexttoken.errors import UserError
-from nexttoken.module import CausalLMModule
-from nexttoken.nonfinite import NonFiniteGuard
+from nexttoken.training.module import CausalLMModule
+from nexttoken.training.nonfinite import NonFiniteGuard
 
 
 class BadAtStep(CausalLMModule):

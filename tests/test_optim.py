@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from nexttoken.optim import (
+from nexttoken.training.optim import (
     BIAS,
     DECAY,
     EMBEDDING,

@@ -7,7 +7,7 @@ from torch import nn
 
 from nexttoken import precision
 from nexttoken.loss import next_token_loss
-from nexttoken.optim import build_optimizer
+from nexttoken.training.optim import build_optimizer
 
 
 def test_cpu_without_native_bf16_says_32_true(monkeypatch):

@@ -10,11 +10,11 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from torch.utils.data import DataLoader
 
-from nexttoken import throughput
+from nexttoken.training import throughput
 from nexttoken.loss import next_token_loss
-from nexttoken.module import CausalLMModule
-from nexttoken.progress import ProgressLog, StepProgressBar, clock_time
-from nexttoken.throughput import ThroughputCallback
+from nexttoken.training.module import CausalLMModule
+from nexttoken.training.progress import ProgressLog, StepProgressBar, clock_time
+from nexttoken.training.throughput import ThroughputCallback
 
 STEPS, BATCH, BLOCK, VOCAB = 6, 2, 8, 32
 

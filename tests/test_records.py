@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from nexttoken.data.documents import DataError, DataWarning
 from nexttoken.data.records import RecordSource, field_value, is_record_file, is_saved_dataset
+from nexttoken.errors import DataError, DataWarning
 
 ROWS = [
     {"id": 0, "text": "first record\n", "meta": {"title": "A", "body": "nested one"}},

@@ -6,10 +6,19 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from nexttoken.module import CausalLMModule
-from nexttoken.schedule import WarmupCosine, cosine, timer_clock, warmup_cosine
+from nexttoken.schedule import WarmupCosine, cosine, timer_clock
+from nexttoken.training.module import CausalLMModule
 
 LR, MIN_RATIO = 1e-2, 0.1
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """The formula by hand: learning-rate multiplier of a step schedule: linear warmup to 1, then cosine down to ``min_lr_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if max_steps <= warmup_steps:
+        return 1.0
+    return cosine((step - warmup_steps) / (max_steps - warmup_steps), min_lr_ratio)
 
 
 class FakeClock:

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from nexttoken.data.chat import Conversation, Example, Message, resolve_chat_template
-from nexttoken.data.documents import DataError
 from nexttoken.data.packing import shift
 from nexttoken.data.sft import collate, count_examples, fit_to_block, pack, positions, train_plan, val_plan
 from nexttoken.data.tokenizers import build_tokenizer
+from nexttoken.errors import DataError
 from nexttoken.loss import IGNORE_INDEX, next_token_loss
-from nexttoken.module import CausalLMModule
+from nexttoken.training.module import CausalLMModule
 from test_module import SGDModule, one_step_delta
 
 BLOCK = 96

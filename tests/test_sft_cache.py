@@ -19,7 +19,7 @@ from nexttoken.data.chat import (
     resolve_chat_template,
 )
 from nexttoken.data.corpus import Corpus
-from nexttoken.data.documents import DataError, find_documents, held_out
+from nexttoken.data.documents import find_documents, held_out
 from nexttoken.data.sft import fit_to_block
 from nexttoken.data.sft_cache import (
     ExampleSet,
@@ -29,6 +29,7 @@ from nexttoken.data.sft_cache import (
     read_split_conversations,
 )
 from nexttoken.data.tokenizers import CHATML_TEMPLATE, IM_END, IM_START, build_tokenizer
+from nexttoken.errors import DataError
 
 
 def chat_record(i: int) -> dict:

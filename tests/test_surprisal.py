@@ -7,10 +7,16 @@ from html.parser import HTMLParser
 import pytest
 
 from conftest import TINY_TEXT
+from nexttoken.commands.inspect import (
+    add_inspect_arguments,
+    render_html,
+    run_inspect,
+    text_pieces,
+    token_views,
+)
 from nexttoken.errors import UserError
-from nexttoken.evaluation.score import score_text
 from nexttoken.models.hf import load_hf_causal_lm
-from nexttoken.surprisal import add_inspect_arguments, render_html, run_inspect, text_pieces, token_views
+from nexttoken.scoring.text import score_text
 
 NASTY = 'x</script><script>alert("pwned")</script> & &amp; \'q\' "dq" <b>not bold</b>\n\tcafé 日本 😀 end'
 TEXT = TINY_TEXT + NASTY + "\n"

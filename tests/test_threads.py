@@ -2,8 +2,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from nexttoken.module import CausalLMModule
-from nexttoken.threads import fastest_num_threads
+from nexttoken.training.module import CausalLMModule
+from nexttoken.training.threads import fastest_num_threads
 
 
 def test_fastest_num_threads_picks_the_quickest_and_sets_it():
@@ -31,7 +31,7 @@ def run_steps(monkeypatch, seconds_per_step: dict[int, float], steps: int, valid
     """Drive AutoThreads (re-probe after 45 ms, 3 probed steps) over ``steps`` fake steps that take
     ``seconds_per_step[threads]`` on a fake clock, from 2 threads; returns the thread count after each
     step and the callback."""
-    import nexttoken.threads as threads
+    import nexttoken.training.threads as threads
 
     now = [0.0]
     monkeypatch.setattr(threads.time, "perf_counter", lambda: now[0])
@@ -108,7 +108,7 @@ def _fit(callbacks, steps=3):
 
 
 def test_auto_threads_probes_the_first_batch_without_touching_the_run(monkeypatch, capsys):
-    from nexttoken import threads
+    from nexttoken.training import threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
@@ -127,7 +127,7 @@ def test_auto_threads_probes_the_first_batch_without_touching_the_run(monkeypatc
 
 
 def test_auto_threads_respects_omp_num_threads(monkeypatch):
-    from nexttoken import threads
+    from nexttoken.training import threads
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(threads, "available_cores", lambda: 2)

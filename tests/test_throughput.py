@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import nexttoken.throughput as throughput
-from nexttoken.module import CausalLMModule
-from nexttoken.throughput import ThroughputCallback, mfu
+import nexttoken.training.throughput as throughput
+from nexttoken.training.module import CausalLMModule
+from nexttoken.training.throughput import ThroughputCallback, mfu
 from test_module import quiet_trainer
 
 

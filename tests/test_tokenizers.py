@@ -4,7 +4,6 @@ import pytest
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nexttoken.data.documents import DataError
 from nexttoken.data.tokenizers import (
     CHATML_TEMPLATE,
     EOS_TOKEN,
@@ -15,6 +14,7 @@ from nexttoken.data.tokenizers import (
     document_start,
     token_byte_counts,
 )
+from nexttoken.errors import DataError
 
 TRICKY = [
     "",

@@ -6,9 +6,9 @@ import pytest
 from lightning.pytorch.callbacks import Timer
 
 from nexttoken.cli import main
+from nexttoken.commands.fit import NextTokenCLI, check_tokenizer, chooses_run_length, run_lightning_cli
 from nexttoken.errors import UserError
-from nexttoken.progress import StartSummary
-from nexttoken.training import NextTokenCLI, check_tokenizer, chooses_run_length, run_lightning_cli
+from nexttoken.training.progress import StartSummary
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 

@@ -4,7 +4,7 @@
 
 MODEL is a nexttoken checkpoint, a Hugging Face folder or a GGUF file. Each record's conversation
 up to its last assistant turn is the prompt; the reply is decoded greedily exactly as
-``nexttoken generate MODEL --chat ... --temperature 0`` does (:func:`nexttoken.generate.generate_reply`:
+``nexttoken generate MODEL --chat ... --temperature 0`` does (:func:`nexttoken.commands.generate.generate_reply`:
 the chat template's generation prompt, stopping at its end-of-turn token), and it counts when it
 equals the record's last assistant message (surrounding whitespace aside).
 """
@@ -16,7 +16,7 @@ import json
 import time
 
 from nexttoken.data.chat import read_conversations, resolve_chat_template
-from nexttoken.generate import generate_reply
+from nexttoken.models.generation import generate_reply
 from nexttoken.models.load import load_model
 
 

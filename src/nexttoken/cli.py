@@ -37,8 +37,9 @@ LIGHTNING_COMMANDS = ("fit", "validate")
 
 
 def _tool_commands() -> dict:
-    from nexttoken import export, generate, surprisal
-    from nexttoken.evaluation import command as evaluation
+    from nexttoken.commands import eval as evaluation
+    from nexttoken.commands import export, generate
+    from nexttoken.commands import inspect as surprisal
 
     return {
         "eval": (evaluation.add_eval_arguments, evaluation.run_eval, "score a causal LM on text"),
@@ -88,7 +89,7 @@ def main(args: list[str] | None = None) -> int:
     with console(verbose):
         try:
             if command in LIGHTNING_COMMANDS:
-                from nexttoken.training import run_lightning_cli
+                from nexttoken.commands.fit import run_lightning_cli
 
                 # The processes Lightning starts for DDP re-run this command line: keep the flags in it.
                 run_lightning_cli(command_args, argv, verbose=verbose)

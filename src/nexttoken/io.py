@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def default_cache_dir() -> Path:
+    """Where nexttoken keeps what it computes once (token caches, the measured peak): ``$NEXTTOKEN_CACHE`` if set, else ``~/.cache/nexttoken``."""
+    return Path(os.environ.get("NEXTTOKEN_CACHE") or Path.home() / ".cache" / "nexttoken").expanduser()
+
+
 def _fsync_folder(folder: Path) -> None:
     # The rename itself lives in the folder's entry table: sync it too, where the OS allows.
     try:

@@ -1,4 +1,4 @@
-"""The scoreboard: three sums, divided once at the end (see ARCHITECTURE.md).
+"""The scoreboard: three sums, divided once at the end.
 
 Every number nexttoken prints about how well a model guesses the next token comes from
 ``nll_sum`` (nats), ``tokens`` (scored positions) and ``bytes`` (UTF-8 bytes those tokens cover).

@@ -128,7 +128,7 @@ def measure_matmul_peak(
 
 def _cache_path(cache_dir: str | Path | None) -> Path:
     if cache_dir is None:
-        from nexttoken.data.cache import default_cache_dir
+        from nexttoken.io import default_cache_dir
 
         cache_dir = default_cache_dir()
     return Path(cache_dir).expanduser() / PEAK_CACHE_FILE

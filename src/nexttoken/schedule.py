@@ -29,15 +29,6 @@ def cosine(progress: float, min_lr_ratio: float) -> float:
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier of a step schedule: linear warmup to 1, then cosine down to ``min_lr_ratio``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if max_steps <= warmup_steps:
-        return 1.0
-    return cosine((step - warmup_steps) / (max_steps - warmup_steps), min_lr_ratio)
-
-
 class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
     """Warmup over ``warmup_steps`` steps, then cosine to ``min_lr_ratio`` x each group's lr.
 

@@ -4,17 +4,15 @@
 """
 
 from nexttoken.data.documents import (
-    DataError,
-    DataWarning,
     Document,
     default_corpus,
     find_documents,
     iter_documents,
     load_documents,
     read_document,
-    split_documents,
 )
 from nexttoken.data.tokenizers import Tokenizer, build_tokenizer
+from nexttoken.errors import DataError, DataWarning
 
 __all__ = [
     "DataError",
@@ -28,7 +26,6 @@ __all__ = [
     "iter_documents",
     "load_documents",
     "read_document",
-    "split_documents",
 ]
 
 

@@ -31,10 +31,11 @@ from typing import Any, BinaryIO, TypeVar
 import numpy as np
 
 from nexttoken.data.corpus import Corpus
-from nexttoken.data.documents import DataWarning, Document
+from nexttoken.data.documents import Document
 from nexttoken.data.packing import concat_byte_counts, concat_documents, token_dtype
 from nexttoken.data.parallel import ordered_map
 from nexttoken.data.tokenizers import Tokenizer, document_frame
+from nexttoken.errors import DataWarning
 from nexttoken.io import atomic_folder, write_atomically
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,6 @@ CHUNK_CHARS = 1 << 20
 _ENCODE_CHUNK_CHARS = 1 << 23
 STREAM_FILES = ("train.npy", "val.npy", "val_bytes.npy", "val.txt")
 Result = TypeVar("Result")
-
-
-def default_cache_dir() -> Path:
-    """``$NEXTTOKEN_CACHE`` if set, else ``~/.cache/nexttoken``."""
-    return Path(os.environ.get("NEXTTOKEN_CACHE") or Path.home() / ".cache" / "nexttoken").expanduser()
 
 
 def _chunks(documents: Sequence[Document], max_chars: int) -> Iterator[list[Document]]:

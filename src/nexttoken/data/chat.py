@@ -47,10 +47,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from nexttoken.data.documents import DataError
 from nexttoken.data.parallel import ordered_map
 from nexttoken.data.records import Record
 from nexttoken.data.tokenizers import Tokenizer, token_byte_counts
+from nexttoken.errors import DataError
 
 DataFormat = Literal["auto", "text", "chat", "instruction"]
 TrainOn = Literal["responses", "all", "last_response"]

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from nexttoken.data.documents import (
-    DataError,
     Document,
     corpus_root,
     held_out,
@@ -27,6 +26,7 @@ from nexttoken.data.documents import (
     unit_hash,
 )
 from nexttoken.data.records import Record, RecordSource
+from nexttoken.errors import DataError
 
 # A saved DatasetDict's own held-out split, in order of preference.
 VAL_SPLITS = ("validation", "test")

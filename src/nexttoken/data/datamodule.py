@@ -36,10 +36,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from nexttoken.data.cache import CACHE_FORMAT, CHUNK_CHARS, TokenCache, default_cache_dir, progress_bar
+from nexttoken.data.cache import CACHE_FORMAT, CHUNK_CHARS, TokenCache, progress_bar
 from nexttoken.data.chat import DataFormat, TrainOn, resolve_chat_template
 from nexttoken.data.corpus import Corpus
-from nexttoken.data.documents import DataError, default_corpus, find_documents
+from nexttoken.data.documents import default_corpus, find_documents
 from nexttoken.data.loaders import (
     ExampleTrainBatches,
     ExampleValBatches,
@@ -58,6 +58,8 @@ from nexttoken.data.sft_cache import (
     open_example_cache,
 )
 from nexttoken.data.tokenizers import Tokenizer, build_tokenizer, document_start
+from nexttoken.errors import DataError
+from nexttoken.io import default_cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -19,20 +19,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nexttoken.errors import UserError
+from nexttoken.data.records import RecordSource, decode_utf8, is_record_file, is_saved_dataset, json_kind
+from nexttoken.errors import DataError, DataWarning
 
 # A NUL byte in the first few KB is the classic (git, grep) test for "this is not a text file".
 BINARY_SNIFF_BYTES = 8192
 # Folders of the standard library that are not representative source (tests, an IDE, a dead tool).
 _STDLIB_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"})
-
-
-class DataError(UserError):
-    """The corpus or data settings cannot be used; the message says what is wrong and what to do."""
-
-
-class DataWarning(UserWarning):
-    """A file was skipped or altered while reading the corpus."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +73,6 @@ def _matches(relative: str, patterns: Sequence[str]) -> bool:
 def _walk_files(folder: Path) -> Iterable[tuple[Path, str]]:
     """Every non-hidden file under ``folder`` with its posix path relative to it, in sorted order;
     a saved ``datasets`` folder comes as itself (one source), not as the files inside it."""
-    from nexttoken.data.records import is_saved_dataset
-
     for dirpath, dirnames, filenames in os.walk(folder):
         # Hidden folders (.git, .venv, ...) hold tooling, not corpus text.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
@@ -100,8 +91,6 @@ def is_binary(path: Path) -> bool:
 
 def is_text_file(path: Path) -> bool:
     """True for a source read as one text document (not a record file or a saved dataset)."""
-    from nexttoken.data.records import is_record_file
-
     return not path.is_dir() and not is_record_file(path)
 
 
@@ -121,8 +110,6 @@ def find_documents(
     always taken. Hidden files and folders are skipped. Binary files that are not record files are
     skipped with a warning. ``flag`` names the option the paths came from, for error messages.
     """
-    from nexttoken.data.records import is_saved_dataset
-
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     found: set[Path] = set()
@@ -158,29 +145,6 @@ def find_documents(
 
 
 # --------------------------------------------------------------------------- reading
-def decode_utf8(data: bytes, where: str, errors: str = "strict", warn: bool = True) -> tuple[str, int | None]:
-    """``(text, offset)``: ``data`` decoded as UTF-8 exactly, and the byte offset of its first invalid
-    UTF-8 (None when there is none). Invalid UTF-8 is an error naming ``where`` and the offset; with
-    ``errors="replace"`` the bad bytes become U+FFFD, with a warning unless ``warn`` is False."""
-    if errors not in ("strict", "replace"):
-        raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
-    try:
-        return data.decode("utf-8"), None
-    except UnicodeDecodeError as e:
-        if errors == "strict":
-            raise DataError(
-                f"{where} is not valid UTF-8 (byte offset {e.start}: {e.reason}); convert it to UTF-8, "
-                "or pass --data.replace_invalid_utf8 true to replace bad bytes with U+FFFD"
-            ) from None
-        if warn:
-            warnings.warn(
-                f"{where}: replaced invalid UTF-8 starting at byte offset {e.start} with U+FFFD",
-                DataWarning,
-                stacklevel=3,
-            )
-        return data.decode("utf-8", errors="replace"), e.start
-
-
 def read_document(path: str | os.PathLike, errors: str = "strict") -> str:
     """The file's text, decoded as UTF-8 exactly as stored (no newline translation, so bytes add up).
 
@@ -212,8 +176,6 @@ def record_text(value: object, where: str, field: str, errors: str = "strict") -
     JSON can spell a lone surrogate (``"\\ud800"``), which no UTF-8 byte sequence encodes; it is an
     error, or with ``errors="replace"`` it becomes U+FFFD.
     """
-    from nexttoken.data.records import json_kind
-
     if not isinstance(value, str):
         raise DataError(
             f"{where}: field {field!r} is {json_kind(value)}, not a string; "
@@ -256,8 +218,6 @@ def iter_documents(
         select: ``select(name)`` decides before a document is read or parsed whether it is wanted.
         on_read: called with the number of source bytes (as stored on disk) read since the last call.
     """
-    from nexttoken.data.records import RecordSource
-
     paths = [Path(p).resolve() for p in paths]
     root = root if root is not None else corpus_root(paths)
     for path in paths:
@@ -370,31 +330,3 @@ def held_out(name: str, val_fraction: float) -> bool:
     """THE split rule: a document is held out for validation when a stable hash of its name (a path
     relative to the corpus root, ``#index`` for a record) is below ``val_fraction``."""
     return unit_hash(name) < val_fraction
-
-
-def split_documents(
-    paths: Sequence[str | os.PathLike],
-    val_fraction: float,
-    val_paths: Sequence[str | os.PathLike] | None = None,
-    errors: str = "strict",
-    *,
-    text_field: str = "text",
-) -> tuple[list[Document], list[Document]]:
-    """Read and split the corpus into ``(train, val)`` lists of documents.
-
-    The rule is :class:`nexttoken.data.corpus.Corpus`'s (which streams them instead):
-
-    - With ``val_paths``, those documents are the validation set (and are removed from training).
-    - A corpus of one text file holds out the last ``val_fraction`` of its bytes.
-    - A saved ``DatasetDict`` with a ``validation`` (or ``test``) split is split as it says.
-    - Otherwise each document goes to validation when :func:`held_out` says so: adding files never
-      moves the others. A corpus of text files keeps at least one file on each side.
-    """
-    from nexttoken.data.corpus import Corpus
-
-    corpus = Corpus(paths, val_fraction, val_paths, errors=errors, text_field=text_field)
-    train, val = [], []
-    for is_val, document in corpus.documents():
-        (val if is_val else train).append(document)
-    corpus.check_split(len(train), len(val))
-    return train, val

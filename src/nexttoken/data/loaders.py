@@ -19,7 +19,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nexttoken.data.chat import Example
-from nexttoken.data.documents import DataWarning
 from nexttoken.data.packing import (
     mask_documents,
     num_train_blocks,
@@ -31,6 +30,7 @@ from nexttoken.data.packing import (
     val_block_bytes,
 )
 from nexttoken.data.sft import collate, train_plan, val_plan
+from nexttoken.errors import DataWarning
 from nexttoken.loss import IGNORE_INDEX
 
 

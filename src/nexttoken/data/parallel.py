@@ -28,7 +28,7 @@ Result = TypeVar("Result")
 
 
 def available_cores() -> int:
-    """The cores this process may run on."""
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nexttoken.data.documents import DataError, DataWarning, decode_utf8
+from nexttoken.errors import DataError, DataWarning
 
 # Suffixes (before an optional compression suffix) of the record formats.
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -36,6 +36,29 @@ DATASET_FILES = ("state.json", "dataset_info.json")
 # Rows converted to Python per Arrow batch: big enough to amortize the call, small enough to stream.
 ARROW_BATCH_ROWS = 1024
 _READ_BUFFER = 1 << 20
+
+
+def decode_utf8(data: bytes, where: str, errors: str = "strict", warn: bool = True) -> tuple[str, int | None]:
+    """``(text, offset)``: ``data`` decoded as UTF-8 exactly, and the byte offset of its first invalid
+    UTF-8 (None when there is none). Invalid UTF-8 is an error naming ``where`` and the offset; with
+    ``errors="replace"`` the bad bytes become U+FFFD, with a warning unless ``warn`` is False."""
+    if errors not in ("strict", "replace"):
+        raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        if errors == "strict":
+            raise DataError(
+                f"{where} is not valid UTF-8 (byte offset {e.start}: {e.reason}); convert it to UTF-8, "
+                "or pass --data.replace_invalid_utf8 true to replace bad bytes with U+FFFD"
+            ) from None
+        if warn:
+            warnings.warn(
+                f"{where}: replaced invalid UTF-8 starting at byte offset {e.start} with U+FFFD",
+                DataWarning,
+                stacklevel=3,
+            )
+        return data.decode("utf-8", errors="replace"), e.start
 
 
 def is_record_file(path: Path) -> bool:

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from nexttoken.data.chat import Example
-from nexttoken.data.documents import DataError
 from nexttoken.data.packing import shift, train_batches, val_batches
+from nexttoken.errors import DataError
 from nexttoken.loss import IGNORE_INDEX
 
 Truncation = Literal["left", "drop"]

@@ -48,11 +48,12 @@ from nexttoken.data.chat import (
     to_conversation,
 )
 from nexttoken.data.corpus import Corpus, bounded_sample
-from nexttoken.data.documents import DataError, is_text_file
+from nexttoken.data.documents import is_text_file
 from nexttoken.data.packing import token_dtype
 from nexttoken.data.records import RecordSource
 from nexttoken.data.sft import ExampleCounts, FitReport, count_examples, fit_to_block
 from nexttoken.data.tokenizers import SPECIAL_TOKENS, Tokenizer, build_tokenizer
+from nexttoken.errors import DataError
 from nexttoken.io import write_atomically
 
 # Bump when the layout of the cached files changes, so old caches are never misread.

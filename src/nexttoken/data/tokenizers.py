@@ -43,7 +43,8 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nexttoken.data.documents import DataError, content_digest
+from nexttoken.data.documents import content_digest
+from nexttoken.errors import DataError
 from nexttoken.io import write_atomically
 
 EOS_TOKEN = "<|endoftext|>"

@@ -7,7 +7,7 @@ Python code (``trust_remote_code``) runs only when the user asks for it.
 :class:`~nexttoken.models.protocol.CausalLM` protocol): ``forward(input_ids) -> logits``,
 ``hidden(input_ids)`` plus ``lm_head`` for the fused loss, ``max_context``, ``flops_per_token`` and
 ``generate``. It calls the model WITHOUT ``labels``: Hugging Face shifts labels inside the model,
-while nexttoken's targets are already shifted (ARCHITECTURE.md, "One shift, in one place").
+while nexttoken's targets are already shifted (:func:`nexttoken.data.packing.shift`, the one shift).
 """
 
 from __future__ import annotations
@@ -375,3 +375,24 @@ def load_hf_causal_lm(
     if model.get_output_embeddings() is None:
         raise UserError(f"{path} has no language-model head ({type(model).__name__}); use a causal LM")
     return HFCausalLM(model, name=str(path)).eval(), from_transformers(tokenizer, str(path))
+
+
+def chat_tokenizer_of(model_path: str | Path, trust_remote_code: bool = False):
+    """The ``transformers`` tokenizer of a Hugging Face folder or GGUF file, if it has a chat
+    template; None for anything else (a nexttoken checkpoint keeps no chat template)."""
+    from transformers import AutoTokenizer
+
+    path = Path(model_path).expanduser()
+    if path.is_dir():
+        source, extra = path, {}
+    elif path.suffix.lower() == ".gguf" and path.is_file():
+        source, extra = path.parent, {"gguf_file": path.name}
+    else:
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, local_files_only=True, trust_remote_code=trust_remote_code, **extra
+        )
+    except (OSError, ValueError):
+        return None
+    return tokenizer if getattr(tokenizer, "chat_template", None) else None

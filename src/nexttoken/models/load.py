@@ -4,18 +4,19 @@ optionally with a LoRA adapter (a LoRA run's checkpoint or a PEFT adapter folder
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from nexttoken.errors import UserError
+from nexttoken.errors import UserError, setting
 from nexttoken.models.protocol import CausalLM
 
 if TYPE_CHECKING:
     from nexttoken.data.tokenizers import Tokenizer
-    from nexttoken.module import CausalLMModule
+    from nexttoken.models.lora import LoraSettings
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPE_CHOICES: tuple[str, ...] = DType.__args__
@@ -56,41 +57,106 @@ def resolve_eval_dtype(dtype: DType | str, device: torch.device) -> torch.dtype:
     return resolve_dtype(dtype)
 
 
-def load_module(
-    path: str | Path, map_location: str = "cpu", base: str | Path | None = None
-) -> CausalLMModule:
-    """A nexttoken checkpoint as its LightningModule, in eval mode (no pickled code runs).
+GPT_SHAPE = ("block_size", "n_layer", "n_head", "n_embd")
+
+
+def build_network(settings: Mapping[str, Any]) -> CausalLM:
+    """The network a run's model settings describe, as its source gives it: a GPT preset (random
+    weights; ``vocab_size``, ``dropout``, ``bias`` and any of ``block_size``/``n_layer``/``n_head``/
+    ``n_embd`` set), or a Hugging Face folder / GGUF file (its pretrained weights), in train mode.
+    A nexttoken checkpoint as the source is :func:`load_checkpoint`'s."""
+    model = settings["model"]
+    if is_hf_model(model):
+        from nexttoken.models.hf import load_hf_causal_lm
+
+        network, _ = load_hf_causal_lm(model, trust_remote_code=settings.get("trust_remote_code", False))
+        return network.train()  # loaded for inference (eval mode); training keeps modes as it finds them
+    from nexttoken.models.gpt import GPT, GPTConfig
+
+    overrides = {k: settings[k] for k in GPT_SHAPE if settings.get(k) is not None}
+    config = GPTConfig.from_preset(
+        model,
+        settings["vocab_size"],
+        dropout=settings.get("dropout", 0.0),
+        bias=settings.get("bias", False),
+        **overrides,
+    )
+    return GPT(config)
+
+
+@dataclass
+class Checkpoint:
+    """A nexttoken checkpoint's model, read without the code that trained it.
+
+    ``settings``: the run's model settings (its hyperparameters); ``lora``: the adapters' settings of a
+    LoRA run (None when every weight trained), applied to ``base_model`` whose weights have the sha256
+    ``base_fingerprint``; ``lora_modules``: the adapted modules.
+    """
+
+    network: CausalLM
+    tokenizer: Tokenizer | None
+    settings: dict[str, Any]
+    lora: LoraSettings | None = None
+    base_model: str | None = None
+    base_fingerprint: str | None = None
+    lora_modules: list[str] = field(default_factory=list)
+
+
+def load_checkpoint(path: str | Path, base: str | Path | None = None) -> Checkpoint:
+    """A nexttoken checkpoint (``.ckpt``): its network with the saved weights, in eval mode, and its
+    tokenizer. No pickled code runs.
 
     ``base``: for a LoRA run's checkpoint, the base model to put its adapter on (default: the path the
     run recorded); it must be the same weights (sha256), or this is a one-line error.
     """
     from nexttoken.checkpoints import read_checkpoint
-    from nexttoken.module import CausalLMModule
+    from nexttoken.data.tokenizers import Tokenizer
 
     checkpoint = read_checkpoint(path)  # one clear line for a missing, truncated or corrupted file
-    overrides = {}
+    settings = dict(checkpoint.get("hyper_parameters") or {})
+    saved_lora = checkpoint.get("lora")
     if base is not None:
-        if "lora" not in checkpoint:
+        if saved_lora is None:
             raise UserError(
-                f"--adapter {path} is a checkpoint of a run that trained every weight, not a LoRA run; "
-                f"evaluate it on its own (MODEL = {path})"
+                f"{setting('adapter')} {path} is a checkpoint of a run that trained every weight, not a LoRA "
+                f"run; evaluate it on its own (MODEL = {path})"
             )
-        overrides["model"] = str(base)
-    elif "lora" in checkpoint and not Path(checkpoint["lora"]["base_model"]).expanduser().exists():
+        settings["model"] = str(base)
+    elif saved_lora is not None and not Path(saved_lora["base_model"]).expanduser().exists():
         raise UserError(
-            f"{path} is a LoRA adapter for {checkpoint['lora']['base_model']}, which is not there any more; "
-            f"pass the base model and the adapter: BASE --adapter {path}"
+            f"{path} is a LoRA adapter for {saved_lora['base_model']}, which is not there any more; "
+            f"pass the base model and the adapter: BASE {setting('adapter')} {path}"
         )
-    with warnings.catch_warnings():
-        # A LoRA checkpoint holds the adapters only, by design; the module checks that they all fit.
-        warnings.filterwarnings(
-            "ignore", message="Found keys that are in the model state dict but not in the"
-        )
-        module = CausalLMModule.load_from_checkpoint(
-            path, map_location=map_location, weights_only=True, **overrides
-        )
-    module.eval()
-    return module
+    if "model" not in settings:
+        raise UserError(f"{path} records no model settings; pass a .ckpt written by nexttoken fit")
+    tokenizer = Tokenizer.from_dict(checkpoint["tokenizer"]) if "tokenizer" in checkpoint else None
+    if is_checkpoint(settings["model"]):  # the run started from another checkpoint: its shape is that one's
+        network = load_checkpoint(settings["model"]).network
+    else:
+        network = build_network(settings)
+    state = {
+        k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")
+    }
+    result = Checkpoint(network, tokenizer, settings)
+    if saved_lora is not None:
+        from nexttoken.models.lora import attach_lora, check_fingerprint, settings_from
+
+        result.lora = settings_from(settings)
+        result.base_model = str(settings["model"])
+        result.base_fingerprint = saved_lora["sha256"]
+        result.lora_modules = attach_lora(network, result.lora)
+        check_fingerprint(saved_lora, settings["model"], "the checkpoint's adapter")
+        trainable = {name for name, p in network.named_parameters() if p.requires_grad}
+        if set(state) != trainable:
+            raise UserError(
+                f"{path}: its adapters do not fit the model its settings describe "
+                f"({len(trainable - set(state))} missing, {len(set(state) - trainable)} unexpected)"
+            )
+        network.load_state_dict(state, strict=False)
+    else:
+        network.load_state_dict(state)
+    network.eval()
+    return result
 
 
 def load_model(
@@ -117,12 +183,12 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_eval_dtype(dtype, dev)
     if adapter_path is not None and adapter_path.is_file():
-        # A LoRA checkpoint: its own module builds the base from MODEL and checks it is the right one.
-        module = load_module(adapter_path, base=target)
-        model, tokenizer = module.model, module.tokenizer
+        # A LoRA checkpoint: the base is built from MODEL and checked to be the right one.
+        loaded = load_checkpoint(adapter_path, base=target)
+        model, tokenizer = loaded.network, loaded.tokenizer
     elif target.is_file() and target.suffix == ".ckpt":
-        module = load_module(target)
-        model, tokenizer = module.model, module.tokenizer
+        loaded = load_checkpoint(target)
+        model, tokenizer = loaded.network, loaded.tokenizer
     else:
         from nexttoken.models.hf import load_hf_causal_lm
 

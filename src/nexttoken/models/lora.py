@@ -287,8 +287,8 @@ def check_fingerprint(saved: dict, base: str | Path, adapter: str, actual: str |
 def _folder_names(network: CausalLM) -> tuple[Callable[[str], str], Callable[[str], str]]:
     """(to folder names, from folder names): the built-in GPT's adapters are saved under the names of
     its Hugging Face export (GPT-2), so that PEFT applies them to that export; others keep theirs."""
-    from nexttoken.export import from_gpt2_name, to_gpt2_name
     from nexttoken.models.gpt import GPT
+    from nexttoken.models.gpt2 import from_gpt2_name, to_gpt2_name
 
     if isinstance(network, GPT):
         return to_gpt2_name, from_gpt2_name

@@ -7,7 +7,7 @@ on text laid out exactly as it was trained. Without a start token a document's f
 no left context and is not scored. ``bos="yes"``/``"no"`` overrides the rule. ``bytes`` and
 ``words`` always count the whole documents' text.
 
-Windows come from :mod:`nexttoken.evaluation.windows`. Scores add up through the reduction
+Windows come from :mod:`nexttoken.scoring.windows`. Scores add up through the reduction
 contract: ``nll_sum``, ``tokens`` and ``bytes`` are summed over windows, batches and documents, and
 divided once by :func:`nexttoken.metrics.summarize`.
 """
@@ -28,11 +28,11 @@ from torch import Tensor, nn
 from nexttoken.data.packing import shift
 from nexttoken.data.tokenizers import Tokenizer, as_tokenizer, document_start
 from nexttoken.errors import UserError
-from nexttoken.evaluation.windows import Window, check_window_settings, make_windows
 from nexttoken.loss import IGNORE_INDEX, next_token_loss
 from nexttoken.metrics import NextTokenMetrics, summarize
 from nexttoken.models.hf import as_causal_lm
 from nexttoken.models.protocol import CausalLM, evaluating
+from nexttoken.scoring.windows import Window, check_window_settings, make_windows
 
 BosMode = Literal["auto", "yes", "no"]
 BOS_MODES: tuple[str, ...] = BosMode.__args__

@@ -1,5 +1,5 @@
 """``nexttoken eval MODEL DATA...``: perplexity and bits per byte of any causal LM on any text;
-``nexttoken eval MODEL --tasks NAME,...``: lm-evaluation-harness tasks (:mod:`nexttoken.evaluation.tasks`).
+``nexttoken eval MODEL --tasks NAME,...``: lm-evaluation-harness tasks (:mod:`nexttoken.scoring.lmeval.adapter`).
 
 The arguments shared with ``nexttoken inspect`` (windows, dtype, device, BOS) are defined here once.
 """
@@ -16,11 +16,13 @@ from nexttoken.data.documents import find_documents, is_text_file, load_document
 from nexttoken.data.records import Record, RecordSource
 from nexttoken.data.sft_cache import choose_data_format
 from nexttoken.errors import UserError
-from nexttoken.evaluation.responses import ResponseEvalResult, evaluate_records
-from nexttoken.evaluation.score import BOS_MODES, EvalResult, evaluate_texts
-from nexttoken.evaluation.windows import check_window_settings
 from nexttoken.io import write_atomically
+from nexttoken.models.hf import chat_tokenizer_of
 from nexttoken.models.load import ADAPTER_HELP, DTYPE_CHOICES, load_model
+from nexttoken.scoring.lmeval.results import results_json, results_path, results_table
+from nexttoken.scoring.responses import ResponseEvalResult, evaluate_records
+from nexttoken.scoring.text import BOS_MODES, EvalResult, evaluate_texts
+from nexttoken.scoring.windows import check_window_settings
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -339,7 +341,8 @@ def run_tasks(args: argparse.Namespace) -> int:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise UserError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     try:
-        from nexttoken.evaluation import tasks
+        from nexttoken.scoring.lmeval import tasks
+        from nexttoken.scoring.lmeval.adapter import NextTokenLM
     except ImportError as error:
         if (error.name or "").split(".")[0] != "lm_eval":
             raise
@@ -350,14 +353,14 @@ def run_tasks(args: argparse.Namespace) -> int:
     names = tasks.check_task_names(manager, names, include)
     chat = None
     if args.apply_chat_template:
-        chat = tasks.chat_tokenizer_of(args.model, args.trust_remote_code)
+        chat = chat_tokenizer_of(args.model, args.trust_remote_code)
         if chat is None:
             raise UserError(
                 f"{args.model} has no chat template, but --apply-chat-template asks for one; drop the flag "
                 "(a base model reads plain prompts) or use an instruction model's folder or GGUF file"
             )
     loaded = tasks.load_tasks(manager, names)
-    lm = tasks.NextTokenLM(
+    lm = NextTokenLM(
         str(args.model),
         context=args.context,
         stride=args.stride,
@@ -391,10 +394,10 @@ def run_tasks(args: argparse.Namespace) -> int:
             "their contexts were cut from the left",
             file=sys.stderr,
         )
-    text = tasks.results_json(results)
-    beside_run = tasks.results_path(args.model, names)
+    text = results_json(results)
+    beside_run = results_path(args.model, names)
     if beside_run is not None:
         write_atomically(beside_run, text + "\n")
         print(f"results: {beside_run}", file=sys.stderr)
-    print(text if args.json else tasks.results_table(results), flush=True)
+    print(text if args.json else results_table(results), flush=True)
     return 0

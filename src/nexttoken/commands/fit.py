@@ -20,19 +20,19 @@ from lightning.pytorch.loggers import CSVLogger
 from nexttoken.checkpoints import AtomicCheckpointIO, read_checkpoint
 from nexttoken.console import one_line
 from nexttoken.data.datamodule import TextDataModule
+from nexttoken.data.tokenizers import BUILTIN_KINDS
 from nexttoken.errors import UserError
 from nexttoken.models.load import is_checkpoint, is_hf_model
-from nexttoken.module import CausalLMModule
-from nexttoken.phases import RunPhases, fit_called
 from nexttoken.precision import auto_precision
-from nexttoken.progress import ProgressLog, StartSummary, StepProgressBar
-from nexttoken.report import write_report
-from nexttoken.threads import AutoThreads
-from nexttoken.throughput import ThroughputCallback
+from nexttoken.training.module import CausalLMModule
+from nexttoken.training.phases import RunPhases, fit_called
+from nexttoken.training.progress import ProgressLog, StartSummary, StepProgressBar
+from nexttoken.training.report import write_report
+from nexttoken.training.threads import AutoThreads
+from nexttoken.training.throughput import ThroughputCallback
 
 DEFAULT_ROOT = "runs"
-TOKENIZER_KINDS = ("bytes", "bpe")
-RUN_LOGGER = "nexttoken.training.RunLogger"
+RUN_LOGGER = "nexttoken.commands.fit.RunLogger"
 
 
 class RunLogger(CSVLogger):
@@ -77,7 +77,7 @@ def trainer_defaults(verbose: bool = False) -> dict:
         "check_val_every_n_epoch": None,
         "log_every_n_steps": 10,
         "gradient_clip_val": 1.0,
-        # No validation pass before training: it costs start-up time on every run (nexttoken.phases),
+        # No validation pass before training: it costs start-up time on every run (nexttoken.training.phases),
         # and the first validation comes at val_check_interval anyway.
         "num_sanity_val_steps": 0,
         "precision": precision,
@@ -96,11 +96,11 @@ def trainer_defaults(verbose: bool = False) -> dict:
                 filename="best-{step}",
                 auto_insert_metric_name=False,
             ),
-            # Speed and time (nexttoken.threads, nexttoken.phases): the thread count, measured
+            # Speed and time (nexttoken.training.threads, nexttoken.training.phases): the thread count, measured
             # before the throughput clock starts; where the run's time goes, for the report.
             AutoThreads(),
             RunPhases(),
-            # tokens/s and MFU in the progress bar and the logs (nexttoken.throughput).
+            # tokens/s and MFU in the progress bar and the logs (nexttoken.training.throughput).
             ThroughputCallback(),
             ProgressLog(),
         ],
@@ -281,7 +281,7 @@ class NextTokenCLI(LightningCLI):
                 self.datamodule.make_train_loader(0, self.trainer.world_size)
 
     def before_fit(self) -> None:
-        fit_called()  # nexttoken.phases: the set-up ends, the data phase starts
+        fit_called()  # nexttoken.training.phases: the set-up ends, the data phase starts
         self._prepare_data_now()
 
     def before_validate(self) -> None:
@@ -326,9 +326,9 @@ def _print_rank_zero(trainer: L.Trainer, message: str) -> None:
 def check_tokenizer(kind: str) -> None:
     """``--data.tokenizer`` names a kind (``bytes``, ``bpe``) or an existing path; checked before
     any data is read."""
-    if kind not in TOKENIZER_KINDS and not Path(kind).expanduser().exists():
+    if kind not in BUILTIN_KINDS and not Path(kind).expanduser().exists():
         raise UserError(
-            f"--data.tokenizer {kind!r} is neither {' nor '.join(TOKENIZER_KINDS)} nor an existing tokenizer.json "
+            f"--data.tokenizer {kind!r} is neither {' nor '.join(BUILTIN_KINDS)} nor an existing tokenizer.json "
             "file, tokenizer folder or .gguf file"
         )
 

@@ -21,8 +21,8 @@ import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar, Timer
 from lightning.pytorch.trainer.states import TrainerFn
 
-from nexttoken.optim import decay_audit
-from nexttoken.throughput import ThroughputCallback
+from nexttoken.training.optim import decay_audit
+from nexttoken.training.throughput import ThroughputCallback
 
 
 def clock_time(seconds: float) -> str:
@@ -37,7 +37,7 @@ class ProgressLog(L.Callback):
     or no bar, a line when training stops before its last step (and why, for a time limit).
 
     It prints only when the trainer shows no progress bar. Tokens/s and MFU are those of the
-    trainer's :class:`~nexttoken.throughput.ThroughputCallback`; the ETA is the time per step so
+    trainer's :class:`~nexttoken.training.throughput.ThroughputCallback`; the ETA is the time per step so
     far (validation included) times the steps left, or the time limit's remainder if that is sooner.
 
     Args:
@@ -168,7 +168,7 @@ class StartSummary(L.Callback):
 def start_summary(
     trainer: L.Trainer, module: L.LightningModule, data: Any, precision: str, time_limit: str | None = None
 ) -> list[str]:
-    """The summary's lines for a :class:`~nexttoken.module.CausalLMModule` being trained on a
+    """The summary's lines for a :class:`~nexttoken.training.module.CausalLMModule` being trained on a
     :class:`~nexttoken.data.datamodule.TextDataModule` that is set up."""
     audit = decay_audit(module.model)
     notes = [*getattr(module, "schedule_notes", []), *([time_limit] if time_limit else [])]

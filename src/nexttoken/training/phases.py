@@ -10,7 +10,7 @@
     validation    validation passes during training
     wrap-up       end of training -> the final validation starts (last checkpoint, teardown)
     final validation
-    report        compressor baselines, curves, sample (measured by ``nexttoken.report``)
+    report        compressor baselines, curves, sample (measured by ``nexttoken.training.report``)
 
 The clock is ``time.perf_counter``; the process's start comes from ``/proc/self/stat`` where there is
 one (Linux), else from when this module was imported.

@@ -12,6 +12,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from nexttoken.data.parallel import available_cores
+
 
 def fastest_num_threads(
     step: Callable[[], Any], candidates: Sequence[int] | None = None, repeats: int = 3
@@ -43,11 +45,6 @@ def fastest_num_threads(
     best = min(medians, key=medians.get)
     torch.set_num_threads(best)
     return best, medians
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def threads_set_by_user() -> str | None:

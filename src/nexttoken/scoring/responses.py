@@ -2,7 +2,7 @@
 fine-tunes).
 
 Every conversation is rendered and masked exactly as for training (:mod:`nexttoken.data.chat`), then
-scored through the same sliding windows as plain text (:func:`nexttoken.evaluation.score.score_windows`),
+scored through the same sliding windows as plain text (:func:`nexttoken.scoring.text.score_windows`),
 restricted to the scored tokens: so a conversation longer than the model's context is scored whole,
 every response token exactly once, never truncated. The three sums are those of the reduction
 contract over response tokens only: ``nll_sum``, ``tokens`` (response tokens) and ``bytes`` (UTF-8
@@ -31,18 +31,18 @@ from nexttoken.data.chat import (
 from nexttoken.data.sft import count_examples
 from nexttoken.data.tokenizers import as_tokenizer
 from nexttoken.errors import UserError
-from nexttoken.evaluation.score import (
+from nexttoken.loss import IGNORE_INDEX
+from nexttoken.metrics import NextTokenMetrics, summarize
+from nexttoken.models.hf import as_causal_lm
+from nexttoken.models.protocol import evaluating
+from nexttoken.scoring.text import (
     JSONResult,
     _progress,
     resolve_batch_size,
     resolve_windows,
     score_windows,
 )
-from nexttoken.evaluation.windows import make_windows
-from nexttoken.loss import IGNORE_INDEX
-from nexttoken.metrics import NextTokenMetrics, summarize
-from nexttoken.models.hf import as_causal_lm
-from nexttoken.models.protocol import evaluating
+from nexttoken.scoring.windows import make_windows
 
 
 @dataclass
@@ -80,7 +80,7 @@ def evaluate_examples(
     model_name: str | None = None,
 ) -> ResponseEvalResult:
     """Score the scored tokens of encoded ``examples`` (each exactly once, windows as in
-    :func:`nexttoken.evaluation.score.evaluate_texts`: ``context``/``stride`` in tokens)."""
+    :func:`nexttoken.scoring.text.evaluate_texts`: ``context``/``stride`` in tokens)."""
     if not examples:
         raise UserError("no examples to evaluate; pass at least one conversation")
     model = as_causal_lm(model)

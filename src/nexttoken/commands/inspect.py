@@ -6,7 +6,7 @@ JS, no external assets): the text with each token coloured by its surprisal ``-l
 token; hovering a token shows that probability and the model's top-5 guesses.
 
 Tokens are scored with the same sliding windows and document-start rule as ``nexttoken eval``
-(:func:`nexttoken.evaluation.score.score_text`).
+(:func:`nexttoken.scoring.text.score_text`).
 """
 
 from __future__ import annotations
@@ -20,16 +20,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from nexttoken.commands.eval import add_model_arguments, check_arguments_early
 from nexttoken.data.documents import read_document
 from nexttoken.data.tokenizers import Tokenizer
 from nexttoken.errors import UserError
-from nexttoken.evaluation.command import add_model_arguments, check_arguments_early
-from nexttoken.evaluation.score import TokenScores, score_text
 from nexttoken.io import write_atomically
-from nexttoken.metrics import summarize
+from nexttoken.metrics import LN2, summarize
 from nexttoken.models.load import load_model
+from nexttoken.scoring.text import TokenScores, score_text
 
-LN2 = math.log(2.0)
 MAX_BITS_COLOUR = 16.0  # surprisal at which the colour scale saturates (p = 1/65536)
 _TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst", ".raw", ".json", ".py", ".html", ".csv")
 
@@ -69,7 +68,7 @@ def text_pieces(offsets: list[tuple[int, int]], text: str) -> list[str]:
 
 def token_views(tokenizer: Tokenizer, text: str, scores: TokenScores) -> list[TokenView]:
     """One :class:`TokenView` per token of ``text``: its piece of the text, surprisal in bits,
-    probability and the model's top guesses, from ``scores`` (:func:`~nexttoken.evaluation.score.score_text`)."""
+    probability and the model's top guesses, from ``scores`` (:func:`~nexttoken.scoring.text.score_text`)."""
     pieces = text_pieces(scores.offsets, text)
     views = []
     for i, token_id in enumerate(scores.ids):

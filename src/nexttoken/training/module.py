@@ -20,12 +20,12 @@ from nexttoken.errors import UserError
 from nexttoken.loss import count_scored, fused_next_token_loss, next_token_loss
 from nexttoken.metrics import NextTokenMetrics
 from nexttoken.models.gpt import PRESETS
-from nexttoken.models.load import is_checkpoint, is_hf_model
+from nexttoken.models.load import build_network, is_checkpoint, is_hf_model, load_checkpoint
 from nexttoken.models.protocol import CausalLM
-from nexttoken.nonfinite import NonFiniteGuard, OnNonFinite
-from nexttoken.optim import LORA_WEIGHT_DECAY, build_optimizer
 from nexttoken.schedule import timer_clock
-from nexttoken.throughput import LogThrottle
+from nexttoken.training.nonfinite import NonFiniteGuard, OnNonFinite
+from nexttoken.training.optim import LORA_WEIGHT_DECAY, build_optimizer
+from nexttoken.training.throughput import LogThrottle
 
 if TYPE_CHECKING:
     from nexttoken.models.lora import LoraSettings
@@ -188,24 +188,15 @@ class CausalLMModule(L.LightningModule):
         hp = self.hparams
         if is_checkpoint(hp.model):
             return self._network_from_checkpoint(hp.model)
-        if is_hf_model(hp.model):
-            from nexttoken.models.hf import load_hf_causal_lm
-
-            network, _ = load_hf_causal_lm(hp.model, trust_remote_code=hp.trust_remote_code)
-            return network.train()  # loaded for inference (eval mode); Lightning keeps modes as it finds them
-        from nexttoken.models.gpt import GPT, GPTConfig
-
-        overrides = {k: hp[k] for k in ("block_size", "n_layer", "n_head", "n_embd") if hp[k] is not None}
-        config = GPTConfig.from_preset(hp.model, hp.vocab_size, dropout=hp.dropout, bias=hp.bias, **overrides)
-        self.hparams.block_size = config.block_size
-        return GPT(config)
+        network = build_network(hp)
+        if not is_hf_model(hp.model):
+            self.hparams.block_size = network.config.block_size
+        return network
 
     def _network_from_checkpoint(self, path: str) -> CausalLM:
         """The network of a nexttoken checkpoint, as the starting point of this run."""
-        from nexttoken.models.load import load_module
-
-        base = load_module(path)
-        if base.hparams.get("lora_r") is not None:
+        base = load_checkpoint(path)
+        if base.lora is not None:
             raise UserError(
                 f"--model.model {path} is a LoRA checkpoint; merge it first (nexttoken export {path} OUT --merge) "
                 "and fine-tune the merged folder"
@@ -218,7 +209,7 @@ class CausalLMModule(L.LightningModule):
                 f"{base.tokenizer.vocab_size}) than the data's ({self.tokenizer.kind}, vocab "
                 f"{self.tokenizer.vocab_size}); leave --data.tokenizer out to use the checkpoint's"
             )
-        network = base.model
+        network = base.network
         block_size, limit = self.hparams.block_size, network.max_context
         if block_size is not None and limit is not None and block_size > limit:
             raise UserError(

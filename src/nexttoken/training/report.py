@@ -1,6 +1,6 @@
 """End-of-run report: the validation scoreboard beside what general-purpose compressors achieve
 on the same held-out bytes, the train/validation curves as a PNG (with the compressors as reference
-lines), a sample of the model's text, and where the run's time went (``nexttoken.phases``)."""
+lines), a sample of the model's text, and where the run's time went (``nexttoken.training.phases``)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nexttoken.io import write_atomically
-from nexttoken.phases import RunPhases, format_phases
+from nexttoken.training.phases import RunPhases, format_phases
 
 if TYPE_CHECKING:
     import lightning as L
 
     from nexttoken.data.datamodule import TextDataModule
     from nexttoken.data.sft import ExampleCounts
-    from nexttoken.module import CausalLMModule
+    from nexttoken.training.module import CausalLMModule
 
 
 def compressor_bits_per_byte(data: bytes) -> dict[str, float]:
@@ -144,7 +144,7 @@ def plot_curves(
 def _sample_lines(module: CausalLMModule, data: TextDataModule) -> list[str]:
     """A sample of the model's text; for chat data, its reply to the first held-out prompt."""
     from nexttoken.data.chat import Message, resolve_chat_template
-    from nexttoken.generate import generate_reply, generate_text
+    from nexttoken.models.generation import generate_reply, generate_text
 
     settings = {"max_new_tokens": 120, "temperature": 0.8, "top_k": 50, "seed": 0}
     if data.examples is None:

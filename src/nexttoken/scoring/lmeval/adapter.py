@@ -2,10 +2,10 @@
 
 :class:`NextTokenLM` is an lm-eval language model (a ``TemplateLM``, registered as ``nexttoken``)
 built on nexttoken's own pieces: :func:`~nexttoken.models.load.load_model` (a ``.ckpt``, a Hugging
-Face folder or a GGUF file), the document-start rule (:func:`~nexttoken.evaluation.score.start_token`),
+Face folder or a GGUF file), the document-start rule (:func:`~nexttoken.scoring.text.start_token`),
 fp32 log-softmax scoring (:func:`~nexttoken.loss.next_token_loss`) and the sliding windows of
-``nexttoken eval`` (:func:`~nexttoken.evaluation.windows.make_windows`,
-:func:`~nexttoken.evaluation.score.score_windows`). lm-eval itself builds the prompts, few-shot
+``nexttoken eval`` (:func:`~nexttoken.scoring.windows.make_windows`,
+:func:`~nexttoken.scoring.text.score_windows`). lm-eval itself builds the prompts, few-shot
 contexts and metrics; :func:`evaluate_tasks` runs ``lm_eval.simple_evaluate`` with it.
 
 Work it saves, compared with lm-eval's ``HFLM`` on the same model:
@@ -42,21 +42,12 @@ tested on exported nexttoken checkpoints and SmolLM2):
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
-import json
-import os
 import sys
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import lm_eval
 import torch
-from lm_eval.api.model import LM, TemplateLM
+from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from torch import Tensor
@@ -64,141 +55,25 @@ from tqdm.auto import tqdm
 
 from nexttoken.data.tokenizers import Tokenizer, as_tokenizer
 from nexttoken.errors import UserError
-from nexttoken.evaluation.score import (
+from nexttoken.loss import next_token_loss
+from nexttoken.models.hf import HFCausalLM, as_causal_lm
+from nexttoken.models.protocol import CausalLM, evaluating
+from nexttoken.scoring.lmeval.requests import Request, Row, packed_mask, plan_rows
+from nexttoken.scoring.text import (
     BosMode,
     default_batch_size,
     resolve_windows,
     score_windows,
     start_token,
 )
-from nexttoken.evaluation.windows import make_windows
-from nexttoken.loss import next_token_loss
-from nexttoken.models.hf import HFCausalLM, as_causal_lm
-from nexttoken.models.protocol import CausalLM, evaluating
+from nexttoken.scoring.windows import make_windows
 
-# Environment variables that make huggingface_hub, datasets and transformers never touch the network.
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # Logits projected at once when scoring gathered positions (fp32: 2**25 logits = 128 MB).
 HEAD_CHUNK_LOGITS = 2**25
 # New tokens per generation call: stop strings are looked for between calls.
 GENERATION_CHUNK = 32
 
 
-@contextmanager
-def offline() -> Iterator[None]:
-    """No Hub access inside the block: the offline variables are set, and the flags that
-    ``huggingface_hub`` and ``datasets`` read once at import are switched too (they may have been
-    imported before the variables were set)."""
-    import datasets
-    import huggingface_hub.constants as hub
-
-    saved_env = {k: os.environ.get(k) for k in OFFLINE_ENV}
-    saved = (hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
-    os.environ.update(OFFLINE_ENV)
-    hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-# --------------------------------------------------------------------------- request planning
-@dataclass(frozen=True)
-class _Request:
-    """One ``loglikelihood`` request as tokens: ``inputs`` are fed to the model, and its last
-    ``len(targets)`` positions predict ``targets``; ``inputs[:n_context]`` is the context."""
-
-    index: int
-    inputs: tuple[int, ...]
-    n_context: int
-    targets: tuple[int, ...]
-
-    def scored_positions(self) -> range:
-        return range(len(self.inputs) - len(self.targets), len(self.inputs))
-
-
-@dataclass
-class _Row:
-    """One sequence of a forward pass: a context (segment 0) followed by branches (segments 1, 2,
-    ...), each branch seeing the context and itself only; ``reads`` are ``(request, positions in
-    the row, targets)``."""
-
-    ids: list[int]
-    segments: list[int]
-    positions: list[int]
-    reads: list[tuple[int, list[int], tuple[int, ...]]]
-
-
-def _hosts(requests: Sequence[_Request]) -> dict[tuple[int, ...], list[_Request]]:
-    """Requests grouped by the input whose forward pass serves them: a request whose input is a
-    prefix of another's is read from the longer one (a causal model's logits at a position depend
-    only on the tokens up to it). In sorted order, a sequence's extensions follow it directly, so
-    comparing each sequence with the next finds every prefix."""
-    ordered = sorted({r.inputs for r in requests})
-    host: dict[tuple[int, ...], tuple[int, ...]] = {}
-    following = None
-    for seq in reversed(ordered):
-        extends = following is not None and following[: len(seq)] == seq
-        host[seq] = host[following] if extends else seq
-        following = seq
-    served: dict[tuple[int, ...], list[_Request]] = defaultdict(list)
-    for r in requests:
-        served[host[r.inputs]].append(r)
-    return served
-
-
-def plan_rows(requests: Sequence[_Request], share_context: bool, max_length: int) -> list[_Row]:
-    """The rows that serve ``requests``: one per distinct input (after prefix reuse), or, with
-    ``share_context``, one per context with every continuation after it as a branch (a row is split
-    where it would exceed ``max_length`` tokens)."""
-    rows = []
-    served = _hosts(requests)
-    if not share_context:
-        for host, reqs in served.items():
-            reads = [(r.index, list(r.scored_positions()), r.targets) for r in reqs]
-            rows.append(_Row(list(host), [0] * len(host), list(range(len(host))), reads))
-        return rows
-    by_context: dict[tuple[int, ...], list[tuple[int, ...]]] = defaultdict(list)
-    for host, reqs in served.items():
-        n_context = min(r.n_context for r in reqs if r.inputs == host)
-        by_context[host[:n_context]].append(host)
-    for context, hosts in by_context.items():
-        c = len(context)
-        row = None
-        for host in hosts:
-            branch = host[c:]
-            if row is None or len(row.ids) + len(branch) > max_length:
-                row = _Row(list(context), [0] * c, list(range(c)), [])
-                rows.append(row)
-            offset, segment = len(row.ids), max(row.segments, default=0) + 1
-            row.ids += branch
-            row.segments += [segment] * len(branch)
-            row.positions += range(c, c + len(branch))
-            for r in served[host]:
-                where = [p if p < c else offset + p - c for p in r.scored_positions()]
-                row.reads.append((r.index, where, r.targets))
-    return rows
-
-
-def _packed_mask(segments: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive 4-D mask (B, 1, T, T): causal, and a branch never sees another branch; padding
-    (segment -1) is seen by nobody and sees itself only (no empty softmax)."""
-    T = segments.size(1)
-    idx = torch.arange(T, device=segments.device)
-    causal = idx[None, :] <= idx[:, None]
-    seg_q, seg_k = segments[:, :, None], segments[:, None, :]
-    allow = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
-    allow |= torch.eye(T, dtype=torch.bool, device=segments.device) & (seg_q < 0)
-    mask = torch.zeros(allow.shape, dtype=dtype, device=segments.device)
-    return mask.masked_fill_(~allow, torch.finfo(dtype).min)[:, None]
-
-
-# --------------------------------------------------------------------------- the lm-eval model
 @register_model("nexttoken")
 class NextTokenLM(TemplateLM):
     """An lm-eval ``LM`` over any model nexttoken loads.
@@ -209,7 +84,7 @@ class NextTokenLM(TemplateLM):
             model, and a nexttoken or ``transformers`` tokenizer) instead.
         context: tokens per window / longest input (default: the model's maximum).
         stride: new tokens scored per rolling window after the first (default: ``context``, lm-eval's
-            disjoint windows); see :mod:`nexttoken.evaluation.windows`.
+            disjoint windows); see :mod:`nexttoken.scoring.windows`.
         batch_size: sequences per forward pass (default: about 1k tokens' worth on CPU, 8k on GPU).
         device, dtype, trust_remote_code: how ``pretrained`` is loaded (a given ``model`` stays as it is).
         bos: the document-start policy, as ``nexttoken eval --bos`` (``auto`` | ``yes`` | ``no``).
@@ -376,9 +251,7 @@ class NextTokenLM(TemplateLM):
                 )
             whole = (list(context) + list(continuation))[-(self.context + 1) :]
             self.truncated += len(context) + len(continuation) > len(whole)
-            planned.append(
-                _Request(i, tuple(whole[:-1]), len(whole) - len(continuation), tuple(continuation))
-            )
+            planned.append(Request(i, tuple(whole[:-1]), len(whole) - len(continuation), tuple(continuation)))
         if planned:
             nll, misses = self._score_requests(planned, len(requests), disable_tqdm)
             for r in planned:
@@ -395,7 +268,7 @@ class NextTokenLM(TemplateLM):
         vocab = self.model.lm_head.weight.shape[0]
         ids = [(7919 * k + 11) % vocab for k in range(1, 10)]
         context, continuations = ids[:5], [ids[5:8], ids[2:4]]
-        requests = [_Request(k, tuple(context + c[:-1]), 5, tuple(c)) for k, c in enumerate(continuations)]
+        requests = [Request(k, tuple(context + c[:-1]), 5, tuple(c)) for k, c in enumerate(continuations)]
         try:
             separate = self._score_rows(plan_rows(requests, False, 64), 2, packed=False)[0]
             packed = self._score_rows(plan_rows(requests, True, 64), 2, packed=True)[0]
@@ -404,12 +277,12 @@ class NextTokenLM(TemplateLM):
         tolerance = 1e-4 if self.model.lm_head.weight.dtype == torch.float32 else 5e-2
         return bool(torch.allclose(separate, packed, rtol=0, atol=tolerance * len(ids)))
 
-    def _score_requests(self, requests: list[_Request], n: int, disable_tqdm: bool) -> tuple[Tensor, Tensor]:
+    def _score_requests(self, requests: list[Request], n: int, disable_tqdm: bool) -> tuple[Tensor, Tensor]:
         rows = plan_rows(requests, self.share_context, self.context)
         with self._bar(len(requests), "loglikelihood", disable_tqdm) as bar:
             return self._score_rows(rows, n, packed=self.share_context, bar=bar)
 
-    def _score_rows(self, rows: list[_Row], n: int, *, packed: bool, bar=None) -> tuple[Tensor, Tensor]:
+    def _score_rows(self, rows: list[Row], n: int, *, packed: bool, bar=None) -> tuple[Tensor, Tensor]:
         """Per request: summed nats of its targets, and how many targets were not the argmax."""
         rows = sorted(rows, key=lambda r: -len(r.ids))
         nll = torch.zeros(n, dtype=torch.float64)
@@ -434,7 +307,7 @@ class NextTokenLM(TemplateLM):
             )
         return nll, misses
 
-    def _forward(self, rows: list[_Row], packed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward(self, rows: list[Row], packed: bool) -> tuple[Tensor, Tensor, Tensor]:
         """One forward pass over ``rows``: per read token, its nats, whether it was not the argmax,
         and the request it belongs to. Only the read positions are projected onto the vocabulary."""
         device, width = self._device, max(len(r.ids) for r in rows)
@@ -455,7 +328,7 @@ class NextTokenLM(TemplateLM):
         targets_t = torch.tensor(targets, device=device)
         inputs = inputs.to(device)
         if packed:
-            mask = _packed_mask(segments.to(device), self.model.lm_head.weight.dtype)
+            mask = packed_mask(segments.to(device), self.model.lm_head.weight.dtype)
             out = self.model.model.base_model(
                 input_ids=inputs, attention_mask=mask, position_ids=positions.to(device), use_cache=False
             )
@@ -578,154 +451,3 @@ def _batch_size(value: int | str | None) -> int | None:
     if size < 1:
         raise UserError(f"--batch-size must be a positive number, got {value!r}")
     return size
-
-
-# --------------------------------------------------------------------------- tasks
-def task_manager(names: Sequence[str], include_paths: Sequence[str] = ()):
-    """lm-eval's ``TaskManager`` that knows ``names``: the ``--include-path`` folders alone when they
-    hold every name (indexing lm-eval's thousands of built-in tasks takes seconds), else both."""
-    from lm_eval.tasks import TaskManager
-
-    for folder in include_paths:
-        if not Path(folder).is_dir():
-            raise UserError(f"--include-path {folder}: no such folder; pass a folder of task YAML files")
-    if include_paths:
-        local = TaskManager(include_path=list(include_paths), include_defaults=False)
-        if all(_known(local, name) for name in names):
-            return local
-    return TaskManager(include_path=list(include_paths) or None)
-
-
-def _known(manager, name: str) -> bool:
-    if name in manager.all_tasks or (name.endswith((".yaml", ".yml")) and Path(name).is_file()):
-        return True
-    return any(ch in name for ch in "*?[") and bool(fnmatch.filter(manager.all_tasks, name))
-
-
-def check_task_names(manager, names: Sequence[str], include_paths: Sequence[str] = ()) -> list[str]:
-    """``names`` with glob patterns expanded; an unknown name is an error suggesting close ones."""
-    resolved: list[str] = []
-    for name in names:
-        if not _known(manager, name):
-            close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
-            hint = f"; did you mean: {', '.join(close)}?" if close else ""
-            where = f" or in --include-path {', '.join(map(str, include_paths))}" if include_paths else ""
-            raise UserError(
-                f"unknown task {name!r}: not one of lm-eval's tasks{where}{hint} "
-                "(add a folder of task YAML files with --include-path DIR)"
-            )
-        matches = sorted(fnmatch.filter(manager.all_tasks, name)) if any(c in name for c in "*?[") else [name]
-        resolved += [m for m in matches if m not in resolved]
-    return resolved
-
-
-def load_tasks(manager, names: Sequence[str]) -> list:
-    """The tasks (and groups) named, with their data loaded, offline. A task whose data would need a
-    download is an error naming the task."""
-    loaded = []
-    for name in names:
-        try:
-            with offline():
-                found = manager.load([name])
-        except Exception as error:  # noqa: BLE001 - lm-eval and datasets raise many kinds here
-            raise _task_error(name, error) from error
-        if name in found.get("groups", {}):
-            loaded.append(found["groups"][name])
-        else:
-            loaded += list(found["tasks"].values())
-    return loaded
-
-
-def _task_error(name: str, error: BaseException) -> UserError:
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    download = isinstance(error, (ConnectionError, FileNotFoundError)) or type(error).__name__ in (
-        "DatasetNotFoundError",
-        "OfflineModeIsEnabled",
-        "LocalEntryNotFoundError",
-    )
-    if download:
-        return UserError(
-            f"task {name!r}: its data is not available offline ({reason}); provide its data locally: a task "
-            "YAML under --include-path whose dataset_kwargs.data_files name local JSONL/Parquet/CSV files, "
-            "or the datasets cache ($HF_DATASETS_CACHE) filled where there is network"
-        )
-    return UserError(f"task {name!r} could not be loaded: {type(error).__name__}: {reason}")
-
-
-def evaluate_tasks(
-    lm: LM,
-    tasks: Sequence,
-    manager,
-    *,
-    num_fewshot: int | None = None,
-    limit: int | float | None = None,
-    apply_chat_template: bool = False,
-    log_samples: bool = False,
-    bootstrap_iters: int = 100_000,
-) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` of ``lm`` (a :class:`NextTokenLM`, or any lm-eval model) on loaded
-    ``tasks``, offline; a :class:`NextTokenLM`'s settings are recorded under ``"nexttoken"``."""
-    with offline():
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            task_manager=manager,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            apply_chat_template=apply_chat_template,
-            log_samples=log_samples,
-            bootstrap_iters=bootstrap_iters,
-        )
-    if isinstance(lm, NextTokenLM):
-        results["nexttoken"] = lm.settings()
-    return results
-
-
-def chat_tokenizer_of(model_path: str | Path, trust_remote_code: bool = False):
-    """The ``transformers`` tokenizer of a Hugging Face folder or GGUF file, if it has a chat
-    template; None for anything else (a nexttoken checkpoint keeps no chat template)."""
-    from transformers import AutoTokenizer
-
-    path = Path(model_path).expanduser()
-    if path.is_dir():
-        source, extra = path, {}
-    elif path.suffix.lower() == ".gguf" and path.is_file():
-        source, extra = path.parent, {"gguf_file": path.name}
-    else:
-        return None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, local_files_only=True, trust_remote_code=trust_remote_code, **extra
-        )
-    except (OSError, ValueError):
-        return None
-    return tokenizer if getattr(tokenizer, "chat_template", None) else None
-
-
-def results_path(model_path: str | Path, task_names: Sequence[str]) -> Path | None:
-    """Where the results of a checkpoint of a run go: ``RUN/tasks/<checkpoint>--<tasks>.json``
-    (None for a model that is not a checkpoint of a run folder)."""
-    path = Path(model_path)
-    run = path.parent.parent
-    if path.suffix != ".ckpt" or path.parent.name != "checkpoints" or not (run / "config.yaml").is_file():
-        return None
-    label = "+".join(task_names)
-    if len(label) > 80:
-        label = f"{label[:60]}+{len(task_names)}-tasks"
-    return run / "tasks" / f"{path.stem}--{label.replace('/', '_')}.json"
-
-
-def results_json(results: dict[str, Any]) -> str:
-    from lm_eval.utils import handle_non_serializable
-
-    return json.dumps(results, default=handle_non_serializable, ensure_ascii=False)
-
-
-def results_table(results: dict[str, Any]) -> str:
-    """lm-eval's own tables: tasks, then groups when there are any."""
-    from lm_eval.utils import make_table
-
-    table = make_table(results)
-    if results.get("groups"):
-        table += "\n" + make_table(results, "groups")
-    return table

@@ -1,1 +1,0 @@
-"""Scoring any causal LM on any text: the window planner (pure), the scorer, and the command."""
