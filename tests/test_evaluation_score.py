@@ -43,7 +43,7 @@ def test_start_token_follows_the_document_start_rule(gpt2, llama):
     assert start_token(gpt2[1]) is None == document_start(gpt2[1])  # defines <s> but does not add it
     assert start_token(llama[1]) == llama[1].bos_id == 0 == document_start(llama[1])  # adds <s> itself
     assert start_token(gpt2[1], "yes") == 0 and start_token(llama[1], "no") is None
-    with pytest.raises(UserError, match="--bos must be"):
+    with pytest.raises(UserError, match="^bos must be"):
         start_token(gpt2[1], "maybe")
 
 

@@ -29,6 +29,7 @@ from nexttoken.models.hf import (
     chat_tokenizer_of,  # noqa: E402
     load_hf_causal_lm,  # noqa: E402
 )
+from nexttoken.models.masking import branch_positions  # noqa: E402
 from nexttoken.scoring.lmeval import tasks  # noqa: E402
 from nexttoken.scoring.lmeval.adapter import NextTokenLM  # noqa: E402
 from nexttoken.scoring.lmeval.offline import offline  # noqa: E402
@@ -184,28 +185,38 @@ def test_loglikelihood_matches_hflm_request_by_request(llama, tiny_llama_dir):
         assert lm.truncated == 1
 
 
-def test_loglikelihood_matches_hflm_without_a_start_token(gpt2, tiny_gpt2_dir):
-    """A tokenizer that starts documents with no token: contexts are the bare text for both; an
-    empty context is the EOS for nexttoken, so HFLM is given the EOS as its prefix too."""
+@pytest.mark.parametrize("bos", ["lm-eval", "auto"])
+def test_loglikelihood_matches_hflm_without_a_start_token(bos, gpt2, tiny_gpt2_dir):
+    """A tokenizer that starts documents with no token: contexts are the bare text for both. An
+    empty context is the BOS under lm-eval's convention (the default), as HFLM's; under nexttoken's
+    rule it is the EOS, so HFLM is given the EOS as its prefix then."""
     model, tokenizer = gpt2
+    assert tokenizer.bos_id is not None and tokenizer.bos_id != tokenizer.eos_id
     requests = multiple_choice_requests(random.Random(3), 5) + [("", "The quick brown fox")]
     reqs = instances("loglikelihood", requests)
-    reference = hflm(tiny_gpt2_dir, prefix_token_id=tokenizer.eos_id).loglikelihood(reqs)
-    got = NextTokenLM(model=model, tokenizer=tokenizer, progress=False).loglikelihood(reqs)
+    prefix = {} if bos == "lm-eval" else {"prefix_token_id": tokenizer.eos_id}
+    reference = hflm(tiny_gpt2_dir, **prefix).loglikelihood(reqs)
+    got = NextTokenLM(model=model, tokenizer=tokenizer, bos=bos, progress=False).loglikelihood(reqs)
     assert [g for _, g in got] == [g for _, g in reference]
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in reference], abs=1e-4)
 
 
-def test_rolling_matches_hflm_like_with_like(llama, tiny_llama_dir):
-    """HFLM puts its prefix token before the tokenizer's own ``<s>``; without the tokenizer's
-    (``add_bos_token=False``) it scores exactly what nexttoken scores (the module docstring)."""
+def test_rolling_follows_hflm_by_default_and_nexttokens_rule_on_request(llama, tiny_llama_dir):
+    """HFLM puts its prefix token before the tokenizer's own ``<s>``, and so does the default (lm-eval's
+    convention); nexttoken's rule (``bos="auto"``) starts with one ``<s>``, which is HFLM without the
+    tokenizer's own (``add_bos_token=False``): one token fewer scored per document."""
     model, tokenizer = llama
     docs = [(TINY_TEXT,), (sentence(random.Random(4), 80),)]
     reqs = instances("loglikelihood_rolling", docs)
-    ours = NextTokenLM(model=model, tokenizer=tokenizer, progress=False).loglikelihood_rolling(reqs)
+    default = NextTokenLM(model=model, tokenizer=tokenizer, progress=False)
+    assert default.settings()["rolling_prefix"] == "<s><s>"
+    doubled = hflm(tiny_llama_dir).loglikelihood_rolling(reqs)  # <s> <s> text
+    assert default.loglikelihood_rolling(reqs) == pytest.approx(doubled, abs=1e-4)
+    ours = NextTokenLM(model=model, tokenizer=tokenizer, bos="auto", progress=False).loglikelihood_rolling(
+        reqs
+    )
     like = hflm(tiny_llama_dir, add_bos_token=False).loglikelihood_rolling(reqs)
     assert ours == pytest.approx(like, abs=1e-4)
-    doubled = hflm(tiny_llama_dir).loglikelihood_rolling(reqs)  # <s> <s> text: one more token scored
     assert all(d < o - 1e-3 for d, o in zip(doubled, ours))
 
 
@@ -221,23 +232,31 @@ def test_row_plan_reuses_prefixes_and_shares_contexts():
     ]
     separate = plan_rows(reqs, share_context=False, max_length=64)
     assert sorted(len(r.ids) for r in separate) == [2, 4, 5]  # 0 and 2 read from 1's row
+    assert all(r.segments is None for r in separate)
     shared = plan_rows(reqs, share_context=True, max_length=64)
-    assert sorted(r.ids for r in shared) == [[1, 2], [5, 6, 7, 8, 10, 11]]
+    assert sorted(r.ids.tolist() for r in shared) == [[1, 2], [5, 6, 7, 8, 10, 11]]
     packed = next(r for r in shared if len(r.ids) == 6)
-    assert packed.segments == [0, 0, 0, 1, 2, 2] and packed.positions == [0, 1, 2, 3, 3, 4]
-    reads = {i: where for i, where, _ in packed.reads}
+    assert packed.segments.tolist() == [0, 0, 0, 1, 2, 2]
+    assert branch_positions(packed.segments[None])[0].tolist() == [0, 1, 2, 3, 3, 4]
+    reads: dict[int, list[int]] = {}
+    for column, target, owner in zip(
+        packed.columns.tolist(), packed.targets.tolist(), packed.owners.tolist()
+    ):
+        reads.setdefault(owner, []).append(column)
+        assert target == reqs[owner].targets[len(reads[owner]) - 1]
     assert reads == {0: [2], 1: [2, 3], 2: [2, 3], 3: [2, 4, 5]}
     assert len(plan_rows(reqs, share_context=True, max_length=5)) == 3  # the context row splits
 
 
-def test_builtin_gpt_runs_unpacked_and_scores_as_by_hand():
+@pytest.mark.parametrize("share", [True, False])
+def test_builtin_gpt_packs_contexts_and_scores_as_by_hand(share):
     torch.manual_seed(0)
     tokenizer = bytes_tokenizer()
     model = GPT(
         GPTConfig(vocab_size=tokenizer.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=32)
     ).eval()
-    lm = NextTokenLM(model=model, tokenizer=tokenizer, batch_size=2, progress=False)
-    assert not lm.share_context  # its attention takes no packed mask
+    lm = NextTokenLM(model=model, tokenizer=tokenizer, batch_size=2, share_context=share, progress=False)
+    assert lm.share_context is share  # the built-in GPT honours a packed row's shared context
     requests = [("Hello", " world"), ("Hello", " there"), ("", "abc")]
     got = lm.loglikelihood(instances("loglikelihood", requests))
     for (context, continuation), (ll, greedy) in zip(requests, got):
@@ -331,8 +350,9 @@ def test_cli_runs_local_tasks_on_an_hf_folder(tiny_llama_dir, task_dir, capsys):
         "model": str(tiny_llama_dir),
         "context": 64,
         "stride": 64,
-        "bos": "auto",
+        "bos": "lm-eval",
         "start_token": "<s>",
+        "rolling_prefix": "<s><s>",
         "dtype": "float32",
         "device": "cpu",
         "batch_size": "auto",
@@ -356,7 +376,7 @@ def test_cli_limit_and_table(tiny_gpt2_dir, task_dir, capsys):
     )
     assert code == 0, err
     assert "|tinyswag" in out and "acc_norm" in out
-    assert "start token None" in err
+    assert "document start: '<s>' (lm-eval's convention, as its HFLM; --bos auto for nexttoken's rule)" in err
 
 
 @pytest.mark.parametrize(
@@ -473,18 +493,22 @@ def assert_same_results(ours: dict, reference: dict) -> None:
 @pytest.mark.slow
 def test_checkpoint_and_its_export_match_hflm_on_the_export(trained, tmp_path):
     """The same trained model three ways: its checkpoint and its export through NextTokenLM, and
-    the export through lm-eval's HFLM (rolling: HFLM without the tokenizer's own start token)."""
+    the export through lm-eval's HFLM: by default as HFLM is; with nexttoken's rule (``bos="auto"``) as
+    HFLM without the tokenizer's own start token on rolling documents."""
     ckpt, exported = trained
     task_dir = write_tasks(tmp_path / "tasks", n_items=30, n_docs=6)
     reference = hflm(exported)
     mc = evaluate(reference, task_dir, ["tinyswag"])
-    reference.add_bos_token = False
     rolling = evaluate(reference, task_dir, ["tinytext"])
+    reference.add_bos_token = False
+    rolling_single_start = evaluate(reference, task_dir, ["tinytext"])
     for path in (ckpt, exported):
         lm = NextTokenLM(str(path), progress=False)
-        assert lm.share_context is (path == exported)
+        assert lm.share_context
         assert_same_results(evaluate(lm, task_dir, ["tinyswag"]), mc)
         assert_same_results(evaluate(lm, task_dir, ["tinytext"]), rolling)
+        own_rule = NextTokenLM(str(path), bos="auto", progress=False)
+        assert_same_results(evaluate(own_rule, task_dir, ["tinytext"]), rolling_single_start)
 
 
 @pytest.mark.slow
@@ -526,8 +550,9 @@ def smollm2(smollm2_gguf):
 
 @pytest.mark.slow
 def test_smollm2_matches_hflm(smollm2, tmp_path):
-    """SmolLM2 (its tokenizer starts documents with no token): multiple choice as is; rolling with
-    ``bos="yes"``, which conditions the first token on the BOS as HFLM does. HFLM gets the very same
+    """SmolLM2 (its tokenizer starts documents with no token): multiple choice and rolling as HFLM by
+    default (lm-eval's convention: the first token conditioned on the BOS), and with ``bos="yes"``;
+    nexttoken's own rule (``bos="auto"``) leaves the first token unscored. HFLM gets the very same
     dequantized model object (no second load, no Hub)."""
     from lm_eval.models.huggingface import HFLM
 
@@ -540,9 +565,11 @@ def test_smollm2_matches_hflm(smollm2, tmp_path):
     lm = NextTokenLM(model=model, tokenizer=tokenizer, context=256, batch_size=8, progress=False)
     assert lm.share_context and lm.start is None
     assert_same_results(evaluate(lm, task_dir, ["tinyswag"]), mc)
+    assert_same_results(evaluate(lm, task_dir, ["tinytext"]), rolling)
     with_bos = NextTokenLM(model=model, tokenizer=tokenizer, context=256, bos="yes", progress=False)
     assert_same_results(evaluate(with_bos, task_dir, ["tinytext"]), rolling)
-    auto = evaluate(lm, task_dir, ["tinytext"])["results"]["tinytext"]["word_perplexity,none"]
+    own_rule = NextTokenLM(model=model, tokenizer=tokenizer, context=256, bos="auto", progress=False)
+    auto = evaluate(own_rule, task_dir, ["tinytext"])["results"]["tinytext"]["word_perplexity,none"]
     assert math.isfinite(auto) and auto != rolling["results"]["tinytext"]["word_perplexity,none"]
 
 

@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from torch.utils.data import DataLoader
 
-from nexttoken.training import throughput
 from nexttoken.loss import next_token_loss
+from nexttoken.training import throughput
 from nexttoken.training.module import CausalLMModule
 from nexttoken.training.progress import ProgressLog, StepProgressBar, clock_time
 from nexttoken.training.throughput import ThroughputCallback

@@ -14,10 +14,10 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from nexttoken.training import report
 from nexttoken.cli import main
 from nexttoken.data.cache import TokenCache
 from nexttoken.metrics import summarize
+from nexttoken.training import report
 from nexttoken.training.report import compressor_bits_per_byte, format_report, plot_curves, read_metrics
 from test_cli import fit_args, write_corpus
 

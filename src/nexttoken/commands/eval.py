@@ -52,9 +52,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--bos",
-        choices=BOS_MODES,
-        default="auto",
-        help="start each document with a BOS so its first token is scored: auto = as the model was trained",
+        choices=("lm-eval", *BOS_MODES),
+        default=None,
+        help="what starts each document: auto = as the model was trained (the default on text), yes = "
+        "always a BOS so the first token is scored, no = nothing; lm-eval = lm-eval's own convention, "
+        "as its HFLM (the default with --tasks, so numbers compare with published ones)",
     )
     parser.add_argument(
         "--trust-remote-code",
@@ -97,6 +99,16 @@ def check_arguments_early(args: argparse.Namespace) -> None:
     )
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive number of windows, got {args.batch_size!r}")
+
+
+def start_line(settings: dict) -> str:
+    """What starts each document under ``--tasks``, in words."""
+    prefix = repr(settings["rolling_prefix"]) if settings["rolling_prefix"] else "nothing"
+    if settings["bos"] == "lm-eval":
+        return (
+            f"document start: {prefix} (lm-eval's convention, as its HFLM; --bos auto for nexttoken's rule)"
+        )
+    return f"document start: {prefix} (--bos {settings['bos']}; lm-eval's own convention is --bos lm-eval)"
 
 
 def settings_note(context: int | None, stride: int | None, max_context: int | None) -> str:
@@ -149,6 +161,10 @@ def run_eval(args: argparse.Namespace) -> int:
             "DATA: pass at least one text file or folder to score (or --tasks NAME for lm-evaluation-harness tasks)"
         )
     check_arguments_early(args)
+    if args.bos == "lm-eval":
+        raise UserError(
+            "--bos lm-eval is lm-eval's convention for --tasks; on text use --bos auto, yes or no"
+        )
     sources = find_documents(args.data, flag="DATA")
     data_format, format_line = choose_data_format(sources, args.format)
     if data_format != "text":
@@ -174,7 +190,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.context,
         args.stride,
         args.batch_size,
-        bos=args.bos,
+        bos=args.bos or "auto",
         progress=args.progress,
         model_name=str(args.model) + (f" + {args.adapter}" if args.adapter else ""),
     )
@@ -367,7 +383,7 @@ def run_tasks(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
-        bos=args.bos,
+        bos=args.bos or "lm-eval",
         trust_remote_code=args.trust_remote_code,
         chat_tokenizer=chat,
         progress=args.progress,
@@ -375,7 +391,7 @@ def run_tasks(args: argparse.Namespace) -> int:
     settings = lm.settings()
     print(
         f"nexttoken eval: tasks {', '.join(names)}; context {lm.context}, stride {lm.stride}; "
-        f"start token {settings['start_token']!r}; {settings['dtype']} on {settings['device']}; "
+        f"{start_line(settings)}; {settings['dtype']} on {settings['device']}; "
         f"shared contexts {'on' if lm.share_context else 'off (the model takes no packed rows)'}",
         file=sys.stderr,
         flush=True,

@@ -320,7 +320,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         args.context,
         args.stride,
         args.batch_size,
-        bos=args.bos,
+        bos=args.bos or "auto",
         progress=args.progress,
     )
     views = token_views(tokenizer, text, scores)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from nexttoken.models.masking import document_causal_mask, document_positions
+from nexttoken.models.masking import branch_mask, branch_positions, document_causal_mask, document_positions
 from nexttoken.models.protocol import evaluating
 
 # Named sizes; the vocabulary comes from the tokenizer, so it is not part of a preset. Comments give the
@@ -174,7 +174,12 @@ class GPT(nn.Module):
         return True  # logits = ln_f(x) @ wte.T, nothing after
 
     def hidden(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, document_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        document_ids: Tensor | None = None,
+        segments: Tensor | None = None,
     ) -> Tensor:
         """Final hidden states (B, T, C) after ``ln_f``: ``logits = hidden @ lm_head.weight.T``.
 
@@ -182,6 +187,7 @@ class GPT(nn.Module):
         ``attention_mask`` may only mark right padding, which causal attention already keeps out of
         every real position, so it is not needed here. ``document_ids`` (B, T): packed documents
         (see :mod:`nexttoken.models.masking`): positions restart and attention stops at each one.
+        ``segments`` (B, T): a shared context and branches after it (:func:`branch_mask`).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
@@ -199,6 +205,8 @@ class GPT(nn.Module):
                     f"document_ids {tuple(document_ids.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
                 )
             pos, attn_mask = document_positions(document_ids), document_causal_mask(document_ids)
+        elif segments is not None:  # a shared context and its branches
+            pos, attn_mask = branch_positions(segments), branch_mask(segments)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))  # (B, T, C) + (T, C) or (B, T, C)
         for block in self.blocks:
             x = block(x, attn_mask)

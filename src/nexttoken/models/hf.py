@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from nexttoken.errors import UserError
-from nexttoken.models.masking import document_positions
+from nexttoken.models.masking import branch_mask, branch_positions, document_positions
 from nexttoken.models.protocol import CausalLM, evaluating
 
 if TYPE_CHECKING:
@@ -137,11 +137,25 @@ class HFCausalLM(nn.Module):
         return logits
 
     def hidden(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, document_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        document_ids: Tensor | None = None,
+        segments: Tensor | None = None,
     ) -> Tensor:
         """Final hidden states ``(B, T, C)`` (after the last norm): ``lm_head(hidden)`` are the logits
-        whenever :attr:`logits_are_linear`."""
-        kwargs = self._document_kwargs(input_ids, attention_mask, document_ids)
+        whenever :attr:`logits_are_linear`. ``segments``: a shared context and its branches, given to
+        the model as a 4-D additive attention mask and position ids (a model whose attention ignores
+        such a mask is found out by :func:`nexttoken.scoring.core.packs_branches`)."""
+        if segments is not None:
+            dtype = self.lm_head.weight.dtype
+            allowed = branch_mask(segments)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+            mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+            kwargs = {"attention_mask": mask, "position_ids": branch_positions(segments)}
+        else:
+            kwargs = self._document_kwargs(input_ids, attention_mask, document_ids)
         out = self.model.base_model(input_ids=input_ids, use_cache=False, **kwargs)
         return out[0]  # last_hidden_state
 

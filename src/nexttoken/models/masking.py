@@ -50,3 +50,28 @@ def document_causal_mask(document_ids: Tensor) -> Tensor:
     causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
     same = segment[:, :, None] == segment[:, None, :]
     return (same & causal).unsqueeze(1)
+
+
+# --------------------------------------------------------------------------- shared contexts
+# A row can also hold one context followed by several branches (the choices of a multiple-choice
+# question): ``segments`` (B, T) is 0 on the context, 1, 2, ... on the branches and -1 on padding.
+# Each branch sees the context and itself, never another branch, and its positions continue from
+# the context's end, so each branch's logits are those of context + branch run alone.
+
+
+def branch_mask(segments: Tensor) -> Tensor:
+    """(B, 1, T, T) bool: query ``i`` may attend to key ``j`` when ``j <= i`` and ``j`` lies in the
+    context or in ``i``'s own branch; padding is seen by nobody and sees only itself (no empty row)."""
+    _check(segments)
+    T = segments.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    query, key = segments[:, :, None], segments[:, None, :]
+    allow = causal & (key >= 0) & ((key == 0) | (key == query))
+    allow |= torch.eye(T, dtype=torch.bool, device=segments.device) & (query < 0)
+    return allow.unsqueeze(1)
+
+
+def branch_positions(segments: Tensor) -> Tensor:
+    """(B, T) int64: each token's position in its own sequence (context + its branch): the number
+    of earlier tokens it sees."""
+    return branch_mask(segments).squeeze(1).sum(dim=-1) - 1

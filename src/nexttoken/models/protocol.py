@@ -39,10 +39,19 @@ class CausalLM(Protocol):
         ...
 
     def hidden(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, document_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        document_ids: Tensor | None = None,
+        segments: Tensor | None = None,
     ) -> Tensor:
         """Final hidden states ``(B, T, C)``: ``lm_head(hidden(x)) == forward(x)`` whenever
-        :attr:`logits_are_linear` (with the same ``document_ids``)."""
+        :attr:`logits_are_linear` (with the same ``document_ids``). ``segments`` (B, T): a shared
+        context (0) and branches after it (1, 2, ...; -1 is padding), each branch seeing the context
+        and itself only (:func:`nexttoken.models.masking.branch_mask`); a model whose attention cannot
+        take such a mask gives wrong states, which scoring checks once before packing rows
+        (:func:`nexttoken.scoring.core.packs_branches`)."""
         ...
 
     @property

@@ -2,8 +2,8 @@
 fine-tunes).
 
 Every conversation is rendered and masked exactly as for training (:mod:`nexttoken.data.chat`), then
-scored through the same sliding windows as plain text (:func:`nexttoken.scoring.text.score_windows`),
-restricted to the scored tokens: so a conversation longer than the model's context is scored whole,
+scored through the same sliding windows as plain text, in the scoring core
+(:func:`nexttoken.scoring.core.score_rows`), restricted to the scored tokens: so a conversation longer than the model's context is scored whole,
 every response token exactly once, never truncated. The three sums are those of the reduction
 contract over response tokens only: ``nll_sum``, ``tokens`` (response tokens) and ``bytes`` (UTF-8
 bytes of the text those tokens cover), divided once by :func:`nexttoken.metrics.summarize`.
@@ -30,19 +30,11 @@ from nexttoken.data.chat import (
 )
 from nexttoken.data.sft import count_examples
 from nexttoken.data.tokenizers import as_tokenizer
-from nexttoken.errors import UserError
-from nexttoken.loss import IGNORE_INDEX
-from nexttoken.metrics import NextTokenMetrics, summarize
+from nexttoken.errors import UserError, setting
+from nexttoken.metrics import summarize
 from nexttoken.models.hf import as_causal_lm
-from nexttoken.models.protocol import evaluating
-from nexttoken.scoring.text import (
-    JSONResult,
-    _progress,
-    resolve_batch_size,
-    resolve_windows,
-    score_windows,
-)
-from nexttoken.scoring.windows import make_windows
+from nexttoken.scoring.core import document_rows, resolve_batch_size, score_rows
+from nexttoken.scoring.text import JSONResult, progress_bar, resolve_windows
 
 
 @dataclass
@@ -87,27 +79,19 @@ def evaluate_examples(
     context, stride = resolve_windows(model, context, stride)
     counts = count_examples(examples)
     if counts.response_tokens == 0:
-        raise UserError("nothing to score: no example has a response token; check the records and --train-on")
+        raise UserError(
+            f"nothing to score: no example has a response token; check the records and {setting('data.train_on')}"
+        )
     docs = [torch.from_numpy(e.tokens) for e in examples]
     masks = [torch.from_numpy(e.scored) for e in examples]
-    windows = [w for d, e in enumerate(examples) for w in make_windows(len(e), context, stride, doc=d)]
-    windows.sort(key=lambda w: -w.length)  # similar lengths share a batch; the sums do not care
+    rows = document_rows(docs, context, stride, score_masks=masks)
     param = model.lm_head.weight
     batch_size = resolve_batch_size(batch_size, context, param.device)
-
-    metrics = NextTokenMetrics().to(param.device) if param.device.type != "mps" else NextTokenMetrics()
     began = time.perf_counter()
-    with (
-        evaluating(model),
-        torch.inference_mode(),
-        _progress(counts.response_tokens, progress, "eval") as bar,
-    ):
-        for scored in score_windows(model, docs, windows, batch_size, scored_masks=masks):
-            n = (scored.targets != IGNORE_INDEX).sum()
-            metrics.update(scored.nll.double().sum(), n)
-            bar.update(int(n))
+    with progress_bar(counts.response_tokens, progress, "eval") as bar:
+        scores = score_rows(model, rows, len(docs), batch_size=batch_size, progress=bar.update)
     seconds = time.perf_counter() - began
-    nll_sum, tokens = float(metrics.nll_sum), int(metrics.tokens)
+    nll_sum, tokens = scores.nll_sum, scores.total_tokens
     if tokens != counts.response_tokens:
         raise RuntimeError(
             f"scored {tokens} tokens, expected {counts.response_tokens}: the windows lost some"

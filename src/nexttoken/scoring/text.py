@@ -7,9 +7,10 @@ on text laid out exactly as it was trained. Without a start token a document's f
 no left context and is not scored. ``bos="yes"``/``"no"`` overrides the rule. ``bytes`` and
 ``words`` always count the whole documents' text.
 
-Windows come from :mod:`nexttoken.scoring.windows`. Scores add up through the reduction
-contract: ``nll_sum``, ``tokens`` and ``bytes`` are summed over windows, batches and documents, and
-divided once by :func:`nexttoken.metrics.summarize`.
+Windows come from :mod:`nexttoken.scoring.windows` and the model runs in the scoring core
+(:func:`nexttoken.scoring.core.score_rows`). Scores add up through the reduction contract:
+``nll_sum``, ``tokens`` and ``bytes`` are summed over windows, batches and documents, and divided
+once by :func:`nexttoken.metrics.summarize`.
 """
 
 from __future__ import annotations
@@ -18,21 +19,20 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from nexttoken.data.packing import shift
 from nexttoken.data.tokenizers import Tokenizer, as_tokenizer, document_start
-from nexttoken.errors import UserError
-from nexttoken.loss import IGNORE_INDEX, next_token_loss
-from nexttoken.metrics import NextTokenMetrics, summarize
+from nexttoken.errors import UserError, setting
+from nexttoken.metrics import summarize
 from nexttoken.models.hf import as_causal_lm
-from nexttoken.models.protocol import CausalLM, evaluating
-from nexttoken.scoring.windows import Window, check_window_settings, make_windows
+from nexttoken.models.protocol import CausalLM
+from nexttoken.scoring.core import document_rows, resolve_batch_size, score_rows, window_rows
+from nexttoken.scoring.windows import check_window_settings, make_windows
 
 BosMode = Literal["auto", "yes", "no"]
 BOS_MODES: tuple[str, ...] = BosMode.__args__
@@ -42,30 +42,18 @@ def start_token(tokenizer: Tokenizer, mode: BosMode = "auto") -> int | None:
     """The token prepended to every document: :func:`document_start` (``auto``), always one
     (``yes``: the document start, else the tokenizer's BOS), or none (``no``)."""
     if mode not in BOS_MODES:
-        raise UserError(f"--bos must be one of {', '.join(BOS_MODES)}, got {mode!r}")
+        raise UserError(f"{setting('bos')} must be one of {', '.join(BOS_MODES)}, got {mode!r}")
     if mode == "no":
         return None
     start = document_start(tokenizer)
     if mode == "yes" and start is None:
         if tokenizer.bos_id is None:
-            raise UserError("--bos yes: this tokenizer defines no BOS token; use --bos auto or --bos no")
+            raise UserError(
+                f"{setting('bos')} yes: this tokenizer defines no BOS token; use {setting('bos')} auto or "
+                f"{setting('bos')} no"
+            )
         return tokenizer.bos_id
     return start
-
-
-def default_batch_size(context: int, device: torch.device) -> int:
-    """About 1k window tokens per batch on CPU (bigger batches do not run faster there), 8k on GPUs."""
-    budget = 8192 if device.type == "cuda" else 1024
-    return max(1, budget // context)
-
-
-def resolve_batch_size(batch_size: int | None, context: int, device: torch.device) -> int:
-    """Windows per forward pass: ``batch_size`` checked, or :func:`default_batch_size`."""
-    if batch_size is None:
-        return default_batch_size(context, device)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"--batch-size must be a positive number of windows, got {batch_size!r}")
-    return batch_size
 
 
 def resolve_windows(model: CausalLM, context: int | None, stride: int | None) -> tuple[int, int]:
@@ -73,7 +61,7 @@ def resolve_windows(model: CausalLM, context: int | None, stride: int | None) ->
     max_context = model.max_context
     if context is None:
         if max_context is None:
-            raise UserError("cannot tell this model's maximum context; pass --context N")
+            raise UserError(f"cannot tell this model's maximum context; pass {setting('context')} N")
         context = max_context
     if stride is None:
         stride = max(1, context // 2)
@@ -81,54 +69,7 @@ def resolve_windows(model: CausalLM, context: int | None, stride: int | None) ->
     return context, stride
 
 
-@dataclass
-class ScoredBatch:
-    windows: list[Window]
-    targets: Tensor  # (B, keep): target ids, IGNORE_INDEX where not scored
-    nll: Tensor  # (B, keep): nats, 0 where not scored
-    logits: Tensor  # (B, keep, V)
-    offset: int  # column j of targets/nll/logits is input position offset + j
-
-
-def score_windows(
-    model: CausalLM,
-    docs: Sequence[Tensor],
-    windows: Sequence[Window],
-    batch_size: int,
-    pad_id: int = 0,
-    scored_masks: Sequence[Tensor] | None = None,
-) -> Iterator[ScoredBatch]:
-    """Run the windows in batches (right-padded, unscored targets masked with IGNORE_INDEX); call
-    under ``torch.inference_mode()``. Only the scored positions are projected onto the vocabulary.
-
-    ``scored_masks[d]`` (bool, one per token of ``docs[d]``): only tokens marked True are scored
-    as targets (a chat example's response tokens); each is still scored by exactly one window.
-    """
-    device = model.lm_head.weight.device
-    for first in range(0, len(windows), batch_size):
-        batch = list(windows[first : first + batch_size])
-        width = max(w.length for w in batch)
-        inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        for i, w in enumerate(batch):
-            x, y = shift(docs[w.doc][w.begin : w.end + 1])
-            inputs[i, : w.length] = x
-            targets[i, w.length - w.n_scored : w.length] = y[w.length - w.n_scored :]
-            if scored_masks is not None:
-                keep = shift(scored_masks[w.doc][w.begin : w.end + 1])[1]  # the mask shifts with the targets
-                targets[i, : w.length].masked_fill_(~keep, IGNORE_INDEX)
-        offset = min(w.length - w.n_scored for w in batch)
-        mask = None
-        if any(w.length < width for w in batch):
-            lengths = torch.tensor([w.length for w in batch])
-            mask = (torch.arange(width)[None, :] < lengths[:, None]).long().to(device)
-        logits = model(inputs.to(device), mask, logits_to_keep=width - offset)
-        kept = targets[:, offset:].to(device)
-        nll = next_token_loss(logits, kept, reduction="none")
-        yield ScoredBatch(batch, kept, nll, logits, offset)
-
-
-def _progress(total: int, enabled: bool, desc: str):
+def progress_bar(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -212,29 +153,20 @@ def evaluate_texts(
     context, stride = resolve_windows(model, context, stride)
     start = start_token(tokenizer, bos)
     docs = [_document(start, tokenizer.encode(text)) for text in texts]
-    windows = [w for d, ids in enumerate(docs) for w in make_windows(len(ids), context, stride, doc=d)]
-    # Longest first: windows of similar length share a batch (less padding); sums do not care.
-    windows.sort(key=lambda w: -w.length)
-    total = sum(w.n_scored for w in windows)
+    rows = document_rows(docs, context, stride)
+    total = sum(r.columns.numel() for r in rows)
     if total == 0:
         raise UserError(
             "nothing to score: every document is a single token and the tokenizer adds no BOS; "
-            "pass longer text (or --bos yes)"
+            f"pass longer text (or {setting('bos')} yes)"
         )
     param = model.lm_head.weight
     batch_size = resolve_batch_size(batch_size, context, param.device)
-
-    metrics = NextTokenMetrics().to(param.device) if param.device.type != "mps" else NextTokenMetrics()
     began = time.perf_counter()
-    with evaluating(model), torch.inference_mode(), _progress(total, progress, "eval") as bar:
-        for scored in score_windows(model, docs, windows, batch_size):
-            metrics.update(scored.nll.double().sum(), (scored.targets != IGNORE_INDEX).sum())
-            bar.update(sum(w.n_scored for w in scored.windows))
+    with progress_bar(total, progress, "eval") as bar:
+        scores = score_rows(model, rows, len(docs), batch_size=batch_size, progress=bar.update)
     seconds = time.perf_counter() - began
-
-    nll_sum, tokens = float(metrics.nll_sum), int(metrics.tokens)
-    if tokens != total:
-        raise RuntimeError(f"scored {tokens} tokens, expected {total}: the window batching lost some")
+    nll_sum, tokens = scores.nll_sum, scores.total_tokens
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_words = sum(len(t.split()) for t in texts)
     numbers = summarize(nll_sum, tokens, n_bytes)
@@ -304,20 +236,17 @@ def score_text(
     doc = _document(start, ids)
     shift_by = 1 if start is not None else 0  # doc position p is text token p - shift_by
     windows = make_windows(len(doc), context, stride)
+    rows = window_rows([doc], windows)
+    batch_size = resolve_batch_size(batch_size, context, model.lm_head.weight.device)
+    with progress_bar(len(doc) - 1, progress, "inspect") as bar:
+        scores = score_rows(
+            model, rows, 1, batch_size=batch_size, per_token=True, topk=topk, progress=bar.update
+        )
     n = len(ids)
     nll = torch.full((n,), math.nan, dtype=torch.float64)
     top_ids = torch.zeros((n, topk), dtype=torch.long)
     top_probs = torch.zeros((n, topk), dtype=torch.float32)
-    batch_size = batch_size or default_batch_size(context, model.lm_head.weight.device)
-    total = sum(w.n_scored for w in windows)
-    with evaluating(model), torch.inference_mode(), _progress(total, progress, "inspect") as bar:
-        for scored in score_windows(model, [doc], windows, batch_size):
-            for i, w in enumerate(scored.windows):
-                a = w.length - w.n_scored - scored.offset
-                positions = torch.arange(w.end - w.n_scored + 1, w.end + 1) - shift_by
-                nll[positions] = scored.nll[i, a : a + w.n_scored].double().cpu()
-                probs = torch.softmax(scored.logits[i, a : a + w.n_scored].float(), dim=-1)
-                p, k = probs.topk(topk, dim=-1)
-                top_ids[positions], top_probs[positions] = k.cpu(), p.cpu()
-                bar.update(w.n_scored)
+    for w, row, token_nll, (k, p) in zip(windows, rows, scores.token_nll, scores.token_top):
+        positions = w.begin + row.columns + 1 - shift_by  # the read's target, as a text token index
+        nll[positions], top_ids[positions], top_probs[positions] = token_nll, k, p
     return TokenScores(ids, offsets, nll, top_ids, top_probs, start is not None, context, stride)

@@ -2,39 +2,37 @@
 
 :class:`NextTokenLM` is an lm-eval language model (a ``TemplateLM``, registered as ``nexttoken``)
 built on nexttoken's own pieces: :func:`~nexttoken.models.load.load_model` (a ``.ckpt``, a Hugging
-Face folder or a GGUF file), the document-start rule (:func:`~nexttoken.scoring.text.start_token`),
-fp32 log-softmax scoring (:func:`~nexttoken.loss.next_token_loss`) and the sliding windows of
-``nexttoken eval`` (:func:`~nexttoken.scoring.windows.make_windows`,
-:func:`~nexttoken.scoring.text.score_windows`). lm-eval itself builds the prompts, few-shot
-contexts and metrics; :func:`evaluate_tasks` runs ``lm_eval.simple_evaluate`` with it.
+Face folder or a GGUF file), and the scoring core (:func:`~nexttoken.scoring.core.score_rows`: fp32
+log-softmax, only the scored positions projected, the sliding windows of ``nexttoken eval`` for rolling
+documents). lm-eval itself builds the prompts, few-shot contexts and metrics;
+:func:`~nexttoken.scoring.lmeval.tasks.evaluate_tasks` runs ``lm_eval.simple_evaluate`` with it.
 
 Work it saves, compared with lm-eval's ``HFLM`` on the same model:
 
 * **shared contexts**: the choices of a multiple-choice question run as one packed row (the context
-  once, then every continuation, each attending to the context and to itself only, through a 4-D
-  attention mask and position ids), where the model honours such a mask: checked once per model by
-  comparing a packed row against separate ones (Hugging Face models; the built-in GPT has no such
-  mask and runs every request in its own row);
+  once, then every continuation, each attending to the context and to itself only), where the model
+  honours such a row: checked once per model by comparing a packed row against separate ones
+  (:func:`~nexttoken.scoring.core.packs_branches`; the built-in GPT and Hugging Face models whose
+  attention takes a 4-D mask do);
 * **prefix reuse**: a request whose input is a prefix of another's (identical inputs included) is read
   from that one's forward pass (``HFLM`` shares one only between identical inputs, such as one-token
   continuations of one context);
 * **scored positions only**: hidden states are gathered at the scored positions and only those are
   projected onto the vocabulary (in chunks of at most ~128 MB of logits), never the whole padded batch.
 
-Where its numbers and ``HFLM``'s differ by construction (everything else agrees to float rounding,
-tested on exported nexttoken checkpoints and SmolLM2):
+**What starts a document** (``bos``): by default lm-eval's own convention, so that a number compares
+with published ones: ``HFLM`` puts its prefix token (the tokenizer's BOS, else its EOS) before every
+rolling document, in front of the tokenizer's own encoding, and uses it as an empty context. For a
+tokenizer that adds a start token itself (Llama's BOS, the EOS of an exported nexttoken model) a
+rolling document therefore starts with two of them and one extra token is scored per document (the
+start token given the start token); for one that adds none (GPT-2, SmolLM2) the first token is scored
+after the prefix token. ``bos="auto"`` (``nexttoken eval --tasks ... --bos auto``) is nexttoken's own
+rule instead, exactly as plain ``nexttoken eval``: :func:`document_start` before each document, and a
+first token without left context is not scored.
 
-* **rolling log-likelihood** (perplexity tasks): nexttoken puts :func:`document_start` before the
-  document, exactly as ``nexttoken eval``; ``HFLM`` puts its prefix token (BOS, else EOS) before the
-  tokenizer's own encoding. For a tokenizer that adds a start token itself (Llama's BOS, the EOS of
-  an exported nexttoken model) ``HFLM`` therefore starts with two of them and scores one extra token
-  per document (the start token given the start token); ``HFLM(..., add_bos_token=False)`` gives
-  nexttoken's number. For a tokenizer that starts documents with no token (GPT-2, SmolLM2) nexttoken
-  leaves the first token unscored (``--bos auto``), while ``HFLM`` scores it after its prefix token;
-  ``--bos yes`` conditions on the tokenizer's BOS as ``HFLM`` does.
-* **empty contexts** (``loglikelihood`` with context ``""``): ``HFLM`` conditions on the BOS (else the
-  EOS); nexttoken on the document start, else the EOS (a document follows an EOS in a training
-  stream). For SmolLM2, whose BOS is the chat marker ``<|im_start|>``, the two differ.
+Where the numbers still differ from ``HFLM``'s by construction (everything else agrees to float
+rounding, tested on exported nexttoken checkpoints and SmolLM2):
+
 * **rolling windows**: ``HFLM`` uses disjoint windows of the model's maximum length; so does nexttoken
   by default (``stride = context``), and ``--stride`` gives every token more context.
 * **precision**: nexttoken's log-softmax is always fp32; ``HFLM``'s runs in the model's dtype.
@@ -43,8 +41,8 @@ tested on exported nexttoken checkpoints and SmolLM2):
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -54,24 +52,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from nexttoken.data.tokenizers import Tokenizer, as_tokenizer
-from nexttoken.errors import UserError
-from nexttoken.loss import next_token_loss
-from nexttoken.models.hf import HFCausalLM, as_causal_lm
+from nexttoken.errors import UserError, setting
+from nexttoken.models.hf import as_causal_lm
 from nexttoken.models.protocol import CausalLM, evaluating
-from nexttoken.scoring.lmeval.requests import Request, Row, packed_mask, plan_rows
-from nexttoken.scoring.text import (
-    BosMode,
-    default_batch_size,
-    resolve_windows,
-    score_windows,
-    start_token,
-)
-from nexttoken.scoring.windows import make_windows
+from nexttoken.scoring.core import default_batch_size, document_rows, packs_branches, score_rows
+from nexttoken.scoring.lmeval.requests import Request, plan_rows
+from nexttoken.scoring.text import BOS_MODES, resolve_windows, start_token
 
-# Logits projected at once when scoring gathered positions (fp32: 2**25 logits = 128 MB).
-HEAD_CHUNK_LOGITS = 2**25
 # New tokens per generation call: stop strings are looked for between calls.
 GENERATION_CHUNK = 32
+
+
+# lm-eval's own convention (the default under tasks), or one of nexttoken's document-start rules.
+TaskBosMode = Literal["lm-eval", "auto", "yes", "no"]
+TASK_BOS_MODES: tuple[str, ...] = ("lm-eval", *BOS_MODES)
 
 
 @register_model("nexttoken")
@@ -87,7 +81,10 @@ class NextTokenLM(TemplateLM):
             disjoint windows); see :mod:`nexttoken.scoring.windows`.
         batch_size: sequences per forward pass (default: about 1k tokens' worth on CPU, 8k on GPU).
         device, dtype, trust_remote_code: how ``pretrained`` is loaded (a given ``model`` stays as it is).
-        bos: the document-start policy, as ``nexttoken eval --bos`` (``auto`` | ``yes`` | ``no``).
+        bos: what starts a document: ``lm-eval`` (the default: lm-eval's own convention, what its
+            ``HFLM`` does, so that numbers compare with published ones: the tokenizer's BOS, else its
+            EOS, before every rolling document and as an empty context, and texts encoded as the
+            tokenizer does), or nexttoken's rule as ``nexttoken eval --bos`` (``auto`` | ``yes`` | ``no``).
         share_context: run the choices of a question in one packed row where the model allows.
         chat_tokenizer: a ``transformers`` tokenizer with a chat template, for tasks run with
             ``apply_chat_template`` (prompts are then encoded by it, special tokens parsed).
@@ -104,7 +101,7 @@ class NextTokenLM(TemplateLM):
         batch_size: int | str | None = None,
         device: str = "auto",
         dtype: str = "auto",
-        bos: BosMode = "auto",
+        bos: TaskBosMode = "lm-eval",
         trust_remote_code: bool = False,
         share_context: bool = True,
         chat_tokenizer: Any = None,
@@ -132,13 +129,22 @@ class NextTokenLM(TemplateLM):
             stride = context
         self.context, self.stride = resolve_windows(self.model, context, stride)
         self.batch_size = _batch_size(batch_size)
+        if bos not in TASK_BOS_MODES:
+            raise UserError(f"{setting('bos')} must be one of {', '.join(TASK_BOS_MODES)}, got {bos!r}")
         self.bos = bos
-        self.start = start_token(self.tokenizer, bos)
+        # What goes before a text's tokens (the tokenizer's own start token under lm-eval's convention),
+        # and what conditions a rolling document and an empty context.
+        self.start = start_token(self.tokenizer, "auto" if bos == "lm-eval" else bos)
+        if bos == "lm-eval":
+            bos_id = self.tokenizer.bos_id
+            self.prefix = bos_id if bos_id is not None else self.tokenizer.eos_id
+        else:
+            self.prefix = self.start if self.start is not None else self.tokenizer.eos_id
         self.chat_tokenizer = chat_tokenizer
         self.max_gen_toks = int(max_gen_toks)
         self.progress = progress
         self._device = self.model.lm_head.weight.device
-        self.share_context = bool(share_context) and self._packing_is_exact()
+        self.share_context = bool(share_context) and packs_branches(self.model)
         self.truncated = 0  # loglikelihood requests whose context was cut from the left
 
     # ------------------------------------------------------------------ what lm-eval asks
@@ -148,8 +154,9 @@ class NextTokenLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        """What an empty context is: the document start, else the EOS that ends the document before."""
-        return self.start if self.start is not None else self.tokenizer.eos_id
+        """What an empty context is: under lm-eval's convention the BOS, else the EOS; under
+        nexttoken's rule the document start, else the EOS that ends the document before."""
+        return self.prefix
 
     @property
     def max_length(self) -> int:
@@ -183,6 +190,7 @@ class NextTokenLM(TemplateLM):
             "stride": self.stride,
             "bos": self.bos,
             "start_token": None if self.start is None else self.tokenizer.decode([self.start]),
+            "rolling_prefix": self._token_text(self._rolling_prefix()),
             "dtype": str(param.dtype).removeprefix("torch."),
             "device": str(param.device),
             "batch_size": self.batch_size or "auto",
@@ -214,15 +222,6 @@ class NextTokenLM(TemplateLM):
 
     def tok_decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _batches(self, lengths: Sequence[int]) -> Iterator[range]:
-        """Consecutive index ranges of items sorted longest first: ``batch_size`` items, or about a
-        default budget of tokens (:func:`default_batch_size`) when none is set."""
-        first = 0
-        while first < len(lengths):
-            size = self.batch_size or default_batch_size(max(1, lengths[first]), self._device)
-            yield range(first, min(first + size, len(lengths)))
-            first += size
 
     def _bar(self, total: int, desc: str, disable: bool):
         return tqdm(
@@ -260,132 +259,38 @@ class NextTokenLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood", key, answer)
         return answers
 
-    def _packing_is_exact(self) -> bool:
-        """Whether this model honours a packed row's 4-D mask and position ids: a context with two
-        branches, packed, must give the log-probabilities of the two separate sequences."""
-        if not isinstance(self.model, HFCausalLM) or not self.model.logits_are_linear:
-            return False
-        vocab = self.model.lm_head.weight.shape[0]
-        ids = [(7919 * k + 11) % vocab for k in range(1, 10)]
-        context, continuations = ids[:5], [ids[5:8], ids[2:4]]
-        requests = [Request(k, tuple(context + c[:-1]), 5, tuple(c)) for k, c in enumerate(continuations)]
-        try:
-            separate = self._score_rows(plan_rows(requests, False, 64), 2, packed=False)[0]
-            packed = self._score_rows(plan_rows(requests, True, 64), 2, packed=True)[0]
-        except Exception:  # noqa: BLE001 - any failure means: not this model
-            return False
-        tolerance = 1e-4 if self.model.lm_head.weight.dtype == torch.float32 else 5e-2
-        return bool(torch.allclose(separate, packed, rtol=0, atol=tolerance * len(ids)))
-
     def _score_requests(self, requests: list[Request], n: int, disable_tqdm: bool) -> tuple[Tensor, Tensor]:
-        rows = plan_rows(requests, self.share_context, self.context)
-        with self._bar(len(requests), "loglikelihood", disable_tqdm) as bar:
-            return self._score_rows(rows, n, packed=self.share_context, bar=bar)
-
-    def _score_rows(self, rows: list[Row], n: int, *, packed: bool, bar=None) -> tuple[Tensor, Tensor]:
         """Per request: summed nats of its targets, and how many targets were not the argmax."""
-        rows = sorted(rows, key=lambda r: -len(r.ids))
-        nll = torch.zeros(n, dtype=torch.float64)
-        misses = torch.zeros(n, dtype=torch.long)
-        counted = torch.zeros(n, dtype=torch.long)
-        with evaluating(self.model), torch.inference_mode():
-            for batch in self._batches([len(r.ids) for r in rows]):
-                chunk = [rows[i] for i in batch]
-                token_nll, token_miss, owners = self._forward(chunk, packed)
-                nll.index_add_(0, owners, token_nll.double().cpu())
-                misses.index_add_(0, owners, token_miss.long().cpu())
-                counted.index_add_(0, owners, torch.ones_like(owners))
-                if bar is not None:
-                    bar.update(len({i for row in chunk for i, _, _ in row.reads}))
-        expected = torch.zeros(n, dtype=torch.long)
-        for row in rows:
-            for i, _, targets in row.reads:
-                expected[i] = len(targets)
-        if not torch.equal(counted, expected):
-            raise RuntimeError(
-                "scored a different number of tokens than the requests hold: the row plan lost some"
-            )
-        return nll, misses
-
-    def _forward(self, rows: list[Row], packed: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """One forward pass over ``rows``: per read token, its nats, whether it was not the argmax,
-        and the request it belongs to. Only the read positions are projected onto the vocabulary."""
-        device, width = self._device, max(len(r.ids) for r in rows)
-        inputs = torch.full((len(rows), width), self.tokenizer.eos_id, dtype=torch.long)
-        segments = torch.full((len(rows), width), -1, dtype=torch.long)
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
-        row_of, col_of, targets, owners = [], [], [], []
-        for b, row in enumerate(rows):
-            inputs[b, : len(row.ids)] = torch.tensor(row.ids)
-            segments[b, : len(row.ids)] = torch.tensor(row.segments)
-            positions[b, : len(row.ids)] = torch.tensor(row.positions)
-            for request, where, wanted in row.reads:
-                row_of += [b] * len(where)
-                col_of += where
-                targets += wanted
-                owners += [request] * len(where)
-        rows_t, cols_t = torch.tensor(row_of, device=device), torch.tensor(col_of, device=device)
-        targets_t = torch.tensor(targets, device=device)
-        inputs = inputs.to(device)
-        if packed:
-            mask = packed_mask(segments.to(device), self.model.lm_head.weight.dtype)
-            out = self.model.model.base_model(
-                input_ids=inputs, attention_mask=mask, position_ids=positions.to(device), use_cache=False
-            )
-            logits_at = self._project(out[0][rows_t, cols_t])
-        else:
-            lengths = (segments >= 0).sum(dim=1)
-            mask = None
-            if bool((lengths < width).any()):
-                mask = (torch.arange(width)[None, :] < lengths[:, None]).long().to(device)
-            if self.model.logits_are_linear:
-                logits_at = self._project(self.model.hidden(inputs, mask)[rows_t, cols_t])
-            else:  # softcapped or scaled logits: the model's own head, on the band of read positions
-                first = int(cols_t.min())
-                band = self.model(inputs, mask, logits_to_keep=width - first)
-                logits_at = [band[rows_t, cols_t - first]]
-        token_nll, token_miss, start = [], [], 0
-        for logits in logits_at:
-            wanted = targets_t[start : start + logits.size(0)]
-            token_nll.append(next_token_loss(logits, wanted, reduction="none"))
-            token_miss.append(logits.argmax(dim=-1) != wanted)
-            start += logits.size(0)
-        return torch.cat(token_nll), torch.cat(token_miss), torch.tensor(owners)
-
-    def _project(self, hidden: Tensor) -> Iterator[Tensor]:
-        """``lm_head`` over gathered hidden states (N, C), in chunks of bounded size."""
-        step = max(1, HEAD_CHUNK_LOGITS // self.model.lm_head.weight.shape[0])
-        for first in range(0, hidden.size(0), step):
-            yield self.model.lm_head(hidden[first : first + step])
+        rows = plan_rows(requests, self.share_context, self.context)
+        total = sum(len(r.targets) for r in requests)
+        with self._bar(total, "loglikelihood (tokens)", disable_tqdm) as bar:
+            scores = score_rows(self.model, rows, n, batch_size=self.batch_size, progress=bar.update)
+        return scores.nll, scores.misses
 
     # ------------------------------------------------------------------ rolling (perplexity)
+    def _rolling_prefix(self) -> list[int]:
+        """The tokens before a rolling document's own: lm-eval's prefix token, then the tokenizer's own
+        start token (so a tokenizer that adds a BOS gets two, as in ``HFLM``); or the document start."""
+        own = [] if self.start is None else [self.start]
+        return [self.prefix, *own] if self.bos == "lm-eval" else own
+
+    def _token_text(self, ids: Sequence[int]) -> str | None:
+        return "".join(self.tokenizer.decode([i]) for i in ids) or None
+
     def _document(self, text: str) -> Tensor:
-        ids = self.tokenizer.encode(text)
-        return torch.tensor(([] if self.start is None else [self.start]) + ids, dtype=torch.long)
+        return torch.tensor(self._rolling_prefix() + self.tokenizer.encode(text), dtype=torch.long)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each document's log-likelihood through ``nexttoken eval``'s sliding windows: every token
         scored once, after the document start (``-nll_sum`` of ``nexttoken eval`` on that text)."""
         texts = [req.args[0] for req in requests]
         docs = [self._document(t) for t in texts]
-        windows = [
-            w for d, ids in enumerate(docs) for w in make_windows(len(ids), self.context, self.stride, d)
-        ]
-        windows.sort(key=lambda w: -w.length)
-        nll = torch.zeros(len(docs), dtype=torch.float64)
+        rows = document_rows(docs, self.context, self.stride)
         batch_size = self.batch_size or default_batch_size(self.context, self._device)
-        total = sum(w.n_scored for w in windows)
-        with (
-            evaluating(self.model),
-            torch.inference_mode(),
-            self._bar(total, "loglikelihood_rolling (tokens)", disable_tqdm) as bar,
-        ):
-            for scored in score_windows(self.model, docs, windows, batch_size):
-                per_window = scored.nll.double().sum(dim=1).cpu()
-                for w, value in zip(scored.windows, per_window):
-                    nll[w.doc] += value
-                bar.update(sum(w.n_scored for w in scored.windows))
-        results = [-float(v) for v in nll]
+        total = sum(len(r.columns) for r in rows)
+        with self._bar(total, "loglikelihood_rolling (tokens)", disable_tqdm) as bar:
+            scores = score_rows(self.model, rows, len(docs), batch_size=batch_size, progress=bar.update)
+        results = [-float(v) for v in scores.nll]
         for text, value in zip(texts, results):
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), value)
         return results

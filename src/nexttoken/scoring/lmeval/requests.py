@@ -1,6 +1,6 @@
-"""Planning lm-eval ``loglikelihood`` requests into forward passes: prefix reuse (a request whose
-input is a prefix of another's is read from that one's pass) and shared contexts (the choices of a
-question as branches of one packed row)."""
+"""Planning lm-eval ``loglikelihood`` requests into the scoring core's rows: prefix reuse (a request
+whose input is a prefix of another's is read from that one's pass) and shared contexts (the choices
+of a question as branches of one packed row)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+
+from nexttoken.scoring.core import Row
 
 
 @dataclass(frozen=True)
@@ -24,18 +25,6 @@ class Request:
 
     def scored_positions(self) -> range:
         return range(len(self.inputs) - len(self.targets), len(self.inputs))
-
-
-@dataclass
-class Row:
-    """One sequence of a forward pass: a context (segment 0) followed by branches (segments 1, 2,
-    ...), each branch seeing the context and itself only; ``reads`` are ``(request, positions in
-    the row, targets)``."""
-
-    ids: list[int]
-    segments: list[int]
-    positions: list[int]
-    reads: list[tuple[int, list[int], tuple[int, ...]]]
 
 
 def _hosts(requests: Sequence[Request]) -> dict[tuple[int, ...], list[Request]]:
@@ -57,46 +46,46 @@ def _hosts(requests: Sequence[Request]) -> dict[tuple[int, ...], list[Request]]:
 
 
 def plan_rows(requests: Sequence[Request], share_context: bool, max_length: int) -> list[Row]:
-    """The rows that serve ``requests``: one per distinct input (after prefix reuse), or, with
-    ``share_context``, one per context with every continuation after it as a branch (a row is split
-    where it would exceed ``max_length`` tokens)."""
-    rows = []
+    """The scoring core's rows that serve ``requests`` (each read is owned by its request's index):
+    one row per distinct input (after prefix reuse), or, with ``share_context``, one per context with
+    every continuation after it as a branch (a row is split where it would exceed ``max_length``)."""
     served = _hosts(requests)
     if not share_context:
-        for host, reqs in served.items():
-            reads = [(r.index, list(r.scored_positions()), r.targets) for r in reqs]
-            rows.append(Row(list(host), [0] * len(host), list(range(len(host))), reads))
-        return rows
+        return [
+            _row(list(host), None, [(r, list(r.scored_positions())) for r in reqs])
+            for host, reqs in served.items()
+        ]
     by_context: dict[tuple[int, ...], list[tuple[int, ...]]] = defaultdict(list)
     for host, reqs in served.items():
         n_context = min(r.n_context for r in reqs if r.inputs == host)
         by_context[host[:n_context]].append(host)
+    rows = []
     for context, hosts in by_context.items():
         c = len(context)
-        row = None
+        ids: list[int] = []
+        segments: list[int] = []
+        reads: list[tuple[Request, list[int]]] = []
         for host in hosts:
             branch = host[c:]
-            if row is None or len(row.ids) + len(branch) > max_length:
-                row = Row(list(context), [0] * c, list(range(c)), [])
-                rows.append(row)
-            offset, segment = len(row.ids), max(row.segments, default=0) + 1
-            row.ids += branch
-            row.segments += [segment] * len(branch)
-            row.positions += range(c, c + len(branch))
+            if not ids or len(ids) + len(branch) > max_length:
+                if ids:
+                    rows.append(_row(ids, segments, reads))
+                ids, segments, reads = list(context), [0] * c, []
+            offset, segment = len(ids), max(segments, default=0) + 1
+            ids += branch
+            segments += [segment] * len(branch)
             for r in served[host]:
-                where = [p if p < c else offset + p - c for p in r.scored_positions()]
-                row.reads.append((r.index, where, r.targets))
+                reads.append((r, [p if p < c else offset + p - c for p in r.scored_positions()]))
+        rows.append(_row(ids, segments, reads))
     return rows
 
 
-def packed_mask(segments: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive 4-D mask (B, 1, T, T): causal, and a branch never sees another branch; padding
-    (segment -1) is seen by nobody and sees itself only (no empty softmax)."""
-    T = segments.size(1)
-    idx = torch.arange(T, device=segments.device)
-    causal = idx[None, :] <= idx[:, None]
-    seg_q, seg_k = segments[:, :, None], segments[:, None, :]
-    allow = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
-    allow |= torch.eye(T, dtype=torch.bool, device=segments.device) & (seg_q < 0)
-    mask = torch.zeros(allow.shape, dtype=dtype, device=segments.device)
-    return mask.masked_fill_(~allow, torch.finfo(dtype).min)[:, None]
+def _row(ids: list[int], segments: list[int] | None, reads: list[tuple[Request, list[int]]]) -> Row:
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return Row(
+        ids=as_long(ids),
+        columns=as_long([p for _, where in reads for p in where]),
+        targets=as_long([t for r, _ in reads for t in r.targets]),
+        owners=as_long([r.index for r, where in reads for _ in where]),
+        segments=None if segments is None else as_long(segments),
+    )
