@@ -10,6 +10,7 @@ else is printed is decided by :mod:`nexttoken.console` (``--verbose`` shows ever
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import traceback
 
@@ -58,11 +59,17 @@ def _tool_commands() -> dict:
     }
 
 
-def _run_tool(name: str, argv: list[str]) -> int:
-    add_arguments, run, description = _tool_commands()[name]
-    parser = argparse.ArgumentParser(prog=f"nexttoken {name}", description=description)
+def _parser(name: str, parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser):
+    """The argument parser of the plain command ``name`` (``eval``, ``inspect`` ...)."""
+    add_arguments, _, description = _tool_commands()[name]
+    parser = parser_class(prog=f"nexttoken {name}", description=description)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return parser
+
+
+def _run_tool(name: str, argv: list[str]) -> int:
+    run = _tool_commands()[name][1]
+    return run(_parser(name).parse_args(argv))
 
 
 def main(args: list[str] | None = None) -> int:
@@ -119,3 +126,84 @@ def _report(error: Exception, debug: bool) -> int:
             file=sys.stderr,
         )
     return 1
+
+
+class _StopBeforeRunning(Exception):
+    """Raised by :class:`_CheckingParser`'s LightningCLI once the command line is parsed."""
+
+
+class _CheckingParser(argparse.ArgumentParser):
+    """A plain command's parser that raises instead of printing its usage and exiting."""
+
+    def error(self, message: str):
+        from nexttoken.errors import UserError
+
+        raise UserError(f"{self.prog}: {message}; see `{self.prog} --help`")
+
+
+@functools.cache
+def _lightning_parser():
+    """LightningCLI's parser of ``fit``/``validate``, built once: a subclass of the ``fit`` command's
+    CLI class that stops as soon as it has its parser, before any Trainer, model or data exists."""
+    from nexttoken.data.datamodule import TextDataModule
+    from nexttoken.module import CausalLMModule
+    from nexttoken.training import NextTokenCLI, trainer_defaults
+
+    parsers = []
+
+    class ParserOnly(NextTokenCLI):
+        def parse_arguments(self, parser, args) -> None:
+            parsers.append(parser)
+            raise _StopBeforeRunning
+
+    try:  # the same classes and parser settings as nexttoken.training.run_lightning_cli
+        ParserOnly(
+            CausalLMModule,
+            TextDataModule,
+            args=["fit"],
+            trainer_defaults=trainer_defaults(),
+            seed_everything_default=1337,
+            auto_configure_optimizers=False,
+            parser_kwargs={"prog": "nexttoken", "exit_on_error": False}
+            | {name: {"exit_on_error": False} for name in LIGHTNING_COMMANDS},
+        )
+    except _StopBeforeRunning:
+        pass
+    return parsers[0]
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Parse ``argv`` (the words after ``nexttoken``) as ``main`` would, without running anything;
+    raise UserError naming what is wrong (unknown command, unknown option, bad choice).
+
+    Files named on the command line need not exist, except ``--config`` files, which are read.
+    ``--help`` (and ``--print_config`` for ``fit``/``validate``) are accepted without printing.
+    """
+    from nexttoken.errors import UserError
+
+    command_args = [a for a in argv if a not in ("--debug", "--verbose")]
+    if (
+        not command_args
+        or command_args[0].startswith("--")
+        and command_args[0] not in ("--help", "-h", "--version")
+    ):
+        command_args = ["fit", *command_args]
+    command, rest = command_args[0], command_args[1:]
+    if command in ("--help", "-h", "help", "--version"):
+        return
+    if command not in (*LIGHTNING_COMMANDS, *_tool_commands()):
+        raise UserError(f"unknown command {command!r}; run `nexttoken --help` for the list")
+    if "--help" in rest or "-h" in rest:
+        return
+    if command in LIGHTNING_COMMANDS:
+        from jsonargparse import ArgumentError
+
+        from nexttoken.training import parse_error_message
+
+        rest = [a for a in rest if a.split("=", 1)[0] != "--print_config"]
+        try:
+            _lightning_parser().parse_args([command, *rest])
+        except ArgumentError as error:
+            raise UserError(parse_error_message(str(error), command)) from error
+        return
+    _parser(command, _CheckingParser).parse_intermixed_args(rest)
