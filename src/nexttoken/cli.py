@@ -10,7 +10,6 @@ else is printed is decided by :mod:`nexttoken.console` (``--verbose`` shows ever
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import traceback
 
@@ -35,6 +34,7 @@ global options:
 """
 
 LIGHTNING_COMMANDS = ("fit", "validate")
+GLOBAL_FLAGS = ("--debug", "--verbose")
 
 
 def _tool_commands() -> dict:
@@ -72,16 +72,21 @@ def _run_tool(name: str, argv: list[str]) -> int:
     return run(_parser(name).parse_args(argv))
 
 
+def _command_args(argv: list[str]) -> list[str]:
+    """The command and its arguments, without the global flags; no command (or an option first)
+    means ``fit``."""
+    command_args = [a for a in argv if a not in GLOBAL_FLAGS]
+    if not command_args or (
+        command_args[0].startswith("--") and command_args[0] not in ("--help", "-h", "--version")
+    ):
+        command_args = ["fit", *command_args]
+    return command_args
+
+
 def main(args: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if args is None else args)
     debug, verbose = "--debug" in argv, "--verbose" in argv
-    command_args = [a for a in argv if a not in ("--debug", "--verbose")]
-    if (
-        not command_args
-        or command_args[0].startswith("--")
-        and command_args[0] not in ("--help", "-h", "--version")
-    ):
-        command_args = ["fit", *command_args]
+    command_args = _command_args(argv)
     command = command_args[0]
     if command in ("--help", "-h", "help"):
         print(OVERVIEW)
@@ -128,10 +133,6 @@ def _report(error: Exception, debug: bool) -> int:
     return 1
 
 
-class _StopBeforeRunning(Exception):
-    """Raised by :class:`_CheckingParser`'s LightningCLI once the command line is parsed."""
-
-
 class _CheckingParser(argparse.ArgumentParser):
     """A plain command's parser that raises instead of printing its usage and exiting."""
 
@@ -139,37 +140,6 @@ class _CheckingParser(argparse.ArgumentParser):
         from nexttoken.errors import UserError
 
         raise UserError(f"{self.prog}: {message}; see `{self.prog} --help`")
-
-
-@functools.cache
-def _lightning_parser():
-    """LightningCLI's parser of ``fit``/``validate``, built once: a subclass of the ``fit`` command's
-    CLI class that stops as soon as it has its parser, before any Trainer, model or data exists."""
-    from nexttoken.data.datamodule import TextDataModule
-    from nexttoken.module import CausalLMModule
-    from nexttoken.training import NextTokenCLI, trainer_defaults
-
-    parsers = []
-
-    class ParserOnly(NextTokenCLI):
-        def parse_arguments(self, parser, args) -> None:
-            parsers.append(parser)
-            raise _StopBeforeRunning
-
-    try:  # the same classes and parser settings as nexttoken.training.run_lightning_cli
-        ParserOnly(
-            CausalLMModule,
-            TextDataModule,
-            args=["fit"],
-            trainer_defaults=trainer_defaults(),
-            seed_everything_default=1337,
-            auto_configure_optimizers=False,
-            parser_kwargs={"prog": "nexttoken", "exit_on_error": False}
-            | {name: {"exit_on_error": False} for name in LIGHTNING_COMMANDS},
-        )
-    except _StopBeforeRunning:
-        pass
-    return parsers[0]
 
 
 def check_command_line(argv: list[str]) -> None:
@@ -181,14 +151,7 @@ def check_command_line(argv: list[str]) -> None:
     """
     from nexttoken.errors import UserError
 
-    command_args = [a for a in argv if a not in ("--debug", "--verbose")]
-    if (
-        not command_args
-        or command_args[0].startswith("--")
-        and command_args[0] not in ("--help", "-h", "--version")
-    ):
-        command_args = ["fit", *command_args]
-    command, rest = command_args[0], command_args[1:]
+    command, *rest = _command_args(argv)
     if command in ("--help", "-h", "help", "--version"):
         return
     if command not in (*LIGHTNING_COMMANDS, *_tool_commands()):
@@ -196,14 +159,8 @@ def check_command_line(argv: list[str]) -> None:
     if "--help" in rest or "-h" in rest:
         return
     if command in LIGHTNING_COMMANDS:
-        from jsonargparse import ArgumentError
+        from nexttoken.commands.fit import check_lightning_args
 
-        from nexttoken.training import parse_error_message
-
-        rest = [a for a in rest if a.split("=", 1)[0] != "--print_config"]
-        try:
-            _lightning_parser().parse_args([command, *rest])
-        except ArgumentError as error:
-            raise UserError(parse_error_message(str(error), command)) from error
+        check_lightning_args([command, *rest])
         return
     _parser(command, _CheckingParser).parse_intermixed_args(rest)

@@ -4,6 +4,7 @@ folder per run, ``--ckpt_path last`` that continues the latest run, and an end-o
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import os
 import re
@@ -333,6 +334,20 @@ def check_tokenizer(kind: str) -> None:
         )
 
 
+def _cli_settings(verbose: bool = False) -> dict:
+    """What ``NextTokenCLI`` is built with, for running a command and for checking one alike."""
+    return {
+        "model_class": CausalLMModule,
+        "datamodule_class": TextDataModule,
+        "trainer_defaults": trainer_defaults(verbose),
+        "seed_everything_default": 1337,
+        "auto_configure_optimizers": False,
+        # A refused flag is one line (cli.main prints it), not the whole usage.
+        "parser_kwargs": {"prog": "nexttoken", "exit_on_error": False}
+        | {name: {"exit_on_error": False} for name in ("fit", "validate")},
+    }
+
+
 def run_lightning_cli(args: list[str], argv: list[str] | None = None, verbose: bool = False) -> NextTokenCLI:
     """Run ``nexttoken fit``/``validate``.
 
@@ -344,22 +359,44 @@ def run_lightning_cli(args: list[str], argv: list[str] | None = None, verbose: b
     """
     saved, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "nexttoken", *(args if argv is None else argv)]
     try:
-        return NextTokenCLI(
-            CausalLMModule,
-            TextDataModule,
-            args=args,
-            trainer_defaults=trainer_defaults(verbose),
-            seed_everything_default=1337,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-            # A refused flag is one line (cli.main prints it), not the whole usage.
-            parser_kwargs={"prog": "nexttoken", "exit_on_error": False}
-            | {name: {"exit_on_error": False} for name in ("fit", "validate")},
-        )
+        return NextTokenCLI(args=args, save_config_kwargs={"overwrite": True}, **_cli_settings(verbose))
     except ArgumentError as error:
         raise UserError(parse_error_message(str(error), args[0] if args else "fit")) from error
     finally:
         sys.argv = saved
+
+
+class _ParsedOnly(Exception):
+    """Raised once the command line is parsed, before anything runs (:func:`check_lightning_args`)."""
+
+
+@functools.cache
+def _lightning_parser():
+    """The parser of ``fit``/``validate``, built once by a ``NextTokenCLI`` that stops as soon as it
+    has it, before any Trainer, model or data exists."""
+    parsers = []
+
+    class ParserOnly(NextTokenCLI):
+        def parse_arguments(self, parser, args) -> None:
+            parsers.append(parser)
+            raise _ParsedOnly
+
+    try:
+        ParserOnly(args=["fit"], **_cli_settings())
+    except _ParsedOnly:
+        pass
+    return parsers[0]
+
+
+def check_lightning_args(args: list[str]) -> None:
+    """Parse ``args`` (``["fit", ...]``) as :func:`run_lightning_cli` would, without running anything;
+    ``--config`` files are read. A refused flag is a :class:`UserError` in one line."""
+    command = args[0] if args else "fit"
+    rest = [a for a in args[1:] if a.split("=", 1)[0] != "--print_config"]
+    try:
+        _lightning_parser().parse_args([command, *rest])
+    except ArgumentError as error:
+        raise UserError(parse_error_message(str(error), command)) from error
 
 
 def parse_error_message(message: str, command: str = "fit") -> str:
