@@ -64,7 +64,7 @@ def test_format_detection_says_what_it_chose():
     assert choose_format("instruction", {"messages": []}, "r1") == ("instruction", "format: instruction")
     with pytest.raises(DataError, match=r"r1 has 'foo', none of the shapes"):
         detect_format({"foo": 1}, "r1")
-    with pytest.raises(DataError, match="--data.format must be one of"):
+    with pytest.raises(DataError, match="^format must be one of"):
         choose_format("jsonl", {}, "r1")
 
 
@@ -143,13 +143,13 @@ def test_train_on_last_response_and_all(byte_chat):
     assert scored_text(byte_chat, last) == "4" + IM_END
     everything = byte_chat.encode(conversation, "all")
     assert everything.scored.all() and everything.n_scored == len(everything) - 1
-    with pytest.raises(DataError, match="--data.train_on must be one of"):
+    with pytest.raises(DataError, match="^train_on must be one of"):
         byte_chat.encode(conversation, "prompts")
 
 
 def test_no_assistant_turn_is_an_error_under_responses(byte_chat):
     conversation = Conversation([Message("user", "Hi")], "chats.jsonl, record 4")
-    with pytest.raises(DataError, match=r"chats.jsonl, record 4 has no assistant turn.*--data.train_on all"):
+    with pytest.raises(DataError, match=r"chats.jsonl, record 4 has no assistant turn.*use train_on all"):
         byte_chat.encode(conversation)
     assert byte_chat.encode(conversation, "all").n_scored > 0
 
@@ -303,7 +303,7 @@ def resolve_chat_template_from_source(tokenizer: Tokenizer, source: str, tmp=Non
 def test_a_tokenizer_without_template_needs_one(tmp_path, tiny_llama_dir):
     tokenizer = build_tokenizer(str(tiny_llama_dir))
     assert tokenizer.chat_template is None
-    with pytest.raises(DataError, match="no chat template.*--data.chat_template FILE"):
+    with pytest.raises(DataError, match="no chat template.*pass one with chat_template FILE"):
         resolve_chat_template(tokenizer)
     with pytest.raises(DataError, match="cannot read it"):
         resolve_chat_template(tokenizer, tmp_path / "missing.jinja")

@@ -106,7 +106,7 @@ def test_a_split_side_left_empty_is_an_error(tmp_path):
     assert not val
     with pytest.raises(
         DataError,
-        match=r"no document fell into the validation split \(of 3 documents, val_fraction 0.001\); raise --data.val_fraction",
+        match=r"no document fell into the validation split \(of 3 documents, val_fraction 0.001\); raise val_fraction",
     ):
         corpus.check_split(len(train), len(val))
 

@@ -267,7 +267,7 @@ def test_other_ranks_read_the_cache_by_rank_zeros_key_without_the_corpus(tmp_pat
 
 # --------------------------------------------------------------------------- bad input
 def test_missing_path(tmp_path):
-    with pytest.raises(DataError, match="--data.path: path not found"):
+    with pytest.raises(DataError, match="^path: path not found"):
         make_dm(tmp_path, corpus=tmp_path / "nope")
 
 
@@ -672,5 +672,5 @@ def test_chat_flags_are_checked_choices(tmp_path):
 
 
 def test_document_mask_is_for_plain_text(tmp_path):
-    with pytest.raises(DataError, match="--data.document_mask applies to plain text"):
+    with pytest.raises(DataError, match="^document_mask applies to plain text"):
         chat_dm(tmp_path, document_mask=True)

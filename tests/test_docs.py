@@ -203,7 +203,7 @@ def check_shown(words: list[str], fragment: bool) -> None:
                 command = 1 if words and words[0] in COMMANDS else 0
                 filled = [f"placeholder-{i}" for i, _ in enumerate(missing.group(1).split(","))]
                 words = [*words[: command + 1], *filled, *words[command + 1 :]]
-            elif fragment and words and f"argument {words[-1]}: expected one argument" in str(error):
+            elif fragment and words and f"{words[-1]}: expected one argument" in str(error):
                 words = [*words, "placeholder"]
             else:
                 raise

@@ -106,9 +106,9 @@ def test_zero_new_tokens_gives_the_prompt_and_bad_settings_are_errors():
     model, tokenizer = spread_gpt(), bytes_tokenizer()
     assert generate_text(model, tokenizer, "naïve", max_new_tokens=0) == "naïve"
     assert generate_text(model, tokenizer, "", max_new_tokens=0) == ""
-    with pytest.raises(UserError, match="--max-new-tokens must be >= 0, got -1"):
+    with pytest.raises(UserError, match="^max_new_tokens must be >= 0, got -1"):
         generate_text(model, tokenizer, "a", max_new_tokens=-1)
-    with pytest.raises(UserError, match=r"--temperature must be >= 0 \(0 is greedy\), got -0.5"):
+    with pytest.raises(UserError, match=r"^temperature must be >= 0 \(0 is greedy\), got -0.5"):
         generate_text(model, tokenizer, "a", temperature=-0.5)
 
 

@@ -44,10 +44,10 @@ def test_is_hf_model_tells_presets_from_model_paths(tmp_path):
 def test_resolve_device():
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(UserError, match="unknown --device 'abacus'; use auto, cpu or cuda"):
+    with pytest.raises(UserError, match="unknown device 'abacus'; use auto, cpu or cuda"):
         resolve_device("abacus")
     if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="no CUDA device is available here; use --device cpu"):
+        with pytest.raises(UserError, match="no CUDA device is available here; use device cpu"):
             resolve_device("cuda:1")
 
 
@@ -111,5 +111,5 @@ def test_bad_model_paths_are_one_clear_line(tmp_path, trained):
         with pytest.raises(UserError, match=message) as caught:
             load_model(str(path))
         assert "\n" not in str(caught.value)
-    with pytest.raises(UserError, match="unknown --device"):
+    with pytest.raises(UserError, match="unknown device"):
         load_model(str(trained[0]), device="abacus")

@@ -70,7 +70,7 @@ def test_fit_to_block_cuts_from_the_left_or_drops(examples):
     dropped, report = fit_to_block(examples, block, "drop")
     assert report.too_long == len(too_long) and len(dropped) == len(examples) - len(too_long)
     assert report.lines() == [f"{len(too_long)} of 8 examples are longer than {block} tokens: dropped"]
-    with pytest.raises(DataError, match="--data.truncation must be one of"):
+    with pytest.raises(DataError, match="^truncation must be one of"):
         fit_to_block(examples, block, "right")
 
 

@@ -2,16 +2,21 @@
 
 ``fit`` and ``validate`` are LightningCLI subcommands, so every Trainer flag and YAML config
 works as Lightning users expect (``--print_config``, ``--config``, ``--trainer.max_steps`` ...).
-``eval``, ``inspect``, ``generate`` and ``export`` are plain commands around a trained model.
-Bad input ends in one line on stderr and exit status 2 (``--debug`` shows the traceback); what
-else is printed is decided by :mod:`nexttoken.console` (``--verbose`` shows everything).
+``eval``, ``inspect``, ``generate``, ``chat`` and ``export`` are plain commands around a trained model;
+their options go anywhere among their arguments. Bad input, a refused option included, ends in one
+line on stderr and exit status 2 (``--debug`` shows the traceback), naming settings as the command
+spells them (:mod:`nexttoken.commands.spelling`); what else is printed is decided by
+:mod:`nexttoken.console` (``--verbose`` shows everything).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import re
 import sys
 import traceback
+from collections.abc import Callable
 
 OVERVIEW = """\
 usage: nexttoken COMMAND [options]        (no command: `nexttoken fit` on the built-in corpus)
@@ -35,6 +40,16 @@ global options:
 
 LIGHTNING_COMMANDS = ("fit", "validate")
 GLOBAL_FLAGS = ("--debug", "--verbose")
+# The module under nexttoken.commands that runs each command, and spells its settings (``spell``).
+COMMAND_MODULES = {
+    "fit": "fit",
+    "validate": "fit",
+    "eval": "eval",
+    "inspect": "inspect",
+    "generate": "generate",
+    "chat": "generate",
+    "export": "export",
+}
 
 
 def _tool_commands() -> dict:
@@ -59,7 +74,26 @@ def _tool_commands() -> dict:
     }
 
 
-def _parser(name: str, parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser):
+class _CommandParser(argparse.ArgumentParser):
+    """A plain command's parser whose refusal is one line, as fit's are: a UserError that ``main``
+    prints, instead of argparse's usage block and exit."""
+
+    def error(self, message: str):
+        from nexttoken.errors import UserError
+
+        raise UserError(f"{_parse_error_line(message)}; see `{self.prog} --help`")
+
+
+def _parse_error_line(message: str) -> str:
+    """argparse's message in fit's words: ``--dtype 'x' is not one of auto, float32, ...``."""
+    choice = re.fullmatch(r"argument (\S+): invalid choice: (.*) \(choose from (.*)\)", message, re.S)
+    if choice:
+        name, value, choices = choice.groups()
+        return f"{name} {value} is not one of {choices.replace(chr(39), '')}"
+    return " ".join(message.removeprefix("argument ").split())
+
+
+def _parser(name: str, parser_class: type[argparse.ArgumentParser] = _CommandParser):
     """The argument parser of the plain command ``name`` (``eval``, ``inspect`` ...)."""
     add_arguments, _, description = _tool_commands()[name]
     parser = parser_class(prog=f"nexttoken {name}", description=description)
@@ -69,7 +103,9 @@ def _parser(name: str, parser_class: type[argparse.ArgumentParser] = argparse.Ar
 
 def _run_tool(name: str, argv: list[str]) -> int:
     run = _tool_commands()[name][1]
-    return run(_parser(name).parse_args(argv))
+    # Intermixed: options may come before, between and after the positionals
+    # (`eval MODEL --adapter RUN.ckpt DATA`), which plain parse_args ends at the first option.
+    return run(_parser(name).parse_intermixed_args(argv))
 
 
 def _command_args(argv: list[str]) -> list[str]:
@@ -111,17 +147,28 @@ def main(args: list[str] | None = None) -> int:
             print(f"error: unknown command {command!r}; run `nexttoken --help` for the list", file=sys.stderr)
             return 2
         except Exception as error:  # noqa: BLE001 - the one place errors become messages
-            return _report(error, debug)
+            return _report(error, debug, command)
 
 
-def _report(error: Exception, debug: bool) -> int:
-    """Print ``error`` as the last line of the output; return the exit status."""
+def spelling(command: str) -> Callable[[str], str]:
+    """How ``command`` writes the settings an error names (its module's ``spell``); a name that is
+    not a command gets the settings' parameter names."""
+    from nexttoken.errors import parameter_name
+
+    module = COMMAND_MODULES.get(command)
+    return importlib.import_module(f"nexttoken.commands.{module}").spell if module else parameter_name
+
+
+def _report(error: Exception, debug: bool, command: str = "") -> int:
+    """Print ``error`` as the last line of the output, its settings spelled as ``command`` spells
+    them; return the exit status."""
     from nexttoken.errors import UserError
 
     sys.stdout.flush()  # what was printed before comes before the error, in a log file too
     if debug:
         traceback.print_exc()
-    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = error.message(spelling(command)) if isinstance(error, UserError) else str(error)
+    message = text.splitlines()[0] if text else type(error).__name__
     if isinstance(error, (UserError, FileNotFoundError, PermissionError)):
         print(f"error: {message}", file=sys.stderr)
         return 2
@@ -131,15 +178,6 @@ def _report(error: Exception, debug: bool) -> int:
             file=sys.stderr,
         )
     return 1
-
-
-class _CheckingParser(argparse.ArgumentParser):
-    """A plain command's parser that raises instead of printing its usage and exiting."""
-
-    def error(self, message: str):
-        from nexttoken.errors import UserError
-
-        raise UserError(f"{self.prog}: {message}; see `{self.prog} --help`")
 
 
 def check_command_line(argv: list[str]) -> None:
@@ -163,4 +201,4 @@ def check_command_line(argv: list[str]) -> None:
 
         check_lightning_args([command, *rest])
         return
-    _parser(command, _CheckingParser).parse_intermixed_args(rest)
+    _parser(command).parse_intermixed_args(rest)

@@ -28,6 +28,12 @@ def parameter_name(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+def spelled(text: str, spell: Callable[[str], str] = parameter_name) -> str:
+    """``text`` with every :func:`setting` in it written as ``spell(name)``: for errors, and for the
+    notes a command prints that name settings too."""
+    return _SETTING.sub(lambda m: spell(m.group(1)), text)
+
+
 class UserError(ValueError):
     """Bad input from the user: the message says what is wrong and what to do, in one line."""
 
@@ -37,8 +43,7 @@ class UserError(ValueError):
 
     def message(self, spell: Callable[[str], str] = parameter_name) -> str:
         """The message with every setting written as ``spell(name)`` (a command's flag for it)."""
-        text = str(self.args[0]) if self.args else ""
-        return _SETTING.sub(lambda m: spell(m.group(1)), text)
+        return spelled(str(self.args[0]) if self.args else "", spell)
 
     def __str__(self) -> str:
         return self.message()

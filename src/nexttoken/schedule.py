@@ -1,7 +1,7 @@
 """The learning-rate schedule: linear warmup, then cosine down to ``min_lr``, over the run's steps,
 over its clock, or over whichever of the two runs out first.
 
-A run bounded by time (``--trainer.max_time``) cannot know in advance how many steps it will get:
+A run bounded by time (``trainer.max_time``) cannot know in advance how many steps it will get:
 on a shared CPU a step's time varies several-fold within minutes, and a schedule laid out in steps
 either stops undecayed (the time ran out first) or idles at the floor. So after warmup the cosine
 follows the *progress* of the run,
@@ -91,7 +91,7 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
 
 
 def timer_clock(trainer: Any) -> Callable[[], float] | None:
-    """The share of ``--trainer.max_time`` used so far, read from Lightning's ``Timer`` callback
+    """The share of ``trainer.max_time`` used so far, read from Lightning's ``Timer`` callback
     (validation during training counts, as it does for the Timer's own stop); None without a time
     limit."""
     from lightning.pytorch.callbacks import Timer

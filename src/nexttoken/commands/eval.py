@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from nexttoken.commands.spelling import tool_flag
 from nexttoken.data.chat import CONVERSATION_FIELDS, DATA_FORMATS, TRAIN_ON, read_conversations
 from nexttoken.data.documents import find_documents, is_text_file, load_documents
 from nexttoken.data.records import Record, RecordSource
@@ -23,6 +24,21 @@ from nexttoken.scoring.lmeval.results import results_json, results_path, results
 from nexttoken.scoring.responses import ResponseEvalResult, evaluate_records
 from nexttoken.scoring.text import BOS_MODES, EvalResult, evaluate_texts
 from nexttoken.scoring.windows import check_window_settings
+
+# The data settings eval takes, as its own arguments (the rest: nexttoken.commands.spelling).
+DATA_ARGUMENTS = {
+    "data.path": "DATA",
+    "data.val_path": "DATA",
+    "data.text_field": "--text-field",
+    "data.format": "--format",
+    "data.chat_template": "--chat-template",
+    "data.train_on": "--train-on",
+}
+
+
+def spell(setting: str) -> str:
+    """How ``nexttoken eval`` writes a setting an error names: ``data.path`` is ``DATA``."""
+    return tool_flag(setting, DATA_ARGUMENTS)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,8 +95,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "data",
         metavar="DATA",
         nargs="*",
+        default=[],  # without it, argparse's intermixed parsing reports a missing DATA as required
         help="text files, or folders searched recursively for them; or chat/instruction records "
         "(JSON Lines, JSON, Parquet, a saved dataset), whose responses are scored given their prompts",
+    )
+    parser.add_argument(
+        "--text-field",
+        default="text",
+        metavar="FIELD",
+        help="the field that holds a document's text in records scored as text (a dotted path for a "
+        "nested field; default: text)",
     )
     add_model_arguments(parser)
     parser.add_argument(
@@ -165,11 +189,11 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError(
             "--bos lm-eval is lm-eval's convention for --tasks; on text use --bos auto, yes or no"
         )
-    sources = find_documents(args.data, flag="DATA")
-    data_format, format_line = choose_data_format(sources, args.format)
+    sources = find_documents(args.data)
+    data_format, format_line = choose_data_format(sources, args.format, args.text_field)
     if data_format != "text":
         return run_response_eval(args, sources, data_format, format_line)
-    documents = load_documents(sources, flag="DATA")
+    documents = load_documents(sources, text_field=args.text_field)
     model, tokenizer = load_model(
         args.model,
         dtype=args.dtype,
@@ -250,23 +274,19 @@ def run_response_eval(args: argparse.Namespace, sources: Sequence[Path], data_fo
         file=sys.stderr,
         flush=True,
     )
-    try:
-        result, _ = evaluate_records(
-            model,
-            tokenizer,
-            records,
-            fmt=data_format,
-            chat_template=args.chat_template,
-            train_on=args.train_on,
-            context=args.context,
-            stride=args.stride,
-            batch_size=args.batch_size,
-            progress=args.progress,
-            model_name=str(args.model),
-        )
-    except UserError as error:  # the data module's flags are this command's
-        message = str(error).replace("--data.chat_template", "--chat-template").replace("--data.", "--")
-        raise UserError(message.replace("train_on", "train-on")) from None
+    result, _ = evaluate_records(
+        model,
+        tokenizer,
+        records,
+        fmt=data_format,
+        chat_template=args.chat_template,
+        train_on=args.train_on,
+        context=args.context,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        progress=args.progress,
+        model_name=str(args.model),
+    )
     print(result.to_json() if args.json else format_response_table(result), flush=True)
     return 0
 

@@ -15,9 +15,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nexttoken.commands.spelling import tool_flag
 from nexttoken.errors import UserError
 from nexttoken.io import atomic_folder
 from nexttoken.models.gpt2 import gpt_to_gpt2
+
+
+def spell(setting: str) -> str:
+    """How ``nexttoken export`` writes a setting an error names (``merge`` is ``--merge``)."""
+    return tool_flag(setting)
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, merge: bool = False) -> str:

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from nexttoken.checkpoints import AtomicCheckpointIO, read_checkpoint
+from nexttoken.commands.spelling import fit_flag
 from nexttoken.console import one_line
 from nexttoken.data.datamodule import TextDataModule
 from nexttoken.data.tokenizers import BUILTIN_KINDS
@@ -63,6 +64,12 @@ class RunLogger(CSVLogger):
             )
         writer.save()
         return writer
+
+
+def spell(setting: str) -> str:
+    """How ``nexttoken fit`` and ``validate`` write a setting an error or a note names: at its
+    configuration path (``data.text_field`` is ``--data.text_field``)."""
+    return fit_flag(setting)
 
 
 def trainer_defaults(verbose: bool = False) -> dict:
@@ -269,7 +276,7 @@ class NextTokenCLI(LightningCLI):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit":
-            trainer.callbacks.append(StartSummary(self._precision_note, self._time_limit_note))
+            trainer.callbacks.append(StartSummary(self._precision_note, self._time_limit_note, spell))
         return trainer
 
     def _prepare_data_now(self) -> None:
@@ -299,7 +306,7 @@ class NextTokenCLI(LightningCLI):
             trainer.validate(module, datamodule=data, verbose=False)
         run_dir = Path(trainer.logger.log_dir if trainer.logger else trainer.default_root_dir)
         if trainer.is_global_zero:
-            write_report(trainer, module, data, run_dir)
+            write_report(trainer, module, data, run_dir, spell)
 
 
 # The settings that decide the network's shape and its token ids: a checkpoint only fits if they agree.

@@ -8,12 +8,18 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from nexttoken.data.chat import ChatTemplate, Message
-from nexttoken.data.tokenizers import Tokenizer
+from nexttoken.commands.spelling import tool_flag
+from nexttoken.data.chat import ChatTemplate, Message, resolve_chat_template
 from nexttoken.errors import UserError
 from nexttoken.models.generation import fit_history, generate_reply, generate_text
 from nexttoken.models.load import ADAPTER_HELP
 from nexttoken.models.protocol import CausalLM
+
+
+def spell(setting: str) -> str:
+    """How ``nexttoken generate`` and ``nexttoken chat`` write a setting an error names:
+    ``data.chat_template`` is ``--chat-template``, ``max_new_tokens`` is ``--max-new-tokens``."""
+    return tool_flag(setting, {"data.chat_template": "--chat-template"})
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
@@ -74,15 +80,6 @@ def _load_for_sampling(args: argparse.Namespace):
     return load_model(path, device=args.device, adapter=args.adapter)
 
 
-def _chat_template(tokenizer: Tokenizer, template_file: str | None) -> ChatTemplate:
-    from nexttoken.data.chat import resolve_chat_template
-
-    try:
-        return resolve_chat_template(tokenizer, template_file)
-    except UserError as error:  # the data module's flag is this command's --chat-template
-        raise UserError(str(error).replace("--data.chat_template", "--chat-template")) from None
-
-
 def _reply(model: CausalLM, template: ChatTemplate, messages: Sequence[Message], args, *, seed: int) -> str:
     """:func:`generate_reply` with the command line's sampling flags."""
     return generate_reply(
@@ -103,7 +100,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UserError("--prompt continues a text and --chat replies to a message; pass one of them")
     model, tokenizer = _load_for_sampling(args)
     if args.chat is not None:
-        template = _chat_template(tokenizer, args.chat_template)
+        template = resolve_chat_template(tokenizer, args.chat_template)
         messages = ([Message("system", args.system)] if args.system is not None else []) + [
             Message("user", args.chat)
         ]
@@ -136,7 +133,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     longer fits the model's context). ``/reset`` starts over; ``/exit`` or end of input ends it."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     model, tokenizer = _load_for_sampling(args)
-    template = _chat_template(tokenizer, args.chat_template)
+    template = resolve_chat_template(tokenizer, args.chat_template)
     system = [Message("system", args.system)] if args.system is not None else []
     messages = list(system)
     interactive = stdin.isatty()

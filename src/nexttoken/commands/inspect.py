@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nexttoken.commands.eval import add_model_arguments, check_arguments_early
+from nexttoken.commands.spelling import tool_flag
 from nexttoken.data.documents import read_document
 from nexttoken.data.tokenizers import Tokenizer
 from nexttoken.errors import UserError
@@ -31,6 +32,11 @@ from nexttoken.scoring.text import TokenScores, score_text
 
 MAX_BITS_COLOUR = 16.0  # surprisal at which the colour scale saturates (p = 1/65536)
 _TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst", ".raw", ".json", ".py", ".html", ".csv")
+
+
+def spell(setting: str) -> str:
+    """How ``nexttoken inspect`` writes a setting an error names: ``batch_size`` is ``--batch-size``."""
+    return tool_flag(setting)
 
 
 @dataclass

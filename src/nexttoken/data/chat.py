@@ -1,7 +1,7 @@
 """Chat and instruction data: records -> conversations -> one rendered text -> tokens, and which of
 those tokens the loss scores.
 
-Record shapes (``--data.format``; ``auto`` picks from the fields of the first record and says so):
+Record shapes (``data.format``; ``auto`` picks from the fields of the first record and says so):
 
 * ``chat``: ``{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}``,
   multi-turn (the Hugging Face / OpenAI chat format);
@@ -12,7 +12,7 @@ Record shapes (``--data.format``; ``auto`` picks from the fields of the first re
 
 **Rendering.** A conversation becomes one text through a chat template (Jinja, Hugging Face's
 format), rendered by transformers' own ``apply_chat_template``, so the text is exactly what
-transformers produces for the same messages. The template is ``--data.chat_template FILE`` when
+transformers produces for the same messages. The template is the file ``data.chat_template`` names when
 given, else the tokenizer's own (a pretrained model's, or :data:`~nexttoken.data.tokenizers.CHATML_TEMPLATE`
 for nexttoken's tokenizers, whose ChatML markers are reserved special tokens). The rendered text
 is tokenized whole, with its markers read as special tokens.
@@ -50,7 +50,7 @@ import numpy as np
 from nexttoken.data.parallel import ordered_map
 from nexttoken.data.records import Record
 from nexttoken.data.tokenizers import Tokenizer, token_byte_counts
-from nexttoken.errors import DataError
+from nexttoken.errors import DataError, setting
 
 DataFormat = Literal["auto", "text", "chat", "instruction"]
 TrainOn = Literal["responses", "all", "last_response"]
@@ -127,7 +127,7 @@ def detect_format(record: Mapping[str, Any], where: str = "the first record") ->
 def choose_format(fmt: str, first_record: Mapping[str, Any], where: str) -> tuple[str, str]:
     """``(format, line to print)``: ``fmt`` itself, or for ``auto`` the one the first record's fields give."""
     if fmt not in DATA_FORMATS:
-        raise DataError(f"--data.format must be one of {', '.join(DATA_FORMATS)}, got {fmt!r}")
+        raise DataError(f"{setting('data.format')} must be one of {', '.join(DATA_FORMATS)}, got {fmt!r}")
     if fmt != "auto":
         return fmt, f"format: {fmt}"
     chosen, reason = detect_format(first_record, where)
@@ -299,8 +299,9 @@ class ChatTemplate:
         ) as e:  # jinja raises syntax, undefined and the template's own errors; Python ones too
             at = f" for {where}" if where else ""
             raise DataError(
-                f"the chat template ({self.origin}) failed to render{at}: {_template_error(e, self.template)}; "
-                "fix the template or the record, or pass another with --data.chat_template FILE"
+                f"the chat template ({self.origin}) failed to render{at}: "
+                f"{_template_error(e, self.template)}; fix the template or the record, or pass another with "
+                f"{setting('data.chat_template')} FILE"
             ) from None
 
     def _spans(self, conversation: Conversation) -> tuple[str, list[_Span]]:
@@ -313,9 +314,9 @@ class ChatTemplate:
             upto = full if k == len(messages) - 1 else self.render(messages[: k + 1], where=where)
             if not upto.startswith(before) or not full.startswith(upto):
                 raise DataError(
-                    f"the chat template ({self.origin}) renders earlier turns differently once later turns follow "
-                    f"({where}), so the assistant's tokens cannot be told apart; pass a template that renders "
-                    "each turn on its own with --data.chat_template FILE"
+                    f"the chat template ({self.origin}) renders earlier turns differently once later turns "
+                    f"follow ({where}), so the assistant's tokens cannot be told apart; pass a template that "
+                    f"renders each turn on its own with {setting('data.chat_template')} FILE"
                 )
             start = len(before)
             if message.role == "assistant":
@@ -328,7 +329,7 @@ class ChatTemplate:
                 raise DataError(
                     f"the chat template ({self.origin}) changes the content of message {k} ({where}) beyond "
                     "trimming it, so its tokens cannot be found in the rendered text; pass a template that "
-                    "writes message contents as they are with --data.chat_template FILE"
+                    f"writes message contents as they are with {setting('data.chat_template')} FILE"
                 )
             spans.append(_Span(k, message.role, start + found[0], start + found[1], len(upto)))
             before = upto
@@ -337,7 +338,9 @@ class ChatTemplate:
     def encode(self, conversation: Conversation, train_on: TrainOn = "responses") -> Example:
         """The conversation's tokens and which of them are scored (see the module docstring)."""
         if train_on not in TRAIN_ON:
-            raise DataError(f"--data.train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+            raise DataError(
+                f"{setting('data.train_on')} must be one of {', '.join(TRAIN_ON)}, got {train_on!r}"
+            )
         text, spans = self._spans(conversation)
         ids, offsets = self.tokenizer.encode_with_offsets(text, parse_special=True)
         tokens = np.asarray(ids, dtype=np.int64)
@@ -357,8 +360,8 @@ class ChatTemplate:
             turns = [s for s in spans if s.role == "assistant"]
             if not turns:
                 raise DataError(
-                    f"{conversation.where} has no assistant turn, so --data.train_on {train_on} scores nothing "
-                    "in it; add the assistant's reply, or use --data.train_on all"
+                    f"{conversation.where} has no assistant turn, so {setting('data.train_on')} {train_on} "
+                    f"scores nothing in it; add the assistant's reply, or use {setting('data.train_on')} all"
                 )
             if train_on == "last_response":
                 turns = turns[-1:]
@@ -412,15 +415,16 @@ def resolve_chat_template(tokenizer: Tokenizer, template_file: str | Path | None
             source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(
-                f"--data.chat_template {path}: cannot read it ({type(e).__name__}); pass a Jinja template file"
+                f"{setting('data.chat_template')} {path}: cannot read it ({type(e).__name__}); pass a Jinja "
+                "template file"
             ) from None
         template = ChatTemplate(tokenizer, source, str(path))
     elif tokenizer.chat_template:
         template = ChatTemplate(tokenizer, tokenizer.chat_template, "the tokenizer's chat template")
     else:
         raise DataError(
-            "the model's tokenizer has no chat template, so conversations cannot be rendered; "
-            "pass one with --data.chat_template FILE (a Jinja chat template)"
+            "the model's tokenizer has no chat template, so conversations cannot be rendered; pass one with "
+            f"{setting('data.chat_template')} FILE (a Jinja chat template)"
         )
     template.end_of_turn_id  # noqa: B018 -- renders and encodes a probe conversation now, not mid-dataset
     return template

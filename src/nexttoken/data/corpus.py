@@ -1,4 +1,4 @@
-"""The corpus ``nexttoken fit`` trains on, as one stream: every document of ``--data.path`` marked
+"""The corpus ``nexttoken fit`` trains on, as one stream: every document of ``data.path`` marked
 training or validation by one stable rule, the corpus's identity (what the token cache is keyed by),
 and a bounded, seeded sample of the training text (what a BPE tokenizer is trained on).
 
@@ -26,7 +26,7 @@ from nexttoken.data.documents import (
     unit_hash,
 )
 from nexttoken.data.records import Record, RecordSource
-from nexttoken.errors import DataError
+from nexttoken.errors import DataError, setting
 
 # A saved DatasetDict's own held-out split, in order of preference.
 VAL_SPLITS = ("validation", "test")
@@ -69,11 +69,15 @@ class Corpus:
         held = set(self.val_paths)
         self.train_paths = [p for p in resolved if p not in held]
         if self.val_paths and not self.train_paths:
-            raise DataError("every training document is also in --data.val_path; give training text too")
+            raise DataError(
+                f"every training document is also in {setting('data.val_path')}; give training text too"
+            )
         if not self.val_paths and not 0.0 < val_fraction < 1.0:
             raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
         if not self.train_paths:
-            raise DataError("no documents to read; pass --data.path with at least one file or folder")
+            raise DataError(
+                f"no documents to read; pass {setting('data.path')} with at least one file or folder"
+            )
         self.val_fraction = val_fraction
         self.errors = errors
         self.text_field = text_field
@@ -89,8 +93,9 @@ class Corpus:
             if splits is not None:
                 if "train" not in splits:
                     raise DataError(
-                        f"{path} has no 'train' split (its splits: {', '.join(splits)}); point --data.path "
-                        "at a split folder inside it, or re-save it with a 'train' split"
+                        f"{path} has no 'train' split (its splits: {', '.join(splits)}); point "
+                        f"{setting('data.path')} at a split folder inside it, or re-save it with a 'train' "
+                        "split"
                     )
                 own = None if self.val_paths else next((s for s in VAL_SPLITS if s in splits), None)
                 self._splits[path] = ("train", own)
@@ -165,7 +170,8 @@ class Corpus:
             if is_text_file(path):
                 raise DataError(
                     f"{path} is a text file, but this data is read as records (JSON Lines, JSON, Parquet or a "
-                    "saved dataset); remove it from --data.path, or use --data.format text"
+                    f"saved dataset); remove it from {setting('data.path')}, or use {setting('data.format')} "
+                    "text"
                 )
             source = RecordSource(path, self._name(path))
             for record in source.read(
@@ -174,7 +180,7 @@ class Corpus:
                 splits=self._splits_read(path),
                 errors=self.errors,
                 on_read=on_read,
-                field_flag="--data.format",
+                field_setting="data.format",
             ):
                 name = source.record_name(record.index, record.split)
                 yield is_val or self._is_val(path, name, record.split), record
@@ -196,13 +202,14 @@ class Corpus:
             raise no_text_error(self.train_paths + self.val_paths)
         if not val_documents:
             raise DataError(
-                f"no {unit} fell into the validation split (of {train_documents:,} {unit}s, "
-                f"val_fraction {self.val_fraction}); raise --data.val_fraction or pass --data.val_path"
+                f"no {unit} fell into the validation split (of {train_documents:,} {unit}s, val_fraction "
+                f"{self.val_fraction}); raise {setting('data.val_fraction')} or pass "
+                f"{setting('data.val_path')}"
             )
         if not train_documents:
             raise DataError(
-                f"every one of the {val_documents:,} {unit}s fell into the validation split; "
-                "lower --data.val_fraction, or give training text besides --data.val_path"
+                f"every one of the {val_documents:,} {unit}s fell into the validation split; lower "
+                f"{setting('data.val_fraction')}, or give training text besides {setting('data.val_path')}"
             )
 
     # ------------------------------------------------------------------ identity and size

@@ -17,7 +17,7 @@ Life of the data:
 4. ``val_dataloader``: batches ``(input_ids, targets, n_bytes)`` that score every held-out token
    exactly once, for any batch size and any number of ranks (no padding samples, no repeats).
 
-Chat and instruction records (``--data.format``, chosen from the records' fields by default) take
+Chat and instruction records (``data.format``, chosen from the records' fields by default) take
 another path from step 1 on: their examples are encoded, masked and cached by
 :mod:`nexttoken.data.sft_cache`, and served packed or padded by the example loaders of
 :mod:`nexttoken.data.loaders`; this module only dispatches.
@@ -58,7 +58,7 @@ from nexttoken.data.sft_cache import (
     open_example_cache,
 )
 from nexttoken.data.tokenizers import Tokenizer, build_tokenizer, document_start
-from nexttoken.errors import DataError
+from nexttoken.errors import DataError, setting
 from nexttoken.io import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class TextDataModule(L.LightningDataModule):
         if not bpe_sample_mb > 0:
             raise DataError(f"bpe_sample_mb must be positive, got {bpe_sample_mb}")
         if not text_field:
-            raise DataError("text_field must name a field, e.g. --data.text_field text")
+            raise DataError(f"{setting('data.text_field')} must name a field, e.g. text")
         self.save_hyperparameters(logger=False)  # the run config is saved by the CLI; avoids clashing keys
         # With more ranks than validation blocks some rank has no batch; that is correct (each
         # block is scored once, and the metrics are summed over ranks), so let Lightning accept it.
@@ -163,7 +163,7 @@ class TextDataModule(L.LightningDataModule):
         self.cache: TokenCache | None = None
         self.examples: ExampleData | None = None  # chat/instruction data instead of a token cache
         self.data_format: str | None = None
-        self.format_line: str | None = None  # what --data.format chose, for the start summary
+        self.format_line: str | None = None  # what data.format chose, for the start summary
         self._cache_key: str | None = None  # the cache folder under cache_root: tokens/KEY or examples/KEY
         self._set_up = False
         self._train_loader: ResumableDataLoader | None = None
@@ -204,7 +204,7 @@ class TextDataModule(L.LightningDataModule):
         else:
             sources = find_documents(default_corpus(hp.include, hp.exclude))
         val_sources = (
-            find_documents(hp.val_path, hp.include, hp.exclude, flag="--data.val_path")
+            find_documents(hp.val_path, hp.include, hp.exclude, setting_name="data.val_path")
             if hp.val_path
             else None
         )
@@ -264,8 +264,8 @@ class TextDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.document_mask:
             raise DataError(
-                f"--data.document_mask applies to plain text; {self.data_format} examples are kept apart by "
-                "--data.packing (on by default); drop --data.document_mask"
+                f"{setting('data.document_mask')} applies to plain text; {self.data_format} examples are kept "
+                f"apart by {setting('data.packing')} (on by default); drop {setting('data.document_mask')}"
             )
         given, spec = self._tokenizer_spec()
         # Checked before any record is read. A BPE to be trained has the special tokens and the
@@ -342,13 +342,14 @@ class TextDataModule(L.LightningDataModule):
         needed = self.hparams.block_size + 1
         if meta["train_tokens"] < needed:
             raise DataError(
-                f"the training split has {meta['train_tokens']} tokens, but block_size {self.hparams.block_size} "
-                f"needs at least {needed}; add text or lower --data.block_size"
+                f"the training split has {meta['train_tokens']} tokens, but block_size "
+                f"{self.hparams.block_size} needs at least {needed}; add text or lower "
+                f"{setting('data.block_size')}"
             )
         if meta["val_tokens"] < 2:
             raise DataError(
-                f"the validation split has {meta['val_tokens']} tokens, at least 2 are needed; "
-                "raise --data.val_fraction or pass --data.val_path"
+                f"the validation split has {meta['val_tokens']} tokens, at least 2 are needed; raise "
+                f"{setting('data.val_fraction')} or pass {setting('data.val_path')}"
             )
 
     def _require_setup(self) -> TokenCache:
@@ -376,7 +377,7 @@ class TextDataModule(L.LightningDataModule):
         return 0, 1
 
     def _document_mask(self) -> tuple[int | None, int] | None:
-        """``(start_id, end_id)`` of the token streams' document framing, with ``--data.document_mask``."""
+        """``(start_id, end_id)`` of the token streams' document framing, with ``data.document_mask``."""
         if not self.hparams.document_mask:
             return None
         return document_start(self.tokenizer), self.tokenizer.eos_id
@@ -390,7 +391,7 @@ class TextDataModule(L.LightningDataModule):
         if num_blocks < world_size:
             raise DataError(
                 f"the training split has {num_blocks} blocks of {hp.block_size} tokens, fewer than the "
-                f"{world_size} processes; add text or lower --data.block_size"
+                f"{world_size} processes; add text or lower {setting('data.block_size')}"
             )
         dataset = TrainBatches(
             cache.train,

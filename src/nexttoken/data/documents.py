@@ -1,5 +1,5 @@
 """The one document reader: finding, reading and splitting the text a model trains, validates and
-is evaluated on (``nexttoken fit``'s ``--data.path`` and ``nexttoken eval``'s DATA alike).
+is evaluated on (the ``data.path`` of ``nexttoken fit`` and the files ``nexttoken eval`` scores alike).
 
 A corpus is a set of documents, read as one stream by :func:`iter_documents`: each text file is one
 document, and so is each record of a JSON Lines, JSON or Parquet file or of a saved ``datasets``
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nexttoken.data.records import RecordSource, decode_utf8, is_record_file, is_saved_dataset, json_kind
-from nexttoken.errors import DataError, DataWarning
+from nexttoken.errors import DataError, DataWarning, setting
 
 # A NUL byte in the first few KB is the classic (git, grep) test for "this is not a text file".
 BINARY_SNIFF_BYTES = 8192
@@ -59,7 +59,7 @@ def default_corpus(include: Sequence[str] | None = None, exclude: Sequence[str] 
     if not files:
         raise DataError(
             f"found no .py files in the standard library at {root} (include={include}, exclude={exclude}); "
-            "pass --data.path"
+            f"pass {setting('data.path')}"
         )
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
@@ -99,7 +99,7 @@ def find_documents(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     *,
-    flag: str = "--data.path",
+    setting_name: str = "data.path",
 ) -> list[Path]:
     """The sources named by ``paths`` (files, or folders searched recursively), sorted and deduplicated:
     text files, record files (``.jsonl``, ``.json``, either maybe ``.gz``/``.zst``; ``.parquet``) and
@@ -108,10 +108,11 @@ def find_documents(
     ``include``/``exclude`` are glob patterns matched against each file's path relative to the folder
     it was found in (or its bare name); they filter folder contents, while a file named explicitly is
     always taken. Hidden files and folders are skipped. Binary files that are not record files are
-    skipped with a warning. ``flag`` names the option the paths came from, for error messages.
+    skipped with a warning. ``setting_name`` is the setting the paths came from, for error messages.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    flag = setting(setting_name)
     found: set[Path] = set()
     for given in paths:
         path = Path(given).expanduser()
@@ -178,8 +179,8 @@ def record_text(value: object, where: str, field: str, errors: str = "strict") -
     """
     if not isinstance(value, str):
         raise DataError(
-            f"{where}: field {field!r} is {json_kind(value)}, not a string; "
-            "point --data.text_field at the field that holds the text"
+            f"{where}: field {field!r} is {json_kind(value)}, not a string; point "
+            f"{setting('data.text_field')} at the field that holds the text"
         )
     if not value.isascii():
         try:
@@ -188,7 +189,8 @@ def record_text(value: object, where: str, field: str, errors: str = "strict") -
             if errors == "strict":
                 raise DataError(
                     f"{where}: field {field!r} holds a lone surrogate ({value[e.start]!a} at character "
-                    f"{e.start}), which is not text; fix the record, or pass --data.replace_invalid_utf8 true"
+                    f"{e.start}), which is not text; fix the record, or pass "
+                    f"{setting('data.replace_invalid_utf8')} true"
                 ) from None
             # UTF-16 pairs the surrogates that belong together and replaces the rest.
             value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
@@ -257,29 +259,28 @@ def load_documents(
     errors: str = "strict",
     root: Path | None = None,
     *,
-    flag: str = "--data.path",
     text_field: str = "text",
 ) -> list[Document]:
     """Every document of ``paths`` in a list (:func:`iter_documents`); an error if there are none."""
     paths = [Path(p).resolve() for p in paths]
     if not paths:
-        raise DataError(f"no documents to read; pass {flag} with at least one text file")
+        raise DataError(f"no documents to read; pass {setting('data.path')} with at least one text file")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         documents = list(iter_documents(paths, errors, root, text_field=text_field))
     if not documents:
-        raise no_text_error(paths, flag)
+        raise no_text_error(paths)
     for warning in caught:  # only now: an all-empty corpus is an error, not also warnings
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return documents
 
 
-def no_text_error(paths: Sequence[Path], flag: str = "--data.path") -> DataError:
+def no_text_error(paths: Sequence[Path]) -> DataError:
     """The error for a corpus in which every source was empty."""
     if len(paths) == 1:
-        return DataError(f"{paths[0]} is empty: there is no text in it; point {flag} at text")
+        return DataError(f"{paths[0]} is empty: there is no text in it; point {setting('data.path')} at text")
     shown = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
-    return DataError(f"every file is empty ({shown}); point {flag} at text")
+    return DataError(f"every file is empty ({shown}); point {setting('data.path')} at text")
 
 
 def content_digest(texts: Iterable[str]) -> str:
@@ -318,8 +319,8 @@ def split_text(document: Document, val_fraction: float) -> tuple[Document, Docum
     train, val = data[:cut], data[cut:]
     if not train or not val:
         raise DataError(
-            f"{document.name} is too short ({len(data)} bytes) to hold out a validation part; "
-            "add text or pass --data.val_path"
+            f"{document.name} is too short ({len(data)} bytes) to hold out a validation part; add text or "
+            f"pass {setting('data.val_path')}"
         )
     return Document(f"{document.name}[train]", train.decode()), Document(
         f"{document.name}[val]", val.decode()

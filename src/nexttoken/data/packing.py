@@ -124,7 +124,7 @@ def val_block_bytes(
 def mask_documents(
     input_ids: np.ndarray, targets: np.ndarray, start_id: int | None, end_id: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Training or validation blocks with attention kept inside each document (``--data.document_mask``):
+    """Training or validation blocks with attention kept inside each document (``data.document_mask``):
     ``(input_ids, targets, document_ids)``, the targets that cross a document boundary unscored.
 
     The documents are found from the stream's framing (:func:`nexttoken.data.tokenizers.document_frame`):

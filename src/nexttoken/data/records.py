@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nexttoken.errors import DataError, DataWarning
+from nexttoken.errors import DataError, DataWarning, setting
 
 # Suffixes (before an optional compression suffix) of the record formats.
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -49,8 +49,8 @@ def decode_utf8(data: bytes, where: str, errors: str = "strict", warn: bool = Tr
     except UnicodeDecodeError as e:
         if errors == "strict":
             raise DataError(
-                f"{where} is not valid UTF-8 (byte offset {e.start}: {e.reason}); convert it to UTF-8, "
-                "or pass --data.replace_invalid_utf8 true to replace bad bytes with U+FFFD"
+                f"{where} is not valid UTF-8 (byte offset {e.start}: {e.reason}); convert it to UTF-8, or "
+                f"pass {setting('data.replace_invalid_utf8')} true to replace bad bytes with U+FFFD"
             ) from None
         if warn:
             warnings.warn(
@@ -162,7 +162,7 @@ class RecordSource:
         select: Callable[[int, str | None], bool] | None = None,
         errors: str = "strict",
         on_read: Callable[[int], None] | None = None,
-        field_flag: str = "--data.text_field",
+        field_setting: str = "data.text_field",
     ) -> Iterator[Record]:
         """Stream the records, each with ``fields`` (required) and ``optional`` fields.
 
@@ -171,12 +171,12 @@ class RecordSource:
             select: ``select(index, split)`` decides before a record is parsed whether it is wanted.
             errors: ``"strict"`` (invalid UTF-8 is an error) or ``"replace"`` (U+FFFD, one warning).
             on_read: called with the number of source bytes (as stored) read since the last call.
-            field_flag: the option that names the fields, for error messages.
+            field_setting: the setting that names the fields, for error messages.
         """
         wanted = list(dict.fromkeys([*fields, *optional]))
         reader = {"json": self._read_json, "parquet": self._read_parquet, "dataset": self._read_dataset}
         for index, split, where, record in reader[self.kind](
-            wanted, splits, select, errors, on_read or (lambda n: None), field_flag, optional
+            wanted, splits, select, errors, on_read or (lambda n: None), field_setting, optional
         ):
             values = {}
             for path in wanted:
@@ -187,12 +187,12 @@ class RecordSource:
                         values[path] = None
                         continue
                     raise DataError(
-                        f"{where} has {missing.args[0]}; name the field with {field_flag}"
+                        f"{where} has {missing.args[0]}; name the field with {setting(field_setting)}"
                     ) from None
             yield Record(index, where, values, split)
 
     # ------------------------------------------------------------------ JSON
-    def _read_json(self, wanted, splits, select, errors, on_read, field_flag, optional):
+    def _read_json(self, wanted, splits, select, errors, on_read, field_setting, optional):
         import pyarrow as pa
 
         compression = COMPRESSION_SUFFIXES.get(self.path.suffix.lower())
@@ -269,7 +269,7 @@ class RecordSource:
             yield index, None, where, record
 
     # ------------------------------------------------------------------ Parquet
-    def _read_parquet(self, wanted, splits, select, errors, on_read, field_flag, optional):
+    def _read_parquet(self, wanted, splits, select, errors, on_read, field_setting, optional):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -281,7 +281,7 @@ class RecordSource:
             ) from None
         with parquet:
             columns = _top_level_columns(
-                wanted, parquet.schema_arrow.names, str(self.path), field_flag, optional
+                wanted, parquet.schema_arrow.names, str(self.path), field_setting, optional
             )
             size = self.path.stat().st_size
             rows = max(parquet.metadata.num_rows, 1)
@@ -313,7 +313,7 @@ class RecordSource:
             yield indices[i], split, f"{where} {indices[i]}", record
 
     # ------------------------------------------------------------------ saved datasets
-    def _read_dataset(self, wanted, splits, select, errors, on_read, field_flag, optional):
+    def _read_dataset(self, wanted, splits, select, errors, on_read, field_setting, optional):
         loaded = _load_dataset(self.path)
         if hasattr(loaded, "keys"):  # a DatasetDict
             parts = [(split, loaded[split]) for split in (splits if splits is not None else loaded.keys())]
@@ -321,7 +321,7 @@ class RecordSource:
             parts = [(None, loaded)]
         for split, dataset in parts:
             folder = self.path / split if split is not None else self.path
-            columns = _top_level_columns(wanted, dataset.column_names, str(folder), field_flag, optional)
+            columns = _top_level_columns(wanted, dataset.column_names, str(folder), field_setting, optional)
             size = sum(f.stat().st_size for f in folder.glob("*.arrow"))
             rows = max(len(dataset), 1)
             done = 0
@@ -336,12 +336,14 @@ class RecordSource:
 
 
 def _top_level_columns(
-    wanted: Sequence[str], names: Sequence[str], where: str, field_flag: str, optional: Sequence[str] = ()
+    wanted: Sequence[str], names: Sequence[str], where: str, field_setting: str, optional: Sequence[str] = ()
 ) -> list[str]:
     """The columns holding ``wanted`` field paths; an error listing the columns if one that is not
     ``optional`` is absent (an absent optional column reads as a missing field in every row)."""
     if not names:
-        raise DataError(f"{where} has no columns (an empty schema); point --data.path at a file with data")
+        raise DataError(
+            f"{where} has no columns (an empty schema); point {setting('data.path')} at a file with data"
+        )
     columns = []
     for path in wanted:
         column = path if path in names else path.split(".", 1)[0]
@@ -349,7 +351,8 @@ def _top_level_columns(
             if path in optional:
                 continue
             raise DataError(
-                f"{where} has no column {path!r} (its columns: {', '.join(names)}); name it with {field_flag}"
+                f"{where} has no column {path!r} (its columns: {', '.join(names)}); name it with "
+                f"{setting(field_setting)}"
             )
         columns.append(column)
     return list(dict.fromkeys(columns))

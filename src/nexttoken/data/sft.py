@@ -33,7 +33,7 @@ from torch import Tensor
 
 from nexttoken.data.chat import Example
 from nexttoken.data.packing import shift, train_batches, val_batches
-from nexttoken.errors import DataError
+from nexttoken.errors import DataError, setting
 from nexttoken.loss import IGNORE_INDEX
 
 Truncation = Literal["left", "drop"]
@@ -93,7 +93,9 @@ def fit_to_block(
     """The examples that fit ``block_size`` (inputs per row), cut or dropped by ``truncation``,
     without the ones left with no scored token; and the report of what was done."""
     if truncation not in TRUNCATIONS:
-        raise DataError(f"--data.truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
+        raise DataError(
+            f"{setting('data.truncation')} must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}"
+        )
     if block_size < 1:
         raise DataError(f"block_size must be a positive integer, got {block_size}")
     report = FitReport(examples=len(examples), kept=0, block_size=block_size, truncation=truncation)
@@ -119,10 +121,10 @@ def fit_to_block(
     report.kept = len(kept)
     if not kept:
         reasons = "; ".join(report.lines()) or "no example has a scored token"
-        left = ", use --data.truncation left" if truncation == "drop" else ""
+        left = f", use {setting('data.truncation')} left" if truncation == "drop" else ""
         raise DataError(
-            f"none of the {len(examples):,} examples can be trained on ({reasons}); raise --data.block_size{left} "
-            "or check the records and --data.train_on"
+            f"none of the {len(examples):,} examples can be trained on ({reasons}); raise "
+            f"{setting('data.block_size')}{left} or check the records and {setting('data.train_on')}"
         )
     return kept, report
 

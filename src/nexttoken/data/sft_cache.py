@@ -1,11 +1,11 @@
 """Chat and instruction data for ``nexttoken fit``: which format the data is, its records read as
 conversations and split, the tokenizer trained on them, and the example cache.
 
-**The format** (:func:`choose_data_format`): ``--data.format`` when given; for ``auto``, text files
+**The format** (:func:`choose_data_format`): ``data.format`` when given; for ``auto``, text files
 are ``text``, and records are whatever the first record's fields say (``messages``: chat;
 ``prompt`` + ``response`` or ``instruction`` + ``output``: instruction; else text).
 
-**The example cache**: the records of ``--data.path`` read through the record readers of
+**The example cache**: the records of ``data.path`` read through the record readers of
 :mod:`nexttoken.data.records` (JSON Lines, JSON, Parquet, saved datasets), split train/validation at
 the record level by the corpus's own rule (:meth:`nexttoken.data.corpus.Corpus.records`), rendered
 through the chat template, tokenized, masked and fitted to the block
@@ -285,8 +285,10 @@ def get_or_build_examples(
             examples = list(encode_in_parallel(bound, conversations[split], train_on, workers))
             try:
                 kept, report = fit_to_block(examples, block_size, truncation)
-            except DataError as e:
-                raise DataError(f"{'training' if split == 'train' else 'validation'} split: {e}") from None
+            except DataError as e:  # e.args[0]: its text as raised, the settings it names still marked
+                raise DataError(
+                    f"{'training' if split == 'train' else 'validation'} split: {e.args[0]}"
+                ) from None
             ExampleSet.write(staging / split, kept, encoder.vocab_size)
             meta["fit"][split] = asdict(report)
             meta["counts"][split] = asdict(count_examples(kept))

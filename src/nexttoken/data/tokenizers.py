@@ -44,7 +44,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from nexttoken.data.documents import content_digest
-from nexttoken.errors import DataError
+from nexttoken.errors import DataError, setting
 from nexttoken.io import write_atomically
 
 EOS_TOKEN = "<|endoftext|>"
@@ -392,19 +392,21 @@ def load_local_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
         checkpoint = read_checkpoint(path)
         if "tokenizer" not in checkpoint:
-            raise DataError(f"checkpoint {path} carries no tokenizer; pass --data.tokenizer")
+            raise DataError(f"checkpoint {path} carries no tokenizer; pass {setting('data.tokenizer')}")
         return Tokenizer.from_dict(checkpoint["tokenizer"])
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise DataError(
-            f"tokenizer {str(path)!r} is not 'bytes', 'bpe', or a local tokenizer.json file or folder "
-            "holding one; check --data.tokenizer"
+            f"tokenizer {str(path)!r} is not 'bytes', 'bpe', or a local tokenizer.json file or folder holding "
+            f"one; check {setting('data.tokenizer')}"
         )
     try:
         tokenizer_json = file.read_text(encoding="utf-8")
         hf = HFTokenizer.from_str(tokenizer_json)
     except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
-        raise DataError(f"{file} is not a readable tokenizer.json ({e}); check --data.tokenizer") from None
+        raise DataError(
+            f"{file} is not a readable tokenizer.json ({e}); check {setting('data.tokenizer')}"
+        ) from None
     config_file = file.parent / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     vocab = hf.get_vocab(with_added_tokens=True)
@@ -418,8 +420,8 @@ def load_local_tokenizer(path: str | os.PathLike) -> Tokenizer:
     eos = pick("eos_token", _EOS_CANDIDATES)
     if eos is None:
         raise DataError(
-            f"tokenizer {file} has no end-of-document token (no eos_token in tokenizer_config.json and none of "
-            f"{', '.join(_EOS_CANDIDATES)}); add one, or use --data.tokenizer bpe"
+            f"tokenizer {file} has no end-of-document token (no eos_token in tokenizer_config.json and none "
+            f"of {', '.join(_EOS_CANDIDATES)}); add one, or use {setting('data.tokenizer')} bpe"
         )
     return Tokenizer(
         tokenizer_json,
@@ -437,7 +439,9 @@ def _gguf_tokenizer(path: Path) -> Tokenizer:
     try:
         fast = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     except Exception as e:  # transformers raises many kinds here; all mean "not readable"
-        raise DataError(f"could not read a tokenizer from {path} ({e}); check --data.tokenizer") from None
+        raise DataError(
+            f"could not read a tokenizer from {path} ({e}); check {setting('data.tokenizer')}"
+        ) from None
     return from_transformers(fast, str(path))
 
 
@@ -451,7 +455,9 @@ def from_transformers(fast: Any, source: str = "the model") -> Tokenizer:
             "(AutoTokenizer.from_pretrained(..., use_fast=True) converts most slow tokenizers)"
         )
     if fast.eos_token is None:
-        raise DataError(f"the tokenizer of {source} has no end-of-document token; use --data.tokenizer bpe")
+        raise DataError(
+            f"the tokenizer of {source} has no end-of-document token; use {setting('data.tokenizer')} bpe"
+        )
     return Tokenizer(
         backend.to_str(),
         kind="hf",

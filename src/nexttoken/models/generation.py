@@ -14,7 +14,7 @@ import torch
 
 from nexttoken.data.chat import ChatTemplate, Message
 from nexttoken.data.tokenizers import Tokenizer, document_start
-from nexttoken.errors import UserError
+from nexttoken.errors import UserError, setting
 from nexttoken.models.protocol import CausalLM
 
 
@@ -37,9 +37,9 @@ def generate_text(
     """``prompt`` followed by up to ``max_new_tokens`` sampled tokens, stopping at the end of the
     document; ``temperature`` 0 is greedy; the same ``seed`` gives the same text."""
     if max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+        raise UserError(f"{setting('max_new_tokens')} must be >= 0, got {max_new_tokens}")
     if temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+        raise UserError(f"{setting('temperature')} must be >= 0 (0 is greedy), got {temperature}")
     device = model.lm_head.weight.device
     ids = prompt_ids(tokenizer, prompt)
     context = torch.tensor([ids], dtype=torch.long, device=device)
@@ -68,9 +68,9 @@ def generate_reply(
     """The assistant's next reply to ``messages``: sampled after the rendered conversation and its
     generation prompt, up to (not including) the end-of-turn token or ``max_new_tokens`` tokens."""
     if max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+        raise UserError(f"{setting('max_new_tokens')} must be >= 0, got {max_new_tokens}")
     if temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+        raise UserError(f"{setting('temperature')} must be >= 0 (0 is greedy), got {temperature}")
     device = model.lm_head.weight.device
     ids = template.prompt_ids(messages)
     end_of_turn = template.end_of_turn_id

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from nexttoken.errors import UserError
+from nexttoken.errors import UserError, setting
 from nexttoken.models.masking import branch_mask, branch_positions, document_positions
 from nexttoken.models.protocol import CausalLM, evaluating
 
@@ -216,10 +216,10 @@ class HFCausalLM(nn.Module):
         if (packed - alone).abs().max().item() > tolerance:
             implementation = getattr(self.model.config, "_attn_implementation", None) or "default"
             raise UserError(
-                f"{self.name} cannot keep packed examples apart: with attn_implementation "
-                f"{implementation!r} (transformers {transformers_version}) the second of two packed examples "
-                "sees the first; use a transformers version whose masks follow position_ids (5.x does, with "
-                "sdpa, eager, flex_attention or flash_attention_2), or turn packing off (--data.packing false)"
+                f"{self.name} cannot keep packed examples apart: with attn_implementation {implementation!r} "
+                f"(transformers {transformers_version}) the second of two packed examples sees the first; use "
+                "a transformers version whose masks follow position_ids (5.x does, with sdpa, eager, "
+                f"flex_attention or flash_attention_2), or turn packing off ({setting('data.packing')} false)"
             )
         self._document_masking_checked = True
 
@@ -380,7 +380,8 @@ def load_hf_causal_lm(
         message = _first_line(e)
         if "trust_remote_code" in str(e) and not trust_remote_code:
             raise UserError(
-                f"{path} needs its own Python code to load; if you trust it, pass --trust-remote-code"
+                f"{path} needs its own Python code to load; if you trust it, pass "
+                f"{setting('trust_remote_code')}"
             ) from None
         raise UserError(f"could not load a causal language model from {path}: {message}") from None
     model = model.to(torch_dtype)

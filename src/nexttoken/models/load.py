@@ -40,9 +40,11 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise UserError(f"unknown --device {device!r}; use auto, cpu or cuda") from None
+        raise UserError(f"unknown {setting('device')} {device!r}; use auto, cpu or cuda") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+        raise UserError(
+            f"{setting('device')} cuda: no CUDA device is available here; use {setting('device')} cpu"
+        )
     return resolved
 
 
@@ -124,8 +126,8 @@ def load_checkpoint(path: str | Path, base: str | Path | None = None) -> Checkpo
         settings["model"] = str(base)
     elif saved_lora is not None and not Path(saved_lora["base_model"]).expanduser().exists():
         raise UserError(
-            f"{path} is a LoRA adapter for {saved_lora['base_model']}, which is not there any more; "
-            f"pass the base model and the adapter: BASE {setting('adapter')} {path}"
+            f"{path} is a LoRA adapter for {saved_lora['base_model']}, which is not there any more; pass the "
+            f"base model and the adapter: BASE {setting('adapter')} {path}"
         )
     if "model" not in settings:
         raise UserError(f"{path} records no model settings; pass a .ckpt written by nexttoken fit")
@@ -178,7 +180,8 @@ def load_model(
     adapter_path = None if adapter is None else Path(adapter).expanduser()
     if adapter_path is not None and not adapter_path.exists():
         raise UserError(
-            f"--adapter {adapter_path} not found; pass a LoRA run's checkpoint (.ckpt) or a PEFT adapter folder"
+            f"{setting('adapter')} {adapter_path} not found; pass a LoRA run's checkpoint (.ckpt) or a PEFT "
+            "adapter folder"
         )
     dev = resolve_device(device)
     torch_dtype = resolve_eval_dtype(dtype, dev)

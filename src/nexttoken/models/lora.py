@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from nexttoken.errors import UserError
+from nexttoken.errors import UserError, setting
 from nexttoken.models.protocol import CausalLM
 
 if TYPE_CHECKING:
@@ -122,21 +122,22 @@ def attach_lora(network: CausalLM, settings: LoraSettings | LoraConfig) -> list[
         targets = targets if isinstance(targets, str) else ", ".join(sorted(targets))
         existing = sorted({n.rpartition(".")[2] for n, m in inner.named_modules() if _adaptable(m)})
         raise UserError(
-            f"the LoRA targets (--model.lora_targets) {targets} match no module of the model; "
-            f"its matmul and embedding modules are: {', '.join(existing)}"
+            f"the LoRA targets ({setting('model.lora_targets')}) {targets} match no module of the model; its "
+            f"matmul and embedding modules are: {', '.join(existing)}"
         )
     embeddings = {id(m.weight) for m in inner.modules() if isinstance(m, nn.Embedding)}
     for name in matched:
         module = inner.get_submodule(name)
         if _is_linear(module) and id(module.weight) in embeddings:
             raise UserError(
-                f"--model.lora_targets: {name} shares its weight with the input embedding (a tied head), so "
-                "its update could not be merged without changing the embedding; leave it out of the targets"
+                f"{setting('model.lora_targets')}: {name} shares its weight with the input embedding (a tied "
+                "head), so its update could not be merged without changing the embedding; leave it out of "
+                "the targets"
             )
     try:
         inject_adapter_in_model(config, inner, adapter_name=ADAPTER_NAME)
     except (ValueError, TypeError) as error:
-        raise UserError(f"--model.lora_targets: {str(error).splitlines()[0]}") from None
+        raise UserError(f"{setting('model.lora_targets')}: {str(error).splitlines()[0]}") from None
     return matched
 
 
@@ -337,29 +338,33 @@ def apply_adapter_folder(network: CausalLM, folder: str | Path, base: str | Path
     folder = Path(folder)
     if not is_adapter_folder(folder):
         raise UserError(
-            f"--adapter {folder}: no {ADAPTER_CONFIG} there; pass a PEFT adapter folder or a .ckpt"
+            f"{setting('adapter')} {folder}: no {ADAPTER_CONFIG} there; pass a PEFT adapter folder or a .ckpt"
         )
     if (folder / BASE_FILE).is_file():
         try:
             recorded = json.loads((folder / BASE_FILE).read_text(encoding="utf-8"))
             saved = {"sha256": recorded["sha256"], "base_model": recorded["base_model"]}
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise UserError(f"--adapter {folder}: {BASE_FILE} is damaged; export the adapter again") from None
+            raise UserError(
+                f"{setting('adapter')} {folder}: {BASE_FILE} is damaged; export the adapter again"
+            ) from None
         check_fingerprint(saved, base, f"adapter {folder}")
     try:
         config = PeftConfig.from_pretrained(str(folder))
     except (ValueError, TypeError, OSError, json.JSONDecodeError) as error:
         raise UserError(
-            f"--adapter {folder}: {ADAPTER_CONFIG} is not a valid PEFT config ({error})"
+            f"{setting('adapter')} {folder}: {ADAPTER_CONFIG} is not a valid PEFT config ({error})"
         ) from None
     if not isinstance(config, LoraConfig):
-        raise UserError(f"--adapter {folder} is a {config.peft_type} adapter; nexttoken loads LoRA adapters")
+        raise UserError(
+            f"{setting('adapter')} {folder} is a {config.peft_type} adapter; nexttoken loads LoRA adapters"
+        )
     if not (folder / ADAPTER_WEIGHTS).is_file():
-        raise UserError(f"--adapter {folder}: {ADAPTER_WEIGHTS} is missing")
+        raise UserError(f"{setting('adapter')} {folder}: {ADAPTER_WEIGHTS} is missing")
     try:
         state = load_file(str(folder / ADAPTER_WEIGHTS))
     except (SafetensorError, OSError) as error:
-        raise UserError(f"--adapter {folder}: {ADAPTER_WEIGHTS} is unreadable ({error})") from None
+        raise UserError(f"{setting('adapter')} {folder}: {ADAPTER_WEIGHTS} is unreadable ({error})") from None
     _, from_folder = _folder_names(network)
     targets = config.target_modules
     if not isinstance(targets, str):

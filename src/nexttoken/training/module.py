@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from nexttoken.errors import UserError
+from nexttoken.errors import UserError, setting
 from nexttoken.loss import count_scored, fused_next_token_loss, next_token_loss
 from nexttoken.metrics import NextTokenMetrics
 from nexttoken.models.gpt import PRESETS
@@ -44,7 +44,7 @@ FusedLoss = Literal["auto", "on", "off"]
 # step limit); gpu_check.py measures it.
 COMPILE_MIN_STEPS_GPU = 1000
 
-# The peak learning rate when --model.lr is not given, by what trains. From scratch the small GPTs
+# The peak learning rate when model.lr is not given, by what trains. From scratch the small GPTs
 # train well at 3e-3. A pretrained model's own weights need far less: 3e-3 took SmolLM2-135M's
 # response loss from 4.3 to 10-12 within 5 steps, 1e-4 fine-tuned it to 98/100 exact match (README,
 # instruction tuning). LoRA adapters start from B = 0 and take larger steps: 1e-3 (the README's run).
@@ -110,16 +110,19 @@ class CausalLMModule(L.LightningModule):
         super().__init__()
         if fused_loss not in FusedLoss.__args__:
             raise UserError(
-                f"--model.fused_loss must be one of {', '.join(FusedLoss.__args__)}, got {fused_loss!r}"
+                f"{setting('model.fused_loss')} must be one of {', '.join(FusedLoss.__args__)}, got "
+                f"{fused_loss!r}"
             )
         if on_nonfinite not in OnNonFinite.__args__:
-            raise UserError(f"--model.on_nonfinite must be stop or skip, got {on_nonfinite!r}")
+            raise UserError(f"{setting('model.on_nonfinite')} must be stop or skip, got {on_nonfinite!r}")
         if model.endswith(".gguf") and not Path(model).expanduser().is_file():
-            raise UserError(f"--model.model {model}: no such file; pass a local .gguf file or a GPT preset")
+            raise UserError(
+                f"{setting('model.model')} {model}: no such file; pass a local .gguf file or a GPT preset"
+            )
         if model not in PRESETS and not is_hf_model(model) and not is_checkpoint(model):
             raise UserError(
-                f"--model.model {model!r} is neither a GPT preset ({', '.join(PRESETS)}), a nexttoken "
-                "checkpoint (.ckpt) nor a local Hugging Face model folder or .gguf file"
+                f"{setting('model.model')} {model!r} is neither a GPT preset ({', '.join(PRESETS)}), a "
+                "nexttoken checkpoint (.ckpt) nor a local Hugging Face model folder or .gguf file"
             )
         if lora_r is not None:
             _check_lora_settings(model, lora_r, lora_alpha, lora_dropout, lora_targets, lora_weight_decay)
@@ -198,22 +201,23 @@ class CausalLMModule(L.LightningModule):
         base = load_checkpoint(path)
         if base.lora is not None:
             raise UserError(
-                f"--model.model {path} is a LoRA checkpoint; merge it first (nexttoken export {path} OUT --merge) "
-                "and fine-tune the merged folder"
+                f"{setting('model.model')} {path} is a LoRA checkpoint; merge it first (nexttoken export "
+                f"{path} OUT --merge) and fine-tune the merged folder"
             )
         if self.tokenizer is None:
             self.tokenizer = base.tokenizer
         elif base.tokenizer is not None and base.tokenizer.fingerprint != self.tokenizer.fingerprint:
             raise UserError(
-                f"--model.model {path} was trained with another tokenizer ({base.tokenizer.kind}, vocab "
-                f"{base.tokenizer.vocab_size}) than the data's ({self.tokenizer.kind}, vocab "
-                f"{self.tokenizer.vocab_size}); leave --data.tokenizer out to use the checkpoint's"
+                f"{setting('model.model')} {path} was trained with another tokenizer ({base.tokenizer.kind}, "
+                f"vocab {base.tokenizer.vocab_size}) than the data's ({self.tokenizer.kind}, vocab "
+                f"{self.tokenizer.vocab_size}); leave {setting('data.tokenizer')} out to use the checkpoint's"
             )
         network = base.network
         block_size, limit = self.hparams.block_size, network.max_context
         if block_size is not None and limit is not None and block_size > limit:
             raise UserError(
-                f"--data.block_size {block_size} is longer than {path}'s context ({limit}); use at most {limit}"
+                f"{setting('data.block_size')} {block_size} is longer than {path}'s context ({limit}); use at "
+                f"most {limit}"
             )
         return network.train()
 
@@ -400,27 +404,30 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         total = self.trainer.estimated_stepping_batches
-        # What the schedule made of the settings; `nexttoken fit` prints these in its start summary.
+        # What the schedule made of the settings; `nexttoken fit` prints these in its start summary
+        # (the settings named with nexttoken.errors.setting, spelled there as fit's flags).
         self.schedule_notes: list[str] = []
-        # A time limit (--trainer.max_time) puts the cosine on the clock too (nexttoken.schedule).
+        # A time limit (trainer.max_time) puts the cosine on the clock too (nexttoken.schedule).
         clock = timer_clock(self.trainer)
         max_steps = int(total) if math.isfinite(total) else None
         if max_steps is None and clock is None:
             max_steps = FALLBACK_SCHEDULE_STEPS
             self.schedule_notes.append(
-                f"the run has no step or time limit, so the cosine schedule spans {max_steps:,} steps; "
-                "set --trainer.max_steps or --trainer.max_time to fit it to the run"
+                f"the run has no step or time limit, so the cosine schedule spans {max_steps:,} steps; set "
+                f"{setting('trainer.max_steps')} or {setting('trainer.max_time')} to fit it to the run"
             )
         warmup_steps = hp.warmup_steps if max_steps is None else min(hp.warmup_steps, max(max_steps // 10, 1))
         if warmup_steps < hp.warmup_steps:
             self.schedule_notes.append(
-                f"warmup capped at {warmup_steps} step{'' if warmup_steps == 1 else 's'} (a tenth of the run's {max_steps:,}) "
-                f"instead of --model.warmup_steps {hp.warmup_steps}"
+                f"warmup capped at {warmup_steps} step{'' if warmup_steps == 1 else 's'} (a tenth of the "
+                f"run's {max_steps:,}) instead of {setting('model.warmup_steps')} {hp.warmup_steps}"
             )
         lr = self.peak_lr()
         if hp.lr is None and (self.lora is not None or hp.model not in PRESETS):
             what = "LoRA adapters" if self.lora is not None else "fine-tuning a pretrained model"
-            self.schedule_notes.append(f"learning rate {lr:g}, the default for {what}; --model.lr sets it")
+            self.schedule_notes.append(
+                f"learning rate {lr:g}, the default for {what}; {setting('model.lr')} sets it"
+            )
         optimizer, schedule = build_optimizer(
             self.model,
             lr=lr,
@@ -438,7 +445,7 @@ class CausalLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def peak_lr(self) -> float:
-        """``--model.lr``, or the default for what trains (``DEFAULT_LR``)."""
+        """``model.lr``, or the default for what trains (``DEFAULT_LR``)."""
         hp = self.hparams
         if hp.lr is not None:
             return hp.lr
@@ -471,9 +478,10 @@ class CausalLMModule(L.LightningModule):
             self.tokenizer = saved
         elif saved is not None and saved.fingerprint != self.tokenizer.fingerprint:
             raise UserError(
-                f"the checkpoint was trained with a different tokenizer ({saved.kind}, vocab {saved.vocab_size}) "
-                f"than the data gives now ({self.tokenizer.kind}, vocab {self.tokenizer.vocab_size}); "
-                "use the run's --data settings, or start a new run without --ckpt_path"
+                f"the checkpoint was trained with a different tokenizer ({saved.kind}, vocab "
+                f"{saved.vocab_size}) than the data gives now ({self.tokenizer.kind}, vocab "
+                f"{self.tokenizer.vocab_size}); use the run's data settings, or start a new run without "
+                f"{setting('ckpt_path')}"
             )
         if self.lora is not None:
             self._check_lora_checkpoint(checkpoint)
@@ -482,8 +490,8 @@ class CausalLMModule(L.LightningModule):
             if name in own and own[name].shape != tensor.shape:
                 raise UserError(
                     f"the checkpoint's {name} has shape {tuple(tensor.shape)} but this model's has "
-                    f"{tuple(own[name].shape)}; use the run's --model/--data settings (its config.yaml), "
-                    "or start a new run without --ckpt_path"
+                    f"{tuple(own[name].shape)}; use the run's model and data settings (its config.yaml), or "
+                    f"start a new run without {setting('ckpt_path')}"
                 )
 
     def _check_lora_checkpoint(self, checkpoint: dict) -> None:
@@ -493,8 +501,8 @@ class CausalLMModule(L.LightningModule):
         saved = checkpoint.get("lora")
         if saved is None:
             raise UserError(
-                "the checkpoint is not a LoRA run (it holds every weight); drop --model.lora_r to continue it, "
-                "or start a new LoRA run without --ckpt_path"
+                f"the checkpoint is not a LoRA run (it holds every weight); drop {setting('model.lora_r')} to "
+                f"continue it, or start a new LoRA run without {setting('ckpt_path')}"
             )
         check_fingerprint(saved, self.hparams.model, "the checkpoint's adapter", actual=self.base_fingerprint)
         expected = {name for name, p in self.named_parameters() if p.requires_grad}
@@ -504,7 +512,7 @@ class CausalLMModule(L.LightningModule):
             raise UserError(
                 f"the checkpoint's adapters do not fit this model ({len(missing)} missing, e.g. "
                 f"{(missing or ['-'])[0]}; {len(extra)} unexpected, e.g. {(extra or ['-'])[0]}); "
-                "use the run's --model settings (its config.yaml)"
+                "use the run's model settings (its config.yaml)"
             )
 
 
@@ -517,19 +525,20 @@ def _check_lora_settings(
     weight_decay: float,
 ) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise UserError(f"--model.lora_r must be a positive rank (e.g. 8 or 16), got {r!r}")
+        raise UserError(f"{setting('model.lora_r')} must be a positive rank (e.g. 8 or 16), got {r!r}")
     if model in PRESETS:
         raise UserError(
-            f"--model.lora_r adapts a pretrained model, but --model.model {model} is a preset with random "
-            "weights; pass a nexttoken checkpoint (.ckpt), a Hugging Face model folder or a .gguf file"
+            f"{setting('model.lora_r')} adapts a pretrained model, but {setting('model.model')} {model} is a "
+            "preset with random weights; pass a nexttoken checkpoint (.ckpt), a Hugging Face model folder or "
+            "a .gguf file"
         )
     if alpha is not None and alpha <= 0:
-        raise UserError(f"--model.lora_alpha must be positive, got {alpha!r}")
+        raise UserError(f"{setting('model.lora_alpha')} must be positive, got {alpha!r}")
     if not 0.0 <= dropout < 1.0:
-        raise UserError(f"--model.lora_dropout must be in [0, 1), got {dropout!r}")
+        raise UserError(f"{setting('model.lora_dropout')} must be in [0, 1), got {dropout!r}")
     if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
         raise UserError(
-            f"--model.lora_targets must be module names such as [q_proj, v_proj], got {targets!r}"
+            f"{setting('model.lora_targets')} must be module names such as [q_proj, v_proj], got {targets!r}"
         )
     if weight_decay < 0:
-        raise UserError(f"--model.lora_weight_decay must be >= 0, got {weight_decay!r}")
+        raise UserError(f"{setting('model.lora_weight_decay')} must be >= 0, got {weight_decay!r}")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from nexttoken.errors import UserError
+from nexttoken.errors import UserError, setting
 
 if TYPE_CHECKING:
     import lightning as L
@@ -110,6 +110,6 @@ class NonFiniteGuard:
         last_good = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
         raise UserError(
             f"{what} at step {step}; training stopped (no update since), the last good checkpoint is "
-            f"{last_good or '(none saved yet)'}; lower --model.lr, or pass --model.on_nonfinite skip to "
-            "skip such steps"
+            f"{last_good or '(none saved yet)'}; lower {setting('model.lr')}, or pass "
+            f"{setting('model.on_nonfinite')} skip to skip such steps"
         )

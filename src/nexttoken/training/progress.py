@@ -21,6 +21,7 @@ import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar, Timer
 from lightning.pytorch.trainer.states import TrainerFn
 
+from nexttoken.errors import parameter_name, spelled
 from nexttoken.training.optim import decay_audit
 from nexttoken.training.throughput import ThroughputCallback
 
@@ -152,17 +153,21 @@ class StartSummary(L.Callback):
     Args:
         precision: the precision line (what was chosen, and why), which only the command line knows.
         time_limit: a note on the time limit, when one applies.
+        spell: how the command writes the settings the notes name (:func:`nexttoken.errors.setting`).
     """
 
-    def __init__(self, precision: str, time_limit: str | None = None) -> None:
+    def __init__(
+        self, precision: str, time_limit: str | None = None, spell: Callable[[str], str] = parameter_name
+    ) -> None:
         super().__init__()
         self.precision = precision
         self.time_limit = time_limit
+        self.spell = spell
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             lines = start_summary(trainer, pl_module, trainer.datamodule, self.precision, self.time_limit)
-            print("\n".join(lines), flush=True)
+            print(spelled("\n".join(lines), self.spell), flush=True)
 
 
 def start_summary(
@@ -187,7 +192,7 @@ def start_summary(
 
 
 def data_lines(data: Any) -> list[str]:
-    """What the data is: the format ``--data.format`` chose (when there was a choice), the split's
+    """What the data is: the format ``data.format`` chose (when there was a choice), the split's
     sizes and the cache; for chat/instruction data, the examples and what fitting them to the block
     dropped or cut."""
     lines = [data.format_line] if data.format_line else []

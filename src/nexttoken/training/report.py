@@ -10,10 +10,12 @@ import gzip
 import json
 import lzma
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nexttoken.errors import parameter_name, setting, spelled
 from nexttoken.io import write_atomically
 from nexttoken.training.phases import RunPhases, format_phases
 
@@ -161,9 +163,16 @@ def _sample_lines(module: CausalLMModule, data: TextDataModule) -> list[str]:
     ]
 
 
-def write_report(trainer: L.Trainer, module: CausalLMModule, data: TextDataModule, run_dir: Path) -> str:
+def write_report(
+    trainer: L.Trainer,
+    module: CausalLMModule,
+    data: TextDataModule,
+    run_dir: Path,
+    spell: Callable[[str], str] = parameter_name,
+) -> str:
     """Print the end-of-run report and write ``report.txt``, ``report.json`` and ``curves.png``
-    into ``run_dir``; returns the report's text."""
+    into ``run_dir``; returns the report's text. ``spell`` writes the settings it names as the
+    command's flags."""
     started = time.perf_counter()
     validation = getattr(module, "last_validation", None)  # None: validation was turned off
     examples = data.examples.counts("val") if data.examples is not None else None
@@ -172,7 +181,7 @@ def write_report(trainer: L.Trainer, module: CausalLMModule, data: TextDataModul
     compressors, compressors_cached = held_out_compressors(data) if scored_text else ({}, False)
     timings = {"compressors": time.perf_counter() - started}
     if validation is None:
-        text = "no validation score: validation is off (--trainer.limit_val_batches 0)"
+        text = f"no validation score: validation is off ({setting('trainer.limit_val_batches')} 0)"
     else:
         text = format_report(validation, compressors, module.hparams.vocab_size, examples)
     metrics_csv = run_dir / "metrics.csv"
@@ -210,7 +219,7 @@ def write_report(trainer: L.Trainer, module: CausalLMModule, data: TextDataModul
         phases.add("report", time.perf_counter() - started, note)
         summary["phases"] = phases.summary(trainer.global_step)
         lines.append(format_phases(summary["phases"]))
-    report = "\n".join(lines)
+    report = spelled("\n".join(lines), spell)
     print(report, flush=True)
     write_atomically(run_dir / "report.txt", report.lstrip("\n") + "\n")
     write_atomically(run_dir / "report.json", json.dumps(summary, indent=2) + "\n")
