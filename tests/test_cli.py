@@ -162,6 +162,23 @@ def test_validation_metrics_identical_for_val_batch_size_1_and_7(corpus, tmp_pat
     assert list(bpb1.values()) == pytest.approx(list(bpb7.values()), rel=1e-6)
 
 
+def test_a_checkpoint_brings_its_block_size_when_the_flag_is_left_out(corpus, tmp_path):
+    """A run trained at --data.block_size 32 (not the default) is validated and continued from its
+    checkpoint without repeating the flag: the checkpoint's data settings apply."""
+    assert main(fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 3)) == 0
+    ckpt = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+    args = fit_args(corpus, tmp_path / "val", tmp_path / "cache", 3)
+    at = args.index("--data.block_size")
+    del args[at : at + 2]
+    args[0] = "validate"
+    assert main([*args, "--ckpt_path", str(ckpt)]) == 0
+    assert metric_rows(tmp_path / "val" / "version_0", "val/loss")
+    resumed = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 5)
+    at = resumed.index("--data.block_size")
+    del resumed[at : at + 2]
+    assert main([*resumed, "--ckpt_path", "last"]) == 0
+
+
 class StopAtStep(L.Callback):
     """Stops training after a given optimizer step, as an interruption would (the run's
     schedule is still that of the full run)."""

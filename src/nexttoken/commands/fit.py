@@ -202,6 +202,7 @@ class NextTokenCLI(LightningCLI):
         for key, value in saved_data.items():
             if key in config.data and given["data"][key] == defaults.data[key]:
                 config.data[key] = value  # not given: the checkpoint's data settings
+        config.model.block_size = config.data.block_size  # linked: the model's context is the data's
         conflicts = []
         for group, keys in SHAPE_SETTINGS.items():
             for key in keys:
@@ -310,13 +311,13 @@ class NextTokenCLI(LightningCLI):
 
 
 # The settings that decide the network's shape and its token ids: a checkpoint only fits if they agree.
+# (The model's block_size is not among them: it follows the data's, checked there.)
 SHAPE_SETTINGS = {
     "model": (
         "model",
         "n_layer",
         "n_head",
         "n_embd",
-        "block_size",
         "bias",
         "lora_r",
         "lora_alpha",
