@@ -97,7 +97,8 @@ def string_literals(path: Path):
 
 
 @pytest.mark.parametrize(
-    "layer, flag", [("data", _ANY_FLAG), ("models", _ANY_FLAG), ("training", _CONFIG_FLAG)]
+    "layer, flag",
+    [("data", _ANY_FLAG), ("models", _ANY_FLAG), ("scoring", _ANY_FLAG), ("training", _CONFIG_FLAG)],
 )
 def test_only_the_commands_spell_a_flag(layer, flag):
     found = [

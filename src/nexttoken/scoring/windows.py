@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nexttoken.errors import UserError
+from nexttoken.errors import UserError, setting
 
 
 @dataclass(frozen=True)
@@ -37,18 +37,18 @@ class Window:
 def check_window_settings(context: int, stride: int, max_context: int | None = None) -> None:
     """UserError unless ``1 <= stride <= context <= max_context`` (all in tokens)."""
     if isinstance(context, bool) or not isinstance(context, int) or context < 1:
-        raise UserError(f"--context must be a positive number of tokens, got {context!r}")
+        raise UserError(f"{setting('context')} must be a positive number of tokens, got {context!r}")
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise UserError(f"--stride must be a positive number of tokens, got {stride!r}")
+        raise UserError(f"{setting('stride')} must be a positive number of tokens, got {stride!r}")
     if stride > context:
         raise UserError(
-            f"--stride {stride} is larger than --context {context}: tokens between windows would never be "
+            f"{setting('stride')} {stride} is larger than {setting('context')} {context}: tokens between windows would never be "
             f"scored; use a stride of at most {context} (default: context // 2)"
         )
     if max_context is not None and context > max_context:
         raise UserError(
-            f"--context {context} is above the model's maximum context of {max_context} tokens; "
-            f"pass --context {max_context} or less"
+            f"{setting('context')} {context} is above the model's maximum context of {max_context} tokens; "
+            f"pass {setting('context')} {max_context} or less"
         )
 
 

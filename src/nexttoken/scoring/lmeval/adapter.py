@@ -26,7 +26,7 @@ rolling document, in front of the tokenizer's own encoding, and uses it as an em
 tokenizer that adds a start token itself (Llama's BOS, the EOS of an exported nexttoken model) a
 rolling document therefore starts with two of them and one extra token is scored per document (the
 start token given the start token); for one that adds none (GPT-2, SmolLM2) the first token is scored
-after the prefix token. ``bos="auto"`` (``nexttoken eval --tasks ... --bos auto``) is nexttoken's own
+after the prefix token. ``bos="auto"`` is nexttoken's own
 rule instead, exactly as plain ``nexttoken eval``: :func:`document_start` before each document, and a
 first token without left context is not scored.
 
@@ -34,7 +34,7 @@ Where the numbers still differ from ``HFLM``'s by construction (everything else 
 rounding, tested on exported nexttoken checkpoints and SmolLM2):
 
 * **rolling windows**: ``HFLM`` uses disjoint windows of the model's maximum length; so does nexttoken
-  by default (``stride = context``), and ``--stride`` gives every token more context.
+  by default (``stride = context``), and a smaller ``stride`` gives every token more context.
 * **precision**: nexttoken's log-softmax is always fp32; ``HFLM``'s runs in the model's dtype.
 """
 
@@ -84,7 +84,7 @@ class NextTokenLM(TemplateLM):
         bos: what starts a document: ``lm-eval`` (the default: lm-eval's own convention, what its
             ``HFLM`` does, so that numbers compare with published ones: the tokenizer's BOS, else its
             EOS, before every rolling document and as an empty context, and texts encoded as the
-            tokenizer does), or nexttoken's rule as ``nexttoken eval --bos`` (``auto`` | ``yes`` | ``no``).
+            tokenizer does), or nexttoken's rule as plain scoring takes it (``auto`` | ``yes`` | ``no``).
         share_context: run the choices of a question in one packed row where the model allows.
         chat_tokenizer: a ``transformers`` tokenizer with a chat template, for tasks run with
             ``apply_chat_template`` (prompts are then encoded by it, special tokens parsed).
@@ -173,7 +173,9 @@ class NextTokenLM(TemplateLM):
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
         if self.chat_tokenizer is None or not getattr(self.chat_tokenizer, "chat_template", None):
-            raise UserError(f"{self.name} has no chat template; run the task without --apply-chat-template")
+            raise UserError(
+                f"{self.name} has no chat template; run the task without {setting('apply_chat_template')}"
+            )
         return self.chat_tokenizer.apply_chat_template(
             chat_history,
             tokenize=False,
@@ -246,7 +248,7 @@ class NextTokenLM(TemplateLM):
             if len(continuation) > self.context:
                 raise UserError(
                     f"a continuation of {len(continuation)} tokens does not fit a context of {self.context} "
-                    "tokens; pass a larger --context"
+                    f"tokens; pass a larger {setting('context')}"
                 )
             whole = (list(context) + list(continuation))[-(self.context + 1) :]
             self.truncated += len(context) + len(continuation) > len(whole)
@@ -352,7 +354,7 @@ def _batch_size(value: int | str | None) -> int | None:
     try:
         size = int(value)
     except ValueError:
-        raise UserError(f"--batch-size must be a positive number, got {value!r}") from None
+        raise UserError(f"{setting('batch_size')} must be a positive number, got {value!r}") from None
     if size < 1:
-        raise UserError(f"--batch-size must be a positive number, got {value!r}")
+        raise UserError(f"{setting('batch_size')} must be a positive number, got {value!r}")
     return size

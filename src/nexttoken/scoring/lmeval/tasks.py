@@ -1,4 +1,4 @@
-"""Finding lm-eval tasks (lm-eval's own, or YAML folders under ``--include-path``), loading their
+"""Finding lm-eval tasks (lm-eval's own, or folders of task YAML files), loading their
 data offline, and running them on a model."""
 
 from __future__ import annotations
@@ -12,19 +12,21 @@ from typing import Any
 import lm_eval
 from lm_eval.api.model import LM
 
-from nexttoken.errors import UserError
+from nexttoken.errors import UserError, setting
 from nexttoken.scoring.lmeval.adapter import NextTokenLM
 from nexttoken.scoring.lmeval.offline import offline
 
 
 def task_manager(names: Sequence[str], include_paths: Sequence[str] = ()):
-    """lm-eval's ``TaskManager`` that knows ``names``: the ``--include-path`` folders alone when they
+    """lm-eval's ``TaskManager`` that knows ``names``: the ``include_paths`` folders alone when they
     hold every name (indexing lm-eval's thousands of built-in tasks takes seconds), else both."""
     from lm_eval.tasks import TaskManager
 
     for folder in include_paths:
         if not Path(folder).is_dir():
-            raise UserError(f"--include-path {folder}: no such folder; pass a folder of task YAML files")
+            raise UserError(
+                f"{setting('include_path')} {folder}: no such folder; pass a folder of task YAML files"
+            )
     if include_paths:
         local = TaskManager(include_path=list(include_paths), include_defaults=False)
         if all(_known(local, name) for name in names):
@@ -45,10 +47,14 @@ def check_task_names(manager, names: Sequence[str], include_paths: Sequence[str]
         if not _known(manager, name):
             close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
             hint = f"; did you mean: {', '.join(close)}?" if close else ""
-            where = f" or in --include-path {', '.join(map(str, include_paths))}" if include_paths else ""
+            where = (
+                f" or in {setting('include_path')} {', '.join(map(str, include_paths))}"
+                if include_paths
+                else ""
+            )
             raise UserError(
                 f"unknown task {name!r}: not one of lm-eval's tasks{where}{hint} "
-                "(add a folder of task YAML files with --include-path DIR)"
+                f"(add a folder of task YAML files with {setting('include_path')} DIR)"
             )
         matches = sorted(fnmatch.filter(manager.all_tasks, name)) if any(c in name for c in "*?[") else [name]
         resolved += [m for m in matches if m not in resolved]
@@ -82,7 +88,7 @@ def _task_error(name: str, error: BaseException) -> UserError:
     if download:
         return UserError(
             f"task {name!r}: its data is not available offline ({reason}); provide its data locally: a task "
-            "YAML under --include-path whose dataset_kwargs.data_files name local JSONL/Parquet/CSV files, "
+            f"YAML under {setting('include_path')} whose dataset_kwargs.data_files name local JSONL/Parquet/CSV files, "
             "or the datasets cache ($HF_DATASETS_CACHE) filled where there is network"
         )
     return UserError(f"task {name!r} could not be loaded: {type(error).__name__}: {reason}")
