@@ -188,7 +188,7 @@ def lora_fit_args(base: Path, corpus: Path, root: Path, cache: Path, steps: int,
         "fit",
         "--model.model",
         str(base),
-        "--model.lora_r",
+        "--model.lora.r",
         "4",
         "--model.lr",
         "3e-2",
@@ -413,15 +413,15 @@ def one_line_error(capsys, argv) -> str:
 def test_rank_must_be_positive(rank, tiny_gpt2_dir, tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus", n_docs=2)
     argv = lora_fit_args(tiny_gpt2_dir, corpus, tmp_path / "runs", tmp_path / "cache", 2)
-    argv[argv.index("--model.lora_r") + 1] = rank
-    assert "--model.lora_r must be a positive rank" in one_line_error(capsys, argv)
+    argv[argv.index("--model.lora.r") + 1] = rank
+    assert "--model.lora.r must be a positive rank" in one_line_error(capsys, argv)
     assert not (tmp_path / "runs").exists()
 
 
 def test_targets_that_match_nothing(tiny_llama_dir, tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus", n_docs=2)
     argv = lora_fit_args(
-        tiny_llama_dir, corpus, tmp_path / "runs", tmp_path / "cache", 2, "--model.lora_targets", "[c_attn]"
+        tiny_llama_dir, corpus, tmp_path / "runs", tmp_path / "cache", 2, "--model.lora.targets", "[c_attn]"
     )
     err = one_line_error(capsys, argv)
     assert "match no module" in err and "q_proj" in err and "down_proj" in err and "embed_tokens" in err
@@ -430,7 +430,7 @@ def test_targets_that_match_nothing(tiny_llama_dir, tmp_path, capsys):
 def test_lora_on_a_preset_with_random_weights(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus", n_docs=2)
     err = one_line_error(
-        capsys, [*fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2), "--model.lora_r", "4"]
+        capsys, [*fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2), "--model.lora.r", "4"]
     )
     assert "adapts a pretrained model" in err
 
@@ -444,9 +444,9 @@ def test_merge_of_a_run_that_is_not_lora(gpt_run, tmp_path, capsys):
 def test_resume_with_another_rank(gpt_run, tmp_path, capsys):
     base, corpus, ckpt, _ = gpt_run
     argv = lora_fit_args(base, corpus, tmp_path / "runs", tmp_path / "cache", 12, "--ckpt_path", str(ckpt))
-    argv[argv.index("--model.lora_r") + 1] = "8"
+    argv[argv.index("--model.lora.r") + 1] = "8"
     err = one_line_error(capsys, argv)
-    assert "--model.lora_r 8 (checkpoint: 4)" in err
+    assert "--model.lora r=8, alpha=16, targets=default (checkpoint: r=4, alpha=8, targets=default)" in err
 
 
 def test_adapter_for_another_base(hf_run, tiny_llama_dir, tmp_path, capsys):
@@ -542,3 +542,24 @@ def test_smollm2_fit_eval_export_peft_merge_chain(smollm2_gguf, shared_data, tmp
     fp32_noise = (ours.double() - exact).abs().max()
     assert (merged_logits.double() - exact).abs().max() <= 2 * fp32_noise
     assert (merged_logits - ours).abs().max() < 5e-4
+
+
+def test_lora_settings_are_one_object_from_the_command_line_to_the_checkpoint(tmp_path):
+    """Parsed the way the command line parses them, kept as plain values a safe load accepts, and
+    read back the same; the hyperparameters of older checkpoints (lora_r ...) read as the same."""
+    from nexttoken.models.lora import LoraSettings
+
+    settings = LoraSettings(r=8, targets=["q_proj", "v_proj"]).check()
+    assert settings.alpha == 16.0 and settings.scale == 2.0 and settings.weight_decay == 0.01
+    path = tmp_path / "hp.pt"
+    torch.save({"lora": settings.to_dict()}, path)
+    assert LoraSettings.of(torch.load(path, weights_only=True)["lora"]) == settings
+    old = {"lora_r": 8, "lora_alpha": None, "lora_dropout": 0.0, "lora_targets": ["q_proj", "v_proj"]}
+    assert LoraSettings.from_hyperparameters(old) == settings
+    assert LoraSettings.from_hyperparameters({"lora": None, "lora_r": None}) is None
+    for bad, message in [
+        ({"r": 0}, "lora.r must be a positive rank"),
+        ({"r": 4, "dropout": 1.0}, "lora.dropout"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            LoraSettings.of(bad)

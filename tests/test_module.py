@@ -13,6 +13,7 @@ from conftest import split_documents
 from nexttoken.data.datamodule import TextDataModule
 from nexttoken.data.documents import find_documents
 from nexttoken.loss import count_scored, fused_next_token_loss, next_token_loss
+from nexttoken.models.lora import LoraSettings
 from nexttoken.training.module import CausalLMModule
 from test_datamodule import write_corpus
 
@@ -365,5 +366,9 @@ def test_the_default_learning_rate_follows_what_trains(tiny_llama_dir):
 
     assert CausalLMModule(model="tiny").peak_lr() == DEFAULT_LR["scratch"] == 3e-3
     assert CausalLMModule(model=str(tiny_llama_dir)).peak_lr() == DEFAULT_LR["fine-tune"] == 1e-4
-    assert CausalLMModule(model=str(tiny_llama_dir), lora_r=4).peak_lr() == DEFAULT_LR["lora"] == 1e-3
+    assert (
+        CausalLMModule(model=str(tiny_llama_dir), lora=LoraSettings(r=4)).peak_lr()
+        == DEFAULT_LR["lora"]
+        == 1e-3
+    )
     assert CausalLMModule(model=str(tiny_llama_dir), lr=0.02).peak_lr() == 0.02  # --model.lr wins

@@ -57,7 +57,7 @@ def test_outside_a_command_an_error_names_the_parameter(tmp_path):
     "command, setting, spelled",
     [
         ("fit", "data.text_field", "--data.text_field"),
-        ("validate", "model.lora_r", "--model.lora_r"),
+        ("validate", "model.lora.r", "--model.lora.r"),
         ("fit", "ckpt_path", "--ckpt_path"),
         ("eval", "data.text_field", "--text-field"),
         ("eval", "data.path", "DATA"),

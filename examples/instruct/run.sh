@@ -5,7 +5,7 @@
 #   bash examples/instruct/run.sh gpt OUT    # train the built-in GPT from scratch on the same data
 #
 # Every step prints its wall time; OUT gets the data, the run folder and the logs.
-# FIT_FLAGS adds flags to the SmolLM2 fit (for example FIT_FLAGS="--model.lora_r 16 --model.lr 1e-3").
+# FIT_FLAGS adds flags to the SmolLM2 fit (for example FIT_FLAGS="--model.lora.r 16 --model.lr 1e-3").
 set -euo pipefail
 kind=${1:?smol or gpt}
 out=${2:?an output folder}

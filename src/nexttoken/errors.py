@@ -19,7 +19,7 @@ _SETTING = re.compile(f"{_MARK}([A-Za-z0-9_.]+){_MARK}")
 
 def setting(name: str) -> str:
     """The setting ``name`` inside an error message: its dotted path in the configuration
-    (``data.text_field``, ``model.lora_r``) or a function's parameter (``bos``, ``context``)."""
+    (``data.text_field``, ``model.lora.r``) or a function's parameter (``bos``, ``context``)."""
     return f"{_MARK}{name}{_MARK}"
 
 

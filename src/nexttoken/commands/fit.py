@@ -25,6 +25,7 @@ from nexttoken.data.datamodule import TextDataModule
 from nexttoken.data.tokenizers import BUILTIN_KINDS
 from nexttoken.errors import UserError
 from nexttoken.models.load import is_checkpoint, is_hf_model
+from nexttoken.models.lora import LoraSettings
 from nexttoken.precision import auto_precision
 from nexttoken.training.module import CausalLMModule
 from nexttoken.training.phases import RunPhases, fit_called
@@ -210,6 +211,8 @@ class NextTokenCLI(LightningCLI):
                 theirs = checkpoint.get(
                     "hyper_parameters" if group == "model" else "datamodule_hyper_parameters", {}
                 ).get(key)
+                if key == "lora":  # compared as what decides the adapters: rank, scale, targets
+                    mine, theirs = _adapter_shape(mine), _adapter_shape(theirs)
                 if theirs is not None and mine != default and mine != theirs:
                     conflicts.append(f"--{group}.{key} {mine} (checkpoint: {theirs})")
         if conflicts:
@@ -319,12 +322,18 @@ SHAPE_SETTINGS = {
         "n_head",
         "n_embd",
         "bias",
-        "lora_r",
-        "lora_alpha",
-        "lora_targets",
+        "lora",
     ),
     "data": ("tokenizer", "vocab_size", "block_size"),
 }
+
+
+def _adapter_shape(lora) -> str | None:
+    """What decides a LoRA run's adapters, from its settings as parsed or as a checkpoint keeps them."""
+    if lora is None:
+        return None
+    settings = LoraSettings.of(lora.as_dict() if hasattr(lora, "as_dict") else dict(lora))
+    return f"r={settings.r}, alpha={settings.alpha:g}, targets={settings.targets or 'default'}"
 
 
 def _print_rank_zero(trainer: L.Trainer, message: str) -> None:

@@ -1,6 +1,6 @@
 """How a command writes a setting that an error message names (:func:`nexttoken.errors.setting`).
 
-The library names a setting by its configuration path (``data.text_field``, ``model.lora_r``) or by a
+The library names a setting by its configuration path (``data.text_field``, ``model.lora.r``) or by a
 function's parameter (``device``, ``batch_size``); each command turns that into what its user types:
 
 * ``fit`` and ``validate`` (LightningCLI) take every setting at its path: ``data.text_field`` is

@@ -141,9 +141,9 @@ def load_checkpoint(path: str | Path, base: str | Path | None = None) -> Checkpo
     }
     result = Checkpoint(network, tokenizer, settings)
     if saved_lora is not None:
-        from nexttoken.models.lora import attach_lora, check_fingerprint, settings_from
+        from nexttoken.models.lora import LoraSettings, attach_lora, check_fingerprint
 
-        result.lora = settings_from(settings)
+        result.lora = LoraSettings.from_hyperparameters(settings)
         result.base_model = str(settings["model"])
         result.base_fingerprint = saved_lora["sha256"]
         result.lora_modules = attach_lora(network, result.lora)

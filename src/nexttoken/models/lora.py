@@ -25,7 +25,7 @@ import hashlib
 import json
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,16 +48,88 @@ BASE_FILE = "adapter_base.json"
 _HASH_CHUNK = 1 << 20
 
 
+# The adapters' own decoupled weight decay (it pulls the update toward zero, i.e. the model toward its
+# base): what the LoRA paper's GPT-2 runs (Hu et al. 2021, microsoft/LoRA) and torchtune's LoRA recipes
+# use; docs/lora.md has the measurement behind keeping it.
+LORA_WEIGHT_DECAY = 0.01
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraSettings:
-    """``r``: the rank; ``alpha``: the update is scaled by ``alpha / r``; ``dropout``: on the adapter's
-    input; ``targets``: module names (exact, or the last part of a dotted name, as ``peft`` matches
-    them); ``None`` means every matmul of the blocks (attention and MLP projections), not the head."""
+    """LoRA's settings: one object from the command line (the ``model.lora`` setting, ``lora: {r: 16}``
+    in a config) through the LightningModule to the checkpoint, which keeps them as plain values.
+
+    Args:
+        r: the rank of the update ``B A``.
+        alpha: the update is scaled by ``alpha / r``; default ``2 * r``.
+        dropout: dropout on the adapter's input, in [0, 1).
+        targets: module names to adapt (exact, or the last part of a dotted name, as ``peft`` matches
+            them); default every matmul of the blocks (attention and MLP projections), not the head.
+        weight_decay: the adapters' decoupled weight decay (their own optimizer group).
+    """
 
     r: int
-    alpha: float
+    alpha: float | None = None
     dropout: float = 0.0
-    targets: tuple[str, ...] | None = None
+    targets: list[str] | None = None
+    weight_decay: float = LORA_WEIGHT_DECAY
+
+    def __post_init__(self) -> None:
+        # Resolved once, so that the run's hyperparameters and checkpoints say what was used. (Checked
+        # by check(), not here: jsonargparse builds this object while it reads the command line, and an
+        # error raised here would reach the user as its own "does not validate" message.)
+        if isinstance(self.r, int) and self.alpha is None:
+            object.__setattr__(self, "alpha", float(2 * self.r))
+        if self.targets:
+            object.__setattr__(self, "targets", list(self.targets))
+
+    def check(self) -> LoraSettings:
+        """These settings, if they can be used; a one-line :class:`UserError` naming the setting if not."""
+        r, alpha, targets = self.r, self.alpha, self.targets
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise UserError(f"{setting('model.lora.r')} must be a positive rank (e.g. 8 or 16), got {r!r}")
+        if alpha <= 0:
+            raise UserError(f"{setting('model.lora.alpha')} must be positive, got {alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"{setting('model.lora.dropout')} must be in [0, 1), got {self.dropout!r}")
+        if targets is not None and (
+            isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets)
+        ):
+            raise UserError(
+                f"{setting('model.lora.targets')} must be module names such as [q_proj, v_proj], got {targets!r}"
+            )
+        if self.weight_decay < 0:
+            raise UserError(f"{setting('model.lora.weight_decay')} must be >= 0, got {self.weight_decay!r}")
+        return self
+
+    @property
+    def scale(self) -> float:
+        """The factor of the update: ``alpha / r``."""
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        """Plain values (what a checkpoint keeps: safe loading refuses objects of other classes)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, value: LoraSettings | Mapping | None) -> LoraSettings | None:
+        """``value`` as checked settings: given as they are, or from a checkpoint's plain values."""
+        if value is None:
+            return None
+        return (value if isinstance(value, LoraSettings) else cls(**value)).check()
+
+    @classmethod
+    def from_hyperparameters(cls, values: Mapping) -> LoraSettings | None:
+        """The settings a run's hyperparameters hold (None when every weight trained); checkpoints
+        written before the settings were one object keep them as ``lora_r``, ``lora_alpha`` ..."""
+        if values.get("lora") is not None:
+            return cls.of(values["lora"])
+        if values.get("lora_r") is None:
+            return None
+        old = {"alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_targets"}
+        return cls(
+            values["lora_r"], **{k: values[v] for k, v in old.items() if values.get(v) is not None}
+        ).check()
 
 
 # --------------------------------------------------------------------------- where the adapters go
@@ -122,7 +194,7 @@ def attach_lora(network: CausalLM, settings: LoraSettings | LoraConfig) -> list[
         targets = targets if isinstance(targets, str) else ", ".join(sorted(targets))
         existing = sorted({n.rpartition(".")[2] for n, m in inner.named_modules() if _adaptable(m)})
         raise UserError(
-            f"the LoRA targets ({setting('model.lora_targets')}) {targets} match no module of the model; its "
+            f"the LoRA targets ({setting('model.lora.targets')}) {targets} match no module of the model; its "
             f"matmul and embedding modules are: {', '.join(existing)}"
         )
     embeddings = {id(m.weight) for m in inner.modules() if isinstance(m, nn.Embedding)}
@@ -130,14 +202,14 @@ def attach_lora(network: CausalLM, settings: LoraSettings | LoraConfig) -> list[
         module = inner.get_submodule(name)
         if _is_linear(module) and id(module.weight) in embeddings:
             raise UserError(
-                f"{setting('model.lora_targets')}: {name} shares its weight with the input embedding (a tied "
+                f"{setting('model.lora.targets')}: {name} shares its weight with the input embedding (a tied "
                 "head), so its update could not be merged without changing the embedding; leave it out of "
                 "the targets"
             )
     try:
         inject_adapter_in_model(config, inner, adapter_name=ADAPTER_NAME)
     except (ValueError, TypeError) as error:
-        raise UserError(f"{setting('model.lora_targets')}: {str(error).splitlines()[0]}") from None
+        raise UserError(f"{setting('model.lora.targets')}: {str(error).splitlines()[0]}") from None
     return matched
 
 
@@ -376,16 +448,3 @@ def apply_adapter_folder(network: CausalLM, folder: str | Path, base: str | Path
         network, {from_folder(k.removeprefix(PEFT_PREFIX)): v for k, v in state.items()}, str(folder)
     )
     return matched
-
-
-def settings_from(values: dict) -> LoraSettings:
-    """:class:`LoraSettings` from a module's hyperparameters (``lora_r``, ``lora_alpha`` ...)."""
-    r = values["lora_r"]
-    alpha = values.get("lora_alpha")
-    targets = values.get("lora_targets")
-    return LoraSettings(
-        r=r,
-        alpha=float(2 * r if alpha is None else alpha),
-        dropout=float(values.get("lora_dropout") or 0.0),
-        targets=tuple(targets) if targets else None,
-    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -21,14 +21,12 @@ from nexttoken.loss import count_scored, fused_next_token_loss, next_token_loss
 from nexttoken.metrics import NextTokenMetrics
 from nexttoken.models.gpt import PRESETS
 from nexttoken.models.load import build_network, is_checkpoint, is_hf_model, load_checkpoint
+from nexttoken.models.lora import LoraSettings
 from nexttoken.models.protocol import CausalLM
 from nexttoken.schedule import timer_clock
 from nexttoken.training.nonfinite import NonFiniteGuard, OnNonFinite
-from nexttoken.training.optim import LORA_WEIGHT_DECAY, build_optimizer
+from nexttoken.training.optim import build_optimizer
 from nexttoken.training.throughput import LogThrottle
-
-if TYPE_CHECKING:
-    from nexttoken.models.lora import LoraSettings
 
 # The fused linear+cross-entropy path pays once the vocabulary is much wider than the model
 # (the logits dominate memory); below that the plain matmul is cheaper (benchmarks/loss_memory.py).
@@ -54,7 +52,7 @@ DEFAULT_LR = {"scratch": 3e-3, "fine-tune": 1e-4, "lora": 1e-3}
 class CausalLMModule(L.LightningModule):
     """Next-token training of nexttoken's GPT (``model`` = a preset name, or a nexttoken checkpoint to
     start from) or a Hugging Face causal LM (``model`` = a local folder or .gguf file), whole or with
-    LoRA adapters (``lora_r``).
+    LoRA adapters (``lora``).
 
     Args:
         model: a GPT preset (``tiny``, ``mini``, ``small``, ...), a nexttoken checkpoint (``.ckpt``,
@@ -71,15 +69,9 @@ class CausalLMModule(L.LightningModule):
         compile: ``torch.compile`` the model and its loss together (one graph per mode); ``auto``:
             on a GPU for runs of 1000+ steps, off on a CPU (see ``COMPILE_MIN_STEPS_GPU``).
         trust_remote_code: allow a HF model folder's own code to run (off unless you ask).
-        lora_r: train LoRA adapters of this rank and freeze the pretrained ``model`` (None: train
-            every weight). Checkpoints then hold the adapters, the optimizer state, and the base
-            model's path and sha256.
-        lora_alpha: the adapters' update is scaled by ``lora_alpha / lora_r`` (default ``2 * lora_r``).
-        lora_dropout: dropout on the adapters' input.
-        lora_targets: module names to adapt (exact, or the last part of a dotted name); default every
-            attention and MLP projection (every Linear but the output head).
-        lora_weight_decay: the adapters' decoupled weight decay (their own optimizer group); it pulls
-            the update toward zero, i.e. the model toward the base.
+        lora: train LoRA adapters with these settings and freeze the pretrained ``model`` (None: train
+            every weight; ``lora: {r: 16}``, see :class:`~nexttoken.models.lora.LoraSettings`).
+            Checkpoints then hold the adapters, the optimizer state, and the base model's path and sha256.
     """
 
     def __init__(
@@ -101,11 +93,7 @@ class CausalLMModule(L.LightningModule):
         on_nonfinite: OnNonFinite = "stop",
         compile: bool | Literal["auto"] = "auto",
         trust_remote_code: bool = False,
-        lora_r: int | None = None,
-        lora_alpha: float | None = None,
-        lora_dropout: float = 0.0,
-        lora_targets: list[str] | None = None,
-        lora_weight_decay: float = LORA_WEIGHT_DECAY,
+        lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
         if fused_loss not in FusedLoss.__args__:
@@ -124,11 +112,20 @@ class CausalLMModule(L.LightningModule):
                 f"{setting('model.model')} {model!r} is neither a GPT preset ({', '.join(PRESETS)}), a "
                 "nexttoken checkpoint (.ckpt) nor a local Hugging Face model folder or .gguf file"
             )
-        if lora_r is not None:
-            _check_lora_settings(model, lora_r, lora_alpha, lora_dropout, lora_targets, lora_weight_decay)
+        settings = LoraSettings.of(lora)  # a checkpoint's hyperparameters hold them as plain values
+        if settings is not None and model in PRESETS:
+            raise UserError(
+                f"{setting('model.lora.r')} adapts a pretrained model, but {setting('model.model')} {model} is a "
+                "preset with random weights; pass a nexttoken checkpoint (.ckpt), a Hugging Face model folder "
+                "or a .gguf file"
+            )
+        # The hyperparameters (and so checkpoints) keep plain values: safe loading (weights_only)
+        # refuses objects of other classes. save_hyperparameters reads this local.
+        lora = None if settings is None else settings.to_dict()
         self.save_hyperparameters()
+        self.lora = settings
         # A LoRA checkpoint holds the adapters only: the frozen base comes from the base model's file.
-        self.strict_loading = lora_r is None
+        self.strict_loading = settings is None
         self.lora_modules: list[str] = []
         self.base_fingerprint: str | None = None
         self.base_held_in_bf16 = False
@@ -177,15 +174,6 @@ class CausalLMModule(L.LightningModule):
         if steps is None or steps < 0 or steps >= COMPILE_MIN_STEPS_GPU:
             return True, f"auto: a GPU run of {COMPILE_MIN_STEPS_GPU:,}+ steps"
         return False, f"auto: a GPU run shorter than {COMPILE_MIN_STEPS_GPU:,} steps"
-
-    @property
-    def lora(self) -> LoraSettings | None:
-        """The run's LoRA settings; None when every weight trains."""
-        if self.hparams.lora_r is None:
-            return None
-        from nexttoken.models.lora import settings_from
-
-        return settings_from(self.hparams)
 
     def _build_network(self) -> CausalLM:
         hp = self.hparams
@@ -289,8 +277,8 @@ class CausalLMModule(L.LightningModule):
         trainable = sum(r.numel for r in audit.records)
         total = trainable + sum(r.numel for r in audit.frozen)
         lines = [
-            f"lora: rank {lora.r}, alpha {lora.alpha:g} (update scale {lora.alpha / lora.r:g}), dropout "
-            f"{lora.dropout:g}, weight decay {hp.lora_weight_decay:g}; {trainable:,} trainable params "
+            f"lora: rank {lora.r}, alpha {lora.alpha:g} (update scale {lora.scale:g}), dropout "
+            f"{lora.dropout:g}, weight decay {lora.weight_decay:g}; {trainable:,} trainable params "
             f"({100 * trainable / total:.2f}% of {total:,}); base {hp.model} (sha256 {self.base_fingerprint[:12]}…)",
             f"lora: {len(self.lora_modules)} modules adapted"
             + (
@@ -432,7 +420,7 @@ class CausalLMModule(L.LightningModule):
             self.model,
             lr=lr,
             weight_decay=hp.weight_decay,
-            lora_weight_decay=hp.lora_weight_decay,
+            lora_weight_decay=self.lora.weight_decay if self.lora is not None else 0.0,
             betas=tuple(hp.betas),
             warmup_steps=warmup_steps,
             max_steps=max_steps,
@@ -501,7 +489,7 @@ class CausalLMModule(L.LightningModule):
         saved = checkpoint.get("lora")
         if saved is None:
             raise UserError(
-                f"the checkpoint is not a LoRA run (it holds every weight); drop {setting('model.lora_r')} to "
+                f"the checkpoint is not a LoRA run (it holds every weight); drop {setting('model.lora')} to "
                 f"continue it, or start a new LoRA run without {setting('ckpt_path')}"
             )
         check_fingerprint(saved, self.hparams.model, "the checkpoint's adapter", actual=self.base_fingerprint)
@@ -514,31 +502,3 @@ class CausalLMModule(L.LightningModule):
                 f"{(missing or ['-'])[0]}; {len(extra)} unexpected, e.g. {(extra or ['-'])[0]}); "
                 "use the run's model settings (its config.yaml)"
             )
-
-
-def _check_lora_settings(
-    model: str,
-    r: int,
-    alpha: float | None,
-    dropout: float,
-    targets: list[str] | None,
-    weight_decay: float,
-) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise UserError(f"{setting('model.lora_r')} must be a positive rank (e.g. 8 or 16), got {r!r}")
-    if model in PRESETS:
-        raise UserError(
-            f"{setting('model.lora_r')} adapts a pretrained model, but {setting('model.model')} {model} is a "
-            "preset with random weights; pass a nexttoken checkpoint (.ckpt), a Hugging Face model folder or "
-            "a .gguf file"
-        )
-    if alpha is not None and alpha <= 0:
-        raise UserError(f"{setting('model.lora_alpha')} must be positive, got {alpha!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise UserError(f"{setting('model.lora_dropout')} must be in [0, 1), got {dropout!r}")
-    if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
-        raise UserError(
-            f"{setting('model.lora_targets')} must be module names such as [q_proj, v_proj], got {targets!r}"
-        )
-    if weight_decay < 0:
-        raise UserError(f"{setting('model.lora_weight_decay')} must be >= 0, got {weight_decay!r}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nexttoken.models.lora import LORA_WEIGHT_DECAY
 from nexttoken.schedule import WarmupCosine
 
 DECAY = "matmul weight"
@@ -30,9 +31,6 @@ TIED = "tied to embedding"
 UNCLASSIFIED = "unclassified (no decay)"
 LORA = "lora adapter"
 FROZEN = "frozen"
-# The adapters' default decay: what the LoRA paper's GPT-2 runs (Hu et al. 2021, microsoft/LoRA) and
-# torchtune's LoRA recipes use; README "Fine-tuning with LoRA" has the measurement behind keeping it.
-LORA_WEIGHT_DECAY = 0.01
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
 if hasattr(nn, "RMSNorm"):
