@@ -558,8 +558,8 @@ def test_lora_settings_are_one_object_from_the_command_line_to_the_checkpoint(tm
     assert LoraSettings.from_hyperparameters(old) == settings
     assert LoraSettings.from_hyperparameters({"lora": None, "lora_r": None}) is None
     for bad, message in [
-        ({"r": 0}, "lora.r must be a positive rank"),
-        ({"r": 4, "dropout": 1.0}, "lora.dropout"),
+        ({"r": 0}, "^r must be a positive rank"),
+        ({"r": 4, "dropout": 1.0}, "^dropout must be in"),
     ]:
         with pytest.raises(UserError, match=message):
             LoraSettings.of(bad)
