@@ -22,7 +22,10 @@ warmup + cosine, batches cut with ``torch.stack`` from the token tensor in memor
 and architecture are nexttoken's (no biases, weight decay on matmul weights only, lr 3e-3, betas
 (0.9, 0.95), clipping at 1.0, warmup min(50, steps/10), cosine to lr/10) and its weights are copied
 from nexttoken's model before the first step, so in fp32 both compute the same function: their loss
-curves must agree to 1e-4 for the first 20 steps.
+curves must agree to 1e-4 for the first 20 steps. The textbook always runs fp32: at nexttoken's
+default precision (bf16-mixed on a CPU with native bf16) the two sides run different math, and a
+line says so; the 32-true rows compare the same math. MFU (shape b) is against
+``nexttoken.peak.peak_flops`` for each side's math, printed with its source.
 
 Pairing: after each nexttoken step a callback runs one textbook step on the same blocks of the same
 token stream. nexttoken's step time is everything between two textbook steps (Lightning's loop,
@@ -368,22 +371,8 @@ def run(shape_name: str, precision: str | None, args: argparse.Namespace) -> dic
     return result
 
 
-def machine_peak(dtype: torch.dtype) -> float:
-    """The CPU's matmul peak for ``dtype``: the highest cached reading over every thread count (a
-    reading taken while other programs share the cores is low, never high), measured now if none."""
-    from nexttoken.peak import cached_matmul_peak, read_peak_cache
-
-    name = str(dtype).replace("torch.", "")
-    readings = [
-        entry["flops"]
-        for key, entry in read_peak_cache().items()
-        if key.startswith("cpu |") and f"| {name} |" in key and f"torch {torch.__version__}" in key
-    ]
-    return max(readings) if readings else cached_matmul_peak("cpu", dtype)
-
-
 def report(result: dict, args: argparse.Namespace) -> None:
-    from nexttoken.peak import precision_dtype
+    from nexttoken.peak import peak_flops, precision_dtype
 
     shape = SHAPES[result["shape"]]
     name = f"{result['shape']}, {result['precision']}"
@@ -395,14 +384,16 @@ def report(result: dict, args: argparse.Namespace) -> None:
         f"  textbook fp32: {tps_t:9.0f} tokens/s  ({result['textbook_s'] * 1e3:.1f} ms/step)\n"
         f"  median of per-pair ratios: {result['pair_ratio']:.3f}"
     )
+    if result["precision"] != "32-true":
+        print(f"  (the two differ: nexttoken runs {result['precision']}, the textbook fp32)")
     if result["shape"] == "b":
-        peak_n = machine_peak(precision_dtype(result["precision"]))
-        peak_32 = machine_peak(torch.float32)
+        # The peak nexttoken fit counts MFU against, for the math each side's matmuls run in.
+        peak_n = peak_flops("cpu", precision_dtype(result["precision"]))
+        peak_32 = peak_flops("cpu", torch.float32)
         f = result["flops_per_token"]
         print(
-            f"  MFU: nexttoken {tps_n * f / peak_n:.3f} of this CPU's {result['precision']} matmul peak "
-            f"({peak_n / 1e9:.0f} GFLOP/s), textbook {tps_t * f / peak_32:.3f} of its fp32 peak "
-            f"({peak_32 / 1e9:.0f} GFLOP/s); {result['flops_per_token'] / 1e6:.1f} MFLOP/token"
+            f"  MFU: nexttoken {tps_n * f / peak_n.flops:.3f} of {peak_n.describe()}; textbook "
+            f"{tps_t * f / peak_32.flops:.3f} of {peak_32.describe()}; {f / 1e6:.1f} MFLOP/token"
         )
     losses = result["losses"][:CURVE_STEPS]
     if args.verbose:

@@ -5,13 +5,17 @@
     python benchmarks/train_throughput.py --compile-check  # torch.compile vs eager, compile time included
 
 Same model (GPT preset ``small`` at block 256, vocab 4096: 12.3M parameters, 10.6M without
-embeddings), same batches, same AdamW (``nexttoken.training.optim.build_optimizer``), same initial weights:
+embeddings), same batches, same initial weights, and the same math on both sides:
 
 (a) ``Trainer.fit`` on ``CausalLMModule`` with ``nexttoken fit``'s production trainer defaults
-    (``nexttoken.commands.fit.trainer_defaults()``: progress bar, CSV logger every 10 steps, checkpointing,
-    gradient clipping at 1.0, the throughput callback), the module's own loss choice (fused here);
-(b) a minimal loop: forward, ``next_token_loss``, backward, AdamW step, zero_grad (``--hand-clip``
-    adds the same gradient clipping).
+    (``nexttoken.commands.fit.trainer_defaults()``: its precision, progress bar, CSV logger every 10 steps,
+    checkpointing, gradient clipping at 1.0, the throughput callback), the module's own loss choice;
+(b) a minimal loop: forward and loss under the same autocast as (a)'s precision (bf16-mixed on a CPU
+    with native bf16), the same loss (fused or plain, as the module chose), backward, the same
+    clipping, the same AdamW (``nexttoken.training.optim.build_optimizer``: fused kernel, same warmup), zero_grad.
+
+A line before the results says what both run, or what differs (a compiled module, or a precision the
+hand loop does not copy). (a)/(b) is then Lightning's and nexttoken's per-step overhead only.
 
 Paired steps: after each step of (a), a callback runs one step of (b) on the same batch and
 times it; (a)'s step is everything between the end of one (b) step and the start of the next
@@ -19,9 +23,10 @@ times it; (a)'s step is everything between the end of one (b) step and the start
 step and a busy moment on a shared machine hits both alike. tokens/s = median over the timed steps
 (the first ``--warmup`` pairs are not timed).
 
-MFU = tokens/s x ``GPT.flops_per_token(256)`` (6N + attention) / the fp32 matmul peak, measured and
-cached by ``nexttoken.training.throughput`` (the highest reading kept). The last two lines are the goals:
-MFU >= 0.40, then (a)/(b) >= 0.95.
+MFU = tokens/s x ``GPT.flops_per_token(256)`` (6N + attention) / the peak of the math the matmuls run
+in (``nexttoken.peak.peak_flops``: on a CPU the measured peak over every thread count, cached; it is
+read again after the run and the higher reading kept). The peak and its source are printed. The last
+two lines are the goals: MFU >= 0.40, then (a)/(b) >= 0.95.
 
 ``--compile-check`` instead measures ``torch.compile`` against eager for the default ``nexttoken fit``
 run (preset, batch, block and max_steps read from the code's defaults): steady-state step time
@@ -45,7 +50,7 @@ import torch
 from _common import plain_step, random_batches
 
 from nexttoken.models.gpt import GPT, GPTConfig
-from nexttoken.peak import measure_matmul_peak, store_matmul_peak
+from nexttoken.peak import peak_flops, precision_dtype
 from nexttoken.training.optim import build_optimizer
 from nexttoken.training.threads import fastest_num_threads
 from nexttoken.training.throughput import mfu
@@ -59,44 +64,40 @@ def build(preset: str, vocab: int, block: int) -> GPT:
 
 
 class HandLoop:
-    """(b): the minimal loop, one step at a time."""
+    """(b): the minimal loop, one step at a time. ``math``: what (a) runs (:func:`fit_math`);
+    by default fp32, the plain loss, no clipping."""
 
-    def __init__(self, args: argparse.Namespace, max_steps: int, compile: bool = False) -> None:
+    def __init__(
+        self, args: argparse.Namespace, max_steps: int, compile: bool = False, math: dict | None = None
+    ) -> None:
+        math = math or {}
         self.model = build(args.preset, args.vocab, args.block)
         if compile:
             self.model.compile()
         self.optimizer, self.schedule = build_optimizer(
-            self.model, lr=args.lr, warmup_steps=10, max_steps=max_steps
+            self.model, lr=args.lr, warmup_steps=math.get("warmup_steps", 10), max_steps=max_steps
         )
-        self.clip = args.hand_clip
+        self.autocast = math.get("autocast")
+        self.fused = math.get("fused_loss", False)
+        self.clip = math.get("clip")
         self.model.train()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        plain_step(self.model, self.optimizer, x, y, clip=1.0 if self.clip else None, schedule=self.schedule)
+        plain_step(
+            self.model,
+            self.optimizer,
+            x,
+            y,
+            fused=self.fused,
+            clip=self.clip,
+            schedule=self.schedule,
+            autocast=self.autocast,
+        )
 
 
-def paired_run(args: argparse.Namespace) -> tuple[list[float], list[float], dict]:
-    """Lightning fit of (a) with one (b) step after each of its steps; returns both step times."""
-    import lightning as L
-    from lightning.pytorch.loggers import CSVLogger
-    from torch.utils.data import DataLoader
-
-    from nexttoken.commands.fit import trainer_defaults
+def build_module(args: argparse.Namespace):
+    """(a)'s module, with (b)'s initial weights."""
     from nexttoken.training.module import CausalLMModule
-
-    total = args.warmup + args.steps
-    batches = random_batches(total, args.batch, args.block, args.vocab)
-    hand = HandLoop(args, total)
-
-    class Paired(L.Callback):
-        def __init__(self) -> None:
-            self.b_start: list[float] = []
-            self.b_end: list[float] = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.b_start.append(time.perf_counter())
-            hand.step(*batch)
-            self.b_end.append(time.perf_counter())
 
     class Module(CausalLMModule):
         def _build_network(self):
@@ -112,6 +113,68 @@ def paired_run(args: argparse.Namespace) -> tuple[list[float], list[float], dict
         warmup_steps=10,
         fused_loss=args.fused_loss,
     )
+    module.configure_model()  # built now (on a CPU, never compiled), so its loss choice is known
+    return module
+
+
+def fit_math(args: argparse.Namespace, module, total: int) -> dict:
+    """What (a) computes, for (b) to compute the same: precision (autocast dtype), loss, clipping,
+    warmup; and ``differs``, what (b) cannot copy."""
+    from nexttoken.commands.fit import trainer_defaults
+
+    precision = str(trainer_defaults()["precision"])
+    differs = []
+    autocast = None
+    if precision == "bf16-mixed":
+        autocast = torch.bfloat16
+    elif precision not in ("32-true", "32"):
+        differs.append(f"(a) runs {precision}, (b) fp32")
+    if module.compiled:
+        differs.append("(a) is compiled, (b) eager")
+    return {
+        "precision": precision,
+        "autocast": autocast,
+        "fused_loss": module.uses_fused_loss,
+        "clip": None if args.no_clip else 1.0,
+        # The module caps its warmup at a tenth of the run.
+        "warmup_steps": min(module.hparams.warmup_steps, max(total // 10, 1)),
+        "differs": differs,
+    }
+
+
+def describe_math(math: dict) -> str:
+    what = (
+        f"{math['precision']} ({'bf16 autocast' if math['autocast'] else 'fp32'}), "
+        f"{'fused' if math['fused_loss'] else 'plain'} loss, fused AdamW (build_optimizer), "
+        f"gradient clipping {math['clip'] or 'off'}, warmup {math['warmup_steps']} steps"
+    )
+    if math["differs"]:
+        return f"(a) and (b) differ: {'; '.join(math['differs'])}; otherwise both run {what}"
+    return f"same math on both sides: {what}"
+
+
+def paired_run(args: argparse.Namespace, module, math: dict) -> tuple[list[float], list[float], dict]:
+    """Lightning fit of (a) with one (b) step after each of its steps; returns both step times."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    from nexttoken.commands.fit import trainer_defaults
+
+    total = args.warmup + args.steps
+    batches = random_batches(total, args.batch, args.block, args.vocab)
+    hand = HandLoop(args, total, math=math)
+
+    class Paired(L.Callback):
+        def __init__(self) -> None:
+            self.b_start: list[float] = []
+            self.b_end: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.b_start.append(time.perf_counter())
+            hand.step(*batch)
+            self.b_end.append(time.perf_counter())
+
     paired = Paired()
     with tempfile.TemporaryDirectory() as out_dir:
         defaults = trainer_defaults()
@@ -142,17 +205,23 @@ def paired_run(args: argparse.Namespace) -> tuple[list[float], list[float], dict
         "fused_loss": module.uses_fused_loss,
         "precision": str(trainer.precision),
         "clip": defaults.get("gradient_clip_val"),
+        "compiled": getattr(module, "compiled", False),
     }
+    if info["compiled"] and not any("compiled" in d for d in math["differs"]):
+        math["differs"].append("(a) was compiled, (b) eager")
+        print(describe_math(math))
+    if info["precision"] != math["precision"] or info["fused_loss"] != math["fused_loss"]:
+        raise RuntimeError(f"(a) ran {info}, not what (b) copied: {math}")
     # a[i] is step i+1 of (a); drop warm-up steps from both.
     return a[args.warmup - 1 :], b[args.warmup :], info
 
 
-def choose_threads(args: argparse.Namespace, batch: int) -> None:
+def choose_threads(args: argparse.Namespace, batch: int, math: dict | None = None) -> None:
     """--threads auto: time the training step under 1 thread and all cores, keep the faster."""
     if args.threads != "auto":
         return
     cores = torch.get_num_threads()
-    hand = HandLoop(args, 100)
+    hand = HandLoop(args, 100, math=math)
     x, y = random_batches(1, batch, args.block, args.vocab, seed=99)[0]
     hand.step(x, y)
     best, medians = fastest_num_threads(lambda: hand.step(x, y), candidates=sorted({1, cores}))
@@ -160,7 +229,10 @@ def choose_threads(args: argparse.Namespace, batch: int) -> None:
 
 
 def throughput_main(args: argparse.Namespace) -> None:
-    choose_threads(args, args.batch)
+    total = args.warmup + args.steps
+    module = build_module(args)
+    math = fit_math(args, module, total)
+    choose_threads(args, args.batch, math)
     model = build(args.preset, args.vocab, args.block)
     tokens_per_step = args.batch * args.block
     flops_per_token = model.flops_per_token(args.block)
@@ -170,24 +242,17 @@ def throughput_main(args: argparse.Namespace) -> None:
         f"batch {args.batch} ({tokens_per_step} tokens/step), {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}"
     )
-    threads, cores = torch.get_num_threads(), os.cpu_count() or torch.get_num_threads()
-    readings = [measure_matmul_peak("cpu", torch.float32)]
-    a, b, info = paired_run(args)
-    readings.append(measure_matmul_peak("cpu", torch.float32))
-    peak = store_matmul_peak(max(readings), "cpu", torch.float32)  # the cache keeps the highest reading
-    # The machine's peak is that of all its cores; under load 1 thread may train faster, but MFU is
-    # then still counted against what the whole CPU can do, whichever thread count reads higher.
-    torch.set_num_threads(cores)
-    peak_all = store_matmul_peak(measure_matmul_peak("cpu", torch.float32), "cpu", torch.float32)
-    torch.set_num_threads(threads)
-    machine_peak = max(peak, peak_all)
+    print(describe_math(math))
+    dtype = precision_dtype(math["precision"])
+    before = peak_flops("cpu", dtype)  # measured on first use, then cached
+    a, b, info = paired_run(args, module, math)
+    peak = peak_flops("cpu", dtype, refresh=True)  # read again; the cache keeps the higher reading
     fit_tps, hand_tps = tokens_per_step / statistics.median(a), tokens_per_step / statistics.median(b)
     pair_ratio = statistics.median(bi / ai for ai, bi in zip(a, b))
     best_a = tokens_per_step / min(a)
     print(
-        f"{flops_per_token / 1e6:.1f} MFLOP per token (6N + attention); fp32 matmul peak (cached, highest "
-        f"reading kept): {peak / 1e9:.0f} GFLOP/s with {threads} thread(s) ({max(readings) / 1e9:.0f} around this "
-        f"run), {peak_all / 1e9:.0f} GFLOP/s with all {cores} cores"
+        f"{flops_per_token / 1e6:.1f} MFLOP per token (6N + attention); MFU peak: {peak.describe()} "
+        f"(before the run: {before.flops / 1e9:.0f} GFLOP/s)"
     )
     print(
         f"(a) nexttoken + Lightning: {fit_tps:8.0f} tokens/s median, {best_a:8.0f} best  ({len(a)} steps; "
@@ -195,16 +260,16 @@ def throughput_main(args: argparse.Namespace) -> None:
     )
     print(
         f"(b) hand-written loop:     {hand_tps:8.0f} tokens/s median, {tokens_per_step / min(b):8.0f} best  "
-        f"({len(b)} steps; clip={args.hand_clip})"
+        f"({len(b)} steps; fused_loss={math['fused_loss']}, autocast {math['autocast']}, clip={math['clip']})"
     )
     print(f"median of per-pair ratios (a)/(b): {pair_ratio:.3f}")
+    utilization = mfu(fit_tps, flops_per_token, peak.flops)
+    hand_mfu = mfu(hand_tps, flops_per_token, peak.flops)
     print(
-        f"MFU of (a): {mfu(fit_tps, flops_per_token, peak):.3f} of the {threads}-thread peak, "
-        f"{mfu(fit_tps, flops_per_token, machine_peak):.3f} of the machine's peak "
-        f"({machine_peak / 1e9:.0f} GFLOP/s); best step {mfu(best_a, flops_per_token, machine_peak):.3f}"
+        f"MFU of (a): {utilization:.3f} ({fit_tps * flops_per_token / 1e9:.0f} GFLOP/s), best step "
+        f"{mfu(best_a, flops_per_token, peak.flops):.3f}; of (b): {hand_mfu:.3f}; of {peak.describe()}"
     )
     ratio = fit_tps / hand_tps
-    utilization = mfu(fit_tps, flops_per_token, machine_peak)
     print(
         f"mfu lightning/machine_peak: ratio={utilization:.3f} goal>={MFU_GOAL:.2f} "
         f"{'PASS' if utilization >= MFU_GOAL else 'MISS'}"
@@ -325,10 +390,13 @@ def main() -> None:
         "--fused-loss",
         default="auto",
         choices=["auto", "on", "off"],
-        help="the module's fused_loss setting (the hand loop always uses the plain loss)",
+        help="the module's fused_loss setting (the hand loop uses the loss the module chose)",
     )
-    parser.add_argument("--no-clip", action="store_true", help="turn (a)'s production gradient clipping off")
-    parser.add_argument("--hand-clip", action="store_true", help="(b) clips gradients too")
+    parser.add_argument(
+        "--no-clip",
+        action="store_true",
+        help="turn gradient clipping off, (a)'s production setting and (b)'s",
+    )
     parser.add_argument("--verbose", dest="quiet", action="store_false", help="show Lightning's output")
     parser.add_argument("--compile-check", action="store_true", help="torch.compile vs eager, end to end")
     parser.add_argument(

@@ -3,6 +3,7 @@
 import csv
 import json
 import random
+import re
 from pathlib import Path
 
 import lightning as L
@@ -104,11 +105,12 @@ def test_fit_end_to_end_writes_checkpoints_logs_curves_report(corpus, tmp_path, 
         assert chatter not in out, chatter
     # The start summary, once, in this order; the data line's numbers are the token cache's.
     lines = out.splitlines()
-    summary = lines[:6]
+    summary = lines[:7]
     assert [line.split(":")[0] for line in summary] == [
         "data",
         "model",
         "precision",
+        "MFU peak",
         "weight decay",
         "note",
         "run folder",
@@ -118,12 +120,15 @@ def test_fit_end_to_end_writes_checkpoints_logs_curves_report(corpus, tmp_path, 
     assert f", {train_tokens:,} tokens; validation " in summary[0]
     assert f", {val_tokens:,} tokens (" in summary[0] and "token cache built in" in summary[0]
     assert summary[2].startswith(f"precision: {auto_precision()[0]} (auto:")
-    assert summary[3].startswith("weight decay: weight decay on")
+    # The peak that MFU is a share of, in the math the matmuls run in, and where it comes from.
+    math = {"bf16-mixed": "bf16", "32-true": "fp32"}[auto_precision()[0]]
+    assert re.fullmatch(rf"MFU peak: [\d.]+ [GT]FLOP/s \({math}, measured on this CPU.*\)", summary[3])
+    assert summary[4].startswith("weight decay: weight decay on")
     assert (
-        summary[4]
+        summary[5]
         == "note: warmup capped at 1 step (a tenth of the run's 10) instead of --model.warmup_steps 2"
     )
-    assert summary[5] == f"run folder: {run}"
+    assert summary[6] == f"run folder: {run}"
     assert sum(line.startswith("data:") for line in lines) == 1
     # Not a terminal: plain progress lines and each validation's numbers, then the report.
     progress = [line for line in lines if line.startswith(("step ", "validation at"))]
@@ -131,6 +136,8 @@ def test_fit_end_to_end_writes_checkpoints_logs_curves_report(corpus, tmp_path, 
     assert [line.split(":")[0] for line in validations] == ["validation at step 5", "validation at step 10"]
     assert progress[-2].startswith("step 10/10  loss ") and " tok/s  MFU " in progress[-2]
     assert progress[-1] == validations[-1]
+    speed = next(line for line in lines if line.startswith("speed: "))
+    assert " tok/s over the last 20 training steps, MFU " in speed and f"% of {summary[3][10:]}" in speed
     for text in ("perplexity", "bits per byte", "gzip -9", "xz -9e", "sample"):
         assert text in out, text
     # The report's numbers are the final validation, built from the three sums.

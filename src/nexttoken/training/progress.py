@@ -148,7 +148,8 @@ def _timer(trainer: L.Trainer) -> Timer | None:
 
 class StartSummary(L.Callback):
     """Prints what this run is, once the model is built and its schedule set (``on_fit_start``):
-    the data, the model, the precision, the weight-decay audit, notes on the schedule, the run folder.
+    the data, the model, the precision, the peak FLOP/s that MFU is counted against and where it comes
+    from, the weight-decay audit, notes on the schedule, the run folder.
 
     Args:
         precision: the precision line (what was chosen, and why), which only the command line knows.
@@ -177,11 +178,15 @@ def start_summary(
     :class:`~nexttoken.data.datamodule.TextDataModule` that is set up."""
     audit = decay_audit(module.model)
     notes = [*getattr(module, "schedule_notes", []), *([time_limit] if time_limit else [])]
+    speed = next((c for c in trainer.callbacks if isinstance(c, ThroughputCallback)), None)
+    peak = speed.describe_peak() if speed is not None and speed.resolve_peak(trainer, module) else None
     lines = [
         *data_lines(data),
         f"model: {module.model_summary_line()}",
         *([module.lora_summary(audit)] if getattr(module, "lora", None) is not None else []),
         precision,
+        # Once here, not on every progress line: what the MFU shown during the run is a share of.
+        *([f"MFU peak: {peak}"] if peak is not None else []),
         *([f"compile: on ({module.compile_reason})"] if getattr(module, "compiled", False) else []),
         f"weight decay: {audit.summary()}",
         *[f"note: {note}" for note in notes],

@@ -163,6 +163,15 @@ def _sample_lines(module: CausalLMModule, data: TextDataModule) -> list[str]:
     ]
 
 
+def speed_line(speed) -> str:
+    """The last tokens/s and MFU of a :class:`~nexttoken.training.throughput.ThroughputCallback`, with the peak
+    the MFU is a share of and where that peak comes from."""
+    line = f"speed: {speed.tokens_per_sec:,.0f} tok/s over the last {speed.window} training steps"
+    if speed.mfu is not None and speed.describe_peak() is not None:
+        line += f", MFU {speed.mfu:.1%} of {speed.describe_peak()}"
+    return line
+
+
 def write_report(
     trainer: L.Trainer,
     module: CausalLMModule,
@@ -210,6 +219,14 @@ def write_report(
     if threads is not None and threads.choice:
         lines.append(f"threads: {threads.choice}")
         summary["threads"] = threads.choice
+    speed = next((c for c in trainer.callbacks if type(c).__name__ == "ThroughputCallback"), None)
+    if speed is not None and speed.tokens_per_sec is not None:
+        lines.append(speed_line(speed))
+        summary["throughput"] = {"tokens_per_sec": speed.tokens_per_sec, "mfu": speed.mfu}
+        if speed.mfu is not None and speed.peak is not None:
+            summary["throughput"].update(
+                peak_flops=speed.peak.flops, peak_math=speed.peak.math, peak_source=speed.peak.source
+            )
     phases = next((c for c in trainer.callbacks if isinstance(c, RunPhases)), None)
     if phases is not None:
         note = ", ".join(
