@@ -527,7 +527,7 @@ def main() -> None:
     args.steps = max(args.steps, CURVE_STEPS)
     TextbookAttention.FUSED_QKV = args.textbook_qkv == "fused"
     if args.log_every_step:
-        from nexttoken.training.throughput import LogThrottle
+        from nexttoken.training.log_throttle import LogThrottle
 
         LogThrottle.__init__.__defaults__ = (0.0,)
     if not Path(args.data).is_file():

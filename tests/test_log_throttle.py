@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from nexttoken.training.log_throttle import LogThrottle
 from nexttoken.training.module import CausalLMModule
-from nexttoken.training.throughput import LogThrottle, ThroughputCallback
+from nexttoken.training.throughput import ThroughputCallback
 
 
 @pytest.mark.parametrize("seconds, expected", [(1e9, [1, 10, 20, 25]), (0.0, list(range(1, 26)))])

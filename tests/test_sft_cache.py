@@ -20,11 +20,11 @@ from nexttoken.data.chat import (
 )
 from nexttoken.data.corpus import Corpus
 from nexttoken.data.documents import find_documents, held_out
+from nexttoken.data.formats import choose_data_format
 from nexttoken.data.sft import fit_to_block
 from nexttoken.data.sft_cache import (
     ExampleSet,
     bpe_training_texts,
-    choose_data_format,
     get_or_build_examples,
     read_split_conversations,
 )

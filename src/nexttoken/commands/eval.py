@@ -14,8 +14,8 @@ from pathlib import Path
 from nexttoken.commands.spelling import tool_flag
 from nexttoken.data.chat import CONVERSATION_FIELDS, DATA_FORMATS, TRAIN_ON, read_conversations
 from nexttoken.data.documents import find_documents, is_text_file, load_documents
+from nexttoken.data.formats import choose_data_format
 from nexttoken.data.records import Record, RecordSource
-from nexttoken.data.sft_cache import choose_data_format
 from nexttoken.errors import UserError
 from nexttoken.io import write_atomically
 from nexttoken.models.hf import chat_tokenizer_of

@@ -40,6 +40,7 @@ from nexttoken.data.cache import CACHE_FORMAT, CHUNK_CHARS, TokenCache, progress
 from nexttoken.data.chat import DataFormat, TrainOn, resolve_chat_template
 from nexttoken.data.corpus import Corpus
 from nexttoken.data.documents import default_corpus, find_documents
+from nexttoken.data.formats import choose_data_format
 from nexttoken.data.loaders import (
     ExampleTrainBatches,
     ExampleValBatches,
@@ -52,7 +53,6 @@ from nexttoken.data.parallel import available_cores
 from nexttoken.data.sft import Truncation
 from nexttoken.data.sft_cache import (
     ExampleData,
-    choose_data_format,
     example_cache_key,
     get_or_build_examples,
     open_example_cache,

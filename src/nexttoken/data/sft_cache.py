@@ -1,9 +1,6 @@
-"""Chat and instruction data for ``nexttoken fit``: which format the data is, its records read as
-conversations and split, the tokenizer trained on them, and the example cache.
-
-**The format** (:func:`choose_data_format`): ``data.format`` when given; for ``auto``, text files
-are ``text``, and records are whatever the first record's fields say (``messages``: chat;
-``prompt`` + ``response`` or ``instruction`` + ``output``: instruction; else text).
+"""Chat and instruction data for ``nexttoken fit``: its records read as conversations and split, the
+tokenizer trained on them, and the example cache. (Which format the data is in:
+:func:`nexttoken.data.formats.choose_data_format`.)
 
 **The example cache**: the records of ``data.path`` read through the record readers of
 :mod:`nexttoken.data.records` (JSON Lines, JSON, Parquet, saved datasets), split train/validation at
@@ -23,7 +20,6 @@ than pre-training corpora); the examples are written out split by split.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -42,15 +38,12 @@ from nexttoken.data.chat import (
     ChatTemplate,
     Conversation,
     Example,
-    choose_format,
     encode_in_parallel,
     record_fields,
     to_conversation,
 )
 from nexttoken.data.corpus import Corpus, bounded_sample
-from nexttoken.data.documents import is_text_file
 from nexttoken.data.packing import token_dtype
-from nexttoken.data.records import RecordSource
 from nexttoken.data.sft import ExampleCounts, FitReport, count_examples, fit_to_block
 from nexttoken.data.tokenizers import SPECIAL_TOKENS, Tokenizer, build_tokenizer
 from nexttoken.errors import DataError
@@ -59,39 +52,6 @@ from nexttoken.io import write_atomically
 # Bump when the layout of the cached files changes, so old caches are never misread.
 EXAMPLE_CACHE_FORMAT = 1
 SPLITS = ("train", "val")
-
-
-# --------------------------------------------------------------------------- the format
-def choose_data_format(sources: Sequence[Path], fmt: str, text_field: str = "text") -> tuple[str, str | None]:
-    """``(format, the line that says it)`` of the data in ``sources`` (files and saved datasets, as
-    :func:`nexttoken.data.documents.find_documents` gives them): ``fmt`` itself unless it is
-    ``auto``; for ``auto``, ``text`` for text files (no line: nothing to choose), else what the
-    fields of the first record say (text when they are not a conversation's)."""
-    if fmt != "auto":
-        return choose_format(fmt, {}, "")
-    first = _first_record(sources, text_field)
-    if first is None:
-        return "text", None
-    fields, where = first
-    try:
-        chosen, line = choose_format("auto", {k: v for k, v in fields.items() if k != text_field}, where)
-    except DataError:  # no conversation's fields: documents, which name a missing text field themselves
-        chosen = "text"
-    if chosen == "text":
-        line = f"format: text (auto: the records have {text_field!r})" if text_field in fields else None
-    return chosen, line
-
-
-def _first_record(sources: Sequence[Path], text_field: str) -> tuple[dict[str, Any], str] | None:
-    """The fields (of the conversation fields and ``text_field``) and name of the first record."""
-    for path in map(Path, sources):
-        if is_text_file(path):
-            continue
-        records = RecordSource(path, path.name).read((), optional=(*CONVERSATION_FIELDS, text_field))
-        with contextlib.closing(records):
-            for record in records:
-                return record_fields(record), record.where
-    return None
 
 
 # --------------------------------------------------------------------------- conversations

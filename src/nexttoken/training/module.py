@@ -24,9 +24,9 @@ from nexttoken.models.load import build_network, is_checkpoint, is_hf_model, loa
 from nexttoken.models.lora import LoraSettings
 from nexttoken.models.protocol import CausalLM
 from nexttoken.schedule import timer_clock
+from nexttoken.training.log_throttle import LogThrottle
 from nexttoken.training.nonfinite import NonFiniteGuard, OnNonFinite
 from nexttoken.training.optim import build_optimizer
-from nexttoken.training.throughput import LogThrottle
 
 # The fused linear+cross-entropy path pays once the vocabulary is much wider than the model
 # (the logits dominate memory); below that the plain matmul is cheaper (benchmarks/loss_memory.py).
