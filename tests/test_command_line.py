@@ -3,14 +3,10 @@
 import json
 
 import pytest
-import torch
 
 from conftest import TINY_TEXT
 from nexttoken.cli import _parser, main
-from nexttoken.data.datamodule import TextDataModule
-from nexttoken.training.module import CausalLMModule
-from test_datamodule import write_corpus
-from test_module import quiet_trainer
+from test_load import trained  # noqa: F401 - a fixture
 
 
 def parsed(command: str, argv: list[str]) -> dict:
@@ -90,21 +86,9 @@ def test_chat_reads_its_options_first_and_spells_its_own_flag(capfd, tiny_gpt2_d
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A nexttoken checkpoint of a whole model (one optimizer step of a tiny GPT on bytes)."""
-    folder = tmp_path_factory.mktemp("export")
-    data = TextDataModule(
-        path=[str(write_corpus(folder / "corpus"))],
-        tokenizer="bytes",
-        block_size=8,
-        batch_size=2,
-        cache_dir=str(folder / "cache"),
-    )
-    torch.manual_seed(0)
-    trainer = quiet_trainer(max_steps=1)
-    trainer.fit(CausalLMModule(model="tiny", block_size=8, n_layer=1, n_head=2, n_embd=16), datamodule=data)
-    trainer.save_checkpoint(folder / "last.ckpt")
-    return folder / "last.ckpt"
+def checkpoint(trained):  # noqa: F811 - the fixture imported above
+    """A nexttoken checkpoint of a whole model (test_load's: one optimizer step of a tiny GPT on bytes)."""
+    return trained[0]
 
 
 def test_export_takes_merge_before_its_arguments(tmp_path, capfd, checkpoint):

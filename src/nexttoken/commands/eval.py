@@ -84,13 +84,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """``nexttoken eval MODEL DATA... [--context N] [--stride S] [--batch-size B] [--json] ...``"""
+def add_model_argument(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+    """The MODEL argument every command that loads a model takes (optional where a command may go
+    without, as ``generate`` does for its own reasons)."""
+    more = {"nargs": "?", "default": None} if optional else {}
     parser.add_argument(
         "model",
         metavar="MODEL",
         help="nexttoken checkpoint (.ckpt), Hugging Face model folder, or .gguf file",
+        **more,
     )
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """``nexttoken eval MODEL DATA... [--context N] [--stride S] [--batch-size B] [--json] ...``"""
+    add_model_argument(parser)
     parser.add_argument(
         "data",
         metavar="DATA",

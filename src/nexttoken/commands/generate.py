@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from nexttoken.commands.eval import add_model_argument
 from nexttoken.commands.spelling import tool_flag
 from nexttoken.data.chat import ChatTemplate, Message, resolve_chat_template
 from nexttoken.errors import UserError
@@ -43,18 +44,8 @@ def _chat_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model",
-        metavar="MODEL",
-        nargs="?",
-        default=None,
-        help="nexttoken checkpoint (.ckpt), Hugging Face model folder, or .gguf file",
-    )
-
-
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    _model_argument(parser)
+    add_model_argument(parser, optional=True)
     parser.add_argument("--checkpoint", default=None, help="the same as MODEL (kept for older scripts)")
     parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     parser.add_argument(
@@ -122,7 +113,7 @@ def run_generate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- nexttoken chat
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     """``nexttoken chat MODEL [--system TEXT] [--chat-template FILE] ...``"""
-    _model_argument(parser)
+    add_model_argument(parser, optional=True)
     _chat_arguments(parser)
     _sampling_arguments(parser, max_new_tokens=300)
 

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nexttoken.commands.eval import add_model_arguments, check_arguments_early
+from nexttoken.commands.eval import add_model_argument, add_model_arguments, check_arguments_early
 from nexttoken.commands.spelling import tool_flag
 from nexttoken.data.documents import read_document
 from nexttoken.data.tokenizers import Tokenizer
@@ -251,11 +251,7 @@ def render_html(views: list[TokenView], *, title: str, summary: str, top: int = 
 # --------------------------------------------------------------------------- CLI
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     """``nexttoken inspect MODEL TEXT [--html OUT] [--top K] [--context N] [--stride S] ...``"""
-    parser.add_argument(
-        "model",
-        metavar="MODEL",
-        help="nexttoken checkpoint (.ckpt), Hugging Face model folder, or .gguf file",
-    )
+    add_model_argument(parser)
     parser.add_argument(
         "text", metavar="TEXT", help="a text file, '-' to read stdin, or the text itself (quoted)"
     )
