@@ -21,6 +21,7 @@ and divided once by the caller (:func:`nexttoken.metrics.summarize`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -138,12 +139,17 @@ def score_rows(
     per_token: bool = False,
     topk: int = 0,
     progress: Callable[[int], None] | None = None,
+    grad: bool = False,
 ) -> Scores:
     """Score ``rows`` with ``model`` (in eval mode, without gradients) into per-owner sums.
 
     Rows run longest first (similar lengths share a batch; the sums do not care), ``batch_size`` rows
     per forward pass, or by default about 1k tokens' worth on CPU and 8k on GPU. ``progress`` is
     called with the number of tokens each batch scored.
+
+    ``grad=True`` is for training objectives built on sequence log-probabilities (preference
+    tuning): the model keeps its mode, autograd records the pass, and ``nll`` stays on the model's
+    device with its gradient.
     """
     device = model.lm_head.weight.device
     # MPS has no float64: its sums are kept on the CPU.
@@ -155,7 +161,10 @@ def score_rows(
     order = sorted((i for i in range(len(rows)) if rows[i].columns.numel()), key=lambda i: -len(rows[i]))
     token_nll: list[Tensor | None] = [None] * len(rows)
     token_top: list[tuple[Tensor, Tensor] | None] = [None] * len(rows)
-    with evaluating(model), torch.inference_mode():
+    with contextlib.ExitStack() as scoring:
+        if not grad:
+            scoring.enter_context(evaluating(model))
+            scoring.enter_context(torch.inference_mode())
         for batch in _batches([len(rows[i]) for i in order], batch_size, device):
             chunk = [rows[order[i]] for i in batch]
             targets, owners, logits = _forward(model, chunk, device)
@@ -169,7 +178,7 @@ def score_rows(
                 _keep_per_token(chunk, [order[i] for i in batch], token, logits, topk, token_nll, token_top)
             if progress is not None:
                 progress(int(owners.numel()))
-    return Scores(nll.cpu(), tokens.cpu(), misses.cpu(), token_nll, token_top)
+    return Scores(nll if grad else nll.cpu(), tokens.cpu(), misses.cpu(), token_nll, token_top)
 
 
 def _batches(lengths: Sequence[int], batch_size: int | None, device: torch.device) -> Iterator[range]:
