@@ -1,5 +1,6 @@
 import pytest
 
+from nexttoken.commands import eval as eval_command
 from nexttoken.errors import UserError
 from nexttoken.scoring.windows import Window, check_window_settings, make_windows
 
@@ -39,5 +40,8 @@ def test_every_target_scored_once_with_enough_context(n_tokens, context, stride)
     ],
 )
 def test_bad_window_settings(context, stride, max_context, message):
-    with pytest.raises(UserError, match=message):
+    """The message names the settings; ``nexttoken eval`` spells them as its flags."""
+    with pytest.raises(UserError) as error:
         check_window_settings(context, stride, max_context)
+    assert message in error.value.message(eval_command.spell)
+    assert message.replace("--", "") in str(error.value)
