@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Timer
 from torch.utils.data import DataLoader
 
 from nexttoken.loss import next_token_loss
-from nexttoken.training import throughput
+from nexttoken.training import log_throttle, throughput
 from nexttoken.training.module import CausalLMModule
 from nexttoken.training.progress import ProgressLog, StepProgressBar, clock_time
 from nexttoken.training.throughput import ThroughputCallback
@@ -62,6 +62,7 @@ def _fit(monkeypatch, progress_bar: bool, *extra_callbacks: L.Callback):
     for callback in extra_callbacks:
         callback.clock = clock
     monkeypatch.setattr(throughput, "time", types.SimpleNamespace(perf_counter=clock))
+    monkeypatch.setattr(log_throttle, "time", types.SimpleNamespace(perf_counter=clock))
     torch.manual_seed(0)
     # lr 0: the weights stay as initialised, so every step's loss can be computed here afterwards.
     module = CausalLMModule(
