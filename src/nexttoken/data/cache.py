@@ -41,9 +41,9 @@ import numpy as np
 from nexttoken.data.corpus import Corpus
 from nexttoken.data.documents import Document
 from nexttoken.data.packing import token_dtype
-from nexttoken.data.parallel import ordered_map
+from nexttoken.data.parallel import WorkerDied, memory_words, ordered_map
 from nexttoken.data.tokenizers import Tokenizer, document_frame
-from nexttoken.errors import DataWarning
+from nexttoken.errors import DataError, DataWarning, setting
 from nexttoken.io import atomic_folder, write_atomically
 
 log = logging.getLogger(__name__)
@@ -344,12 +344,48 @@ def tokenize_jobs(
     tokenizer: Tokenizer, jobs: Iterator[tuple[bool, list[str]]], workers: int
 ) -> Iterator[tuple]:
     """:func:`_tokenize_job` of each job, in order: in this process (``workers=0``) or in
-    ``workers`` processes, each with the tokenizer's own threads off."""
+    ``workers`` processes, each with the tokenizer's own threads off. A worker that dies is a
+    :class:`~nexttoken.errors.DataError` naming what it was tokenizing."""
     if workers == 0:
         return ordered_map(partial(_tokenize_job, tokenizer), jobs, 0)
-    return ordered_map(
+    results = ordered_map(
         _tokenize_in_worker, jobs, workers, initializer=_start_worker, initargs=(tokenizer.to_dict(),)
     )
+    return _naming_deaths(results, workers)
+
+
+def _naming_deaths(results: Iterator[tuple], workers: int) -> Iterator[tuple]:
+    try:
+        yield from results
+    except WorkerDied as died:
+        how = f": {died.how}" if died.how else ""
+        if workers > 1:
+            advice = f"use fewer workers ({setting('data.num_workers')} {workers // 2}) or free memory"
+        else:
+            advice = "free memory, or split the longest documents"
+        raise DataError(
+            f"a tokenizing worker died while tokenizing {describe_jobs(died.items)}{how}; {memory_words()}, "
+            f"for {workers} worker{'s' if workers > 1 else ''} and this process; {advice}; nothing was cached"
+        ) from died
+
+
+def describe_jobs(jobs: Sequence[Job]) -> str:
+    """What ``jobs`` hold, for a message: ``big.txt[train] (pieces 12-15)``, ``a.txt to c.txt``,
+    ``big.txt[train] (piece 40) to big.txt[val] (piece 2)``."""
+    pieces = [piece for _, job in jobs for piece in job]
+    if not pieces:
+        return "nothing"
+    first, last = pieces[0], pieces[-1]
+    if first.name == last.name:
+        if first.part == 0 and not last.more:
+            return first.name
+        span = f"piece {first.part}" if first.part == last.part else f"pieces {first.part}-{last.part}"
+        return f"{first.name} ({span})"
+
+    def label(piece: Document) -> str:
+        return piece.name if piece.part == 0 and not piece.more else f"{piece.name} (piece {piece.part})"
+
+    return f"{label(first)} to {label(last)}"
 
 
 class _NpyAppender:
