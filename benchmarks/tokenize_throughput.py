@@ -1,8 +1,9 @@
 """Building the token cache: tokens per second against the tokenizer's own ceiling, and peak memory
-that must not grow with the corpus.
+that must not grow with the corpus, nor with one file of it.
 
     python benchmarks/tokenize_throughput.py             # throughput on a 40 MB corpus (~5 min on 2 busy cores)
     python benchmarks/tokenize_throughput.py --memory    # + peak memory of `nexttoken fit` on ~100 MB and ~2 GB
+    python benchmarks/tokenize_throughput.py --one-file-only   # peak memory, one text file of ~100 MB and ~1 GB
 
 The corpus: WikiText-2 (``../shared/data``; the standard library's source where that is absent), cut
 into articles and repeated, each copy in its own seeded order and with its own document ids, written
@@ -23,6 +24,18 @@ empty: the sum over the process and its children (sampled every 50 ms from /proc
 single process (``getrusage``). ``--data.val_fraction`` is chosen so that both corpora hold out the
 same ~5 MB: validation and the report's compressors then cost the same, and what is left to differ is
 what the size of the training corpus costs.
+
+One file (``--one-file``). The same measurement of ``nexttoken fit --data.tokenizer bytes
+--trainer.max_steps 1`` on a corpus of one text file (tiny Shakespeare and WikiText-2's validation
+and test text, repeated) of ~100 MB and of ~1 GB, each holding out its last ~1 MB. One file is one
+document: before it was tokenized in pieces, a 50 MB file peaked at 6.46 GB and a 200 MB one had a
+tokenizing worker killed by the kernel. Measured on the 2-core, 24 GB machine of benchmarks/README.md
+(load ~3.5), two workers:
+
+    one file, 100 MB, 100,000,002 tokens: peak 851 MB (all processes), largest process 786 MB (fit process 786 MB; its children, each: 199, 125, 13 MB); fit 56 s (tokenizing 20 s with 2 workers)
+    one file, 1,000 MB, 1,000,000,002 tokens: peak 977 MB (all processes), largest process 821 MB (fit process 821 MB; its children, each: 203, 149, 13 MB); fit 232 s (tokenizing 197 s with 2 workers)
+    tokenize_memory_one_file 1.0GB/100MB: ratio=1.15 goal<=1.3 PASS
+    tokenize_memory_one_file 1.0GB peak/2GB: ratio=0.49 goal<1.0 PASS
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import zstandard
@@ -51,6 +65,7 @@ from nexttoken.data.tokenizers import build_tokenizer
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2"
 SHARD_BYTES = 100_000_000
 HELD_OUT_BYTES = 5_000_000
+ONE_FILE_HELD_OUT_BYTES = 1_000_000  # bytes-tokenizer validation costs ~40 s per MB here
 
 
 def source_texts() -> list[str]:
@@ -87,6 +102,22 @@ def write_corpus(folder: Path, megabytes: float, seed: int = 0) -> tuple[Path, i
                 copy += 1
         shard += 1
     return folder, written
+
+
+def write_one_file(path: Path, megabytes: float) -> int:
+    """One text file: tiny Shakespeare and WikiText-2's validation and test text, repeated to about
+    ``megabytes`` (the standard library's source where they are absent); its size in bytes."""
+    files = [SHARED.parent / "tinyshakespeare.txt", SHARED / "valid.txt", SHARED / "test.txt"]
+    if all(f.is_file() for f in files):
+        unit = "\n".join(f.read_text(encoding="utf-8") for f in files).encode("utf-8")
+    else:
+        unit = "\n".join(source_texts()).encode("utf-8")
+    target = int(megabytes * 1e6)
+    with open(path, "wb") as out:
+        for _ in range(target // len(unit)):
+            out.write(unit)
+        out.write(unit[: target % len(unit)].decode("utf-8", errors="ignore").encode("utf-8"))
+    return path.stat().st_size
 
 
 # --------------------------------------------------------------------------- throughput
@@ -159,9 +190,9 @@ def throughput(args: argparse.Namespace, scratch: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- memory
-def tree_memory(root: int) -> tuple[int, int]:
+def tree_memory(root: int, peaks: dict[int, int] | None = None) -> tuple[int, int]:
     """(resident bytes of ``root`` and all its descendants now, the largest peak (VmHWM) of one of
-    them so far), from /proc."""
+    them so far), from /proc. ``peaks``, if given, gets each process's peak so far by its pid."""
     parents: dict[int, int] = {}
     rss: dict[int, tuple[int, int]] = {}
     for status in Path("/proc").glob("[0-9]*/status"):
@@ -178,26 +209,29 @@ def tree_memory(root: int) -> tuple[int, int]:
         now, high_water = rss.get(pid, (0, 0))
         total += now
         largest = max(largest, high_water)
+        if peaks is not None and high_water:
+            peaks[pid] = max(peaks.get(pid, 0), high_water)
         frontier += [child for child, parent in parents.items() if parent == pid]
     return total, largest
 
 
-def peak_memory_of_fit(corpus: Path, val_fraction: float, scratch: Path) -> dict:
+def peak_memory_of_fit(corpus: Path, val_fraction: float, scratch: Path, extra: Sequence[str] = ()) -> dict:
     """Run `nexttoken fit --trainer.max_steps 1` on ``corpus`` from an empty cache; its peaks and time."""
     cache, runs = Path(tempfile.mkdtemp(dir=scratch)), Path(tempfile.mkdtemp(dir=scratch))
     command = [
         sys.executable, "-m", "nexttoken", "fit", "--data.path", str(corpus), "--data.val_fraction", str(val_fraction),
         "--data.cache_dir", str(cache), "--trainer.max_steps", "1", "--trainer.default_root_dir", str(runs),
-        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_progress_bar", "false", *extra,
     ]  # fmt: skip
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peaks = [0, 0]
+    by_process: dict[int, int] = {}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            total, largest = tree_memory(process.pid)
+            total, largest = tree_memory(process.pid, by_process)
             peaks[0], peaks[1] = max(peaks[0], total), max(peaks[1], largest)
             time.sleep(0.05)
 
@@ -215,6 +249,8 @@ def peak_memory_of_fit(corpus: Path, val_fraction: float, scratch: Path) -> dict
     return {
         "tree": peaks[0],
         "largest": peaks[1],
+        "main": by_process.get(process.pid, 0),
+        "others": sorted((peak for pid, peak in by_process.items() if pid != process.pid), reverse=True),
         "seconds": seconds,
         "tokens": meta["train_tokens"] + meta["val_tokens"],
         "tokenize_seconds": meta["seconds"],
@@ -246,6 +282,35 @@ def memory(args: argparse.Namespace, scratch: Path) -> list[str]:
     ]
 
 
+def one_file_memory(args: argparse.Namespace, scratch: Path) -> list[str]:
+    """Peak memory of a 1-step fit (bytes tokenizer) on one text file of ~100 MB and of ~1 GB."""
+    results = {}
+    for label, megabytes in (("small", args.one_file_small_mb), ("large", args.one_file_large_mb)):
+        path = scratch / f"one-file-{label}.txt"
+        size = write_one_file(path, megabytes)
+        extra = ["--data.tokenizer", "bytes"]
+        result = peak_memory_of_fit(path, ONE_FILE_HELD_OUT_BYTES / size, scratch, extra)
+        path.unlink()
+        others = ", ".join(f"{peak / 1e6:,.0f}" for peak in result["others"]) or "none"
+        print(
+            f"one file, {size / 1e6:,.0f} MB, {result['tokens']:,} tokens: peak {result['tree'] / 1e6:,.0f} MB "
+            f"(all processes), largest process {result['largest'] / 1e6:,.0f} MB (fit process "
+            f"{result['main'] / 1e6:,.0f} MB; its children, each: {others} MB); fit {result['seconds']:,.0f} s "
+            f"(tokenizing {result['tokenize_seconds']:,.0f} s with {result['workers']} workers)",
+            flush=True,
+        )
+        results[label] = (size, result)
+    (small_bytes, small), (large_bytes, large) = results["small"], results["large"]
+    ratio = large["tree"] / small["tree"]
+    absolute = large["tree"] / 2e9
+    return [
+        f"tokenize_memory_one_file {large_bytes / 1e9:.1f}GB/{small_bytes / 1e6:.0f}MB: ratio={ratio:.2f} goal<=1.3 "
+        + ("PASS" if ratio <= 1.3 else "MISS"),
+        f"tokenize_memory_one_file {large_bytes / 1e9:.1f}GB peak/2GB: ratio={absolute:.2f} goal<1.0 "
+        + ("PASS" if absolute < 1.0 else "MISS"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--megabytes", type=float, default=40, help="text in the throughput corpus")
@@ -256,14 +321,23 @@ def main() -> None:
     parser.add_argument("--small-mb", type=float, default=100)
     parser.add_argument("--large-mb", type=float, default=2000)
     parser.add_argument(
+        "--one-file", action="store_true", help="also measure peak memory on one large text file"
+    )
+    parser.add_argument("--one-file-only", action="store_true", help="only the one-file memory measurement")
+    parser.add_argument("--one-file-small-mb", type=float, default=100)
+    parser.add_argument("--one-file-large-mb", type=float, default=1000)
+    parser.add_argument(
         "--scratch", default=tempfile.gettempdir(), help="where corpora and caches are written"
     )
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="tokenize-bench-", dir=args.scratch))
     try:
-        lines = [] if args.memory_only else throughput(args, scratch)
+        only = args.memory_only or args.one_file_only
+        lines = [] if only else throughput(args, scratch)
         if args.memory or args.memory_only:
             lines += memory(args, scratch)
+        if args.one_file or args.one_file_only:
+            lines += one_file_memory(args, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print("\n".join(lines))

@@ -10,7 +10,7 @@ import pytest
 import zstandard
 
 from nexttoken.data.corpus import _SAMPLE_SALT, Corpus
-from nexttoken.data.documents import find_documents, held_out, unit_hash
+from nexttoken.data.documents import Document, find_documents, held_out, split_text, unit_hash
 from nexttoken.errors import DataError
 
 
@@ -173,6 +173,30 @@ def test_one_text_file_samples_its_head(tmp_path):
     path.write_text("é" * 5000 + "\n")
     (sample,) = Corpus([path], 0.1).sample(1001)
     assert sample == "é" * 500  # 1000 bytes: the cut never splits a character
+
+
+def test_one_text_file_is_read_in_parts_and_split_at_split_texts_byte(tmp_path, monkeypatch):
+    import nexttoken.data.documents as documents
+
+    path = tmp_path / "book.txt"
+    path.write_text("".join(f"line {i}: caf\u00e9 \u65e5\u672c {'x' * (i % 50)}\n" for i in range(400)))
+    whole = Document("book.txt", path.read_text())
+    train, val = split_text(whole, 0.1)
+    monkeypatch.setattr(documents, "READ_BYTES", 64)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read the whole file"))
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: pytest.fail("read the whole file"))
+    corpus = Corpus([path], 0.1)
+    read: list[int] = []
+    parts = list(corpus.documents(on_read=read.append, parts=True))
+    assert len(parts) > path.stat().st_size // 100 and max(len(d.text) for _, d in parts) <= 64
+    assert sum(read) == path.stat().st_size and max(read) <= 64
+    for is_val, half in ((False, train), (True, val)):
+        mine = [d for v, d in parts if v == is_val]
+        assert "".join(d.text for d in mine) == half.text and {d.name for d in mine} == {half.name}
+        assert [(d.part, d.more) for d in mine] == [(i, i < len(mine) - 1) for i in range(len(mine))]
+    assert list(corpus.documents()) == [(False, train), (True, val)]
+    (sample,) = corpus.sample(1001)
+    assert sample == train.text.encode()[:1001].decode("utf-8", errors="ignore")
 
 
 def test_records_are_split_by_the_documents_rule(tmp_path):

@@ -1,10 +1,12 @@
 import json
+import random
 import sysconfig
 import warnings
 from pathlib import Path
 
 import pytest
 
+import nexttoken.data.documents as documents
 from conftest import split_documents
 from nexttoken.data.documents import (
     Document,
@@ -13,8 +15,10 @@ from nexttoken.data.documents import (
     iter_documents,
     load_documents,
     read_document,
+    read_text_parts,
     record_text,
     split_text,
+    split_text_file,
 )
 from nexttoken.errors import DataError, DataWarning
 
@@ -188,6 +192,85 @@ def test_split_text_without_newlines_cuts_at_a_character_boundary():
 def test_one_tiny_file_cannot_be_split(tmp_path):
     with pytest.raises(DataError, match="too short"):
         split_documents([write(tmp_path / "a.txt", "x")], 0.1)
+
+
+# --------------------------------------------------------------------------- reading in parts
+def random_utf8(rng: random.Random, n: int, invalid: bool) -> bytes:
+    """Text of 1- to 4-byte characters and newlines; ``invalid``: with stray, truncated and
+    overlong sequences too."""
+    atoms = [b"a", b" ", b"\n", "é".encode(), "日".encode(), "😀".encode()]
+    if invalid:
+        atoms += [b"\xff", b"\x80", b"\xe6\x97", b"\xf0\x9f\x98", b"\xc0\xaf", b"\xed\xa0\x80"]
+    return b"".join(rng.choice(atoms) for _ in range(n))
+
+
+def test_reading_in_parts_decodes_exactly_as_reading_whole(tmp_path, monkeypatch):
+    rng = random.Random(0)
+    for trial in range(60):
+        data = random_utf8(rng, rng.randint(1, 300), invalid=trial % 2 == 1)
+        path = write(tmp_path / f"t{trial}.txt", data)
+        monkeypatch.setattr(documents, "READ_BYTES", rng.randint(1, 40))
+        read = []
+        if trial % 2 == 0:
+            parts = list(read_text_parts(path, on_read=read.append))
+            assert "".join(parts) == data.decode("utf-8")
+        else:
+            with pytest.raises(DataError) as error:
+                list(read_text_parts(path))
+            first_bad = next(i for i in range(len(data)) if not _decodes(data[: i + 1], data))
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                assert f"byte offset {e.start}:" in str(error.value) and e.start <= first_bad
+            with pytest.warns(DataWarning, match="replaced invalid UTF-8") as caught:
+                parts = list(read_text_parts(path, "replace", on_read=read.append))
+            assert len(caught) == 1  # one warning per file, naming the first bad byte
+            assert "".join(parts) == data.decode("utf-8", errors="replace")
+        assert sum(read) == len(data) and max(read) <= documents.READ_BYTES
+        assert all(parts) and max(len(p) for p in parts) <= documents.READ_BYTES + 4
+
+
+def _decodes(prefix: bytes, data: bytes) -> bool:
+    """Whether ``prefix`` can start valid UTF-8 (it is valid up to a possibly incomplete end)."""
+    try:
+        prefix.decode("utf-8")
+        return True
+    except UnicodeDecodeError as e:
+        return e.reason == "unexpected end of data"
+
+
+@pytest.mark.parametrize("errors", ["strict", "replace"])
+def test_a_file_split_in_parts_is_split_text_of_it_at_the_same_byte(tmp_path, monkeypatch, errors):
+    rng = random.Random(1)
+    for trial in range(80):
+        data = random_utf8(rng, rng.randint(2, 400), invalid=errors == "replace" and trial % 3 == 0)
+        if trial % 4 == 0:
+            data = data.replace(b"\n", b"")  # no newline: cut at a character boundary
+        path = write(tmp_path / f"t{trial}.txt", data)
+        fraction = rng.choice([0.01, 0.1, 0.25, 0.5, 0.9])
+        monkeypatch.setattr(documents, "READ_BYTES", rng.randint(1, 50))
+        text = data.decode("utf-8", errors=errors)
+        try:
+            train, val = split_text(Document("t", text), fraction)
+        except DataError:  # too short to split: so is the file
+            with pytest.raises(DataError, match="too short"):
+                list(split_text_file(path, "t", fraction, errors))
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)
+            halves = list(split_text_file(path, "t", fraction, errors))
+        assert "".join(t for is_val, t in halves if not is_val) == train.text
+        assert "".join(t for is_val, t in halves if is_val) == val.text
+        assert [is_val for is_val, _ in halves] == sorted(is_val for is_val, _ in halves)  # train, then val
+
+
+def test_text_files_come_in_parts_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setattr(documents, "READ_BYTES", 10)
+    path = write(tmp_path / "a.txt", "0123456789" * 5 + "end")
+    parts = list(iter_documents([path], parts=True))
+    assert [(d.name, d.part, d.more) for d in parts] == [("a.txt", i, i < 5) for i in range(6)]
+    assert "".join(d.text for d in parts) == path.read_text()
+    assert list(iter_documents([path])) == [Document("a.txt", path.read_text())]
 
 
 # --------------------------------------------------------------------------- records

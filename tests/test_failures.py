@@ -120,6 +120,24 @@ def test_corpus_smaller_than_one_block(tmp_path, capfd):
     assert "needs at least 33" in line
 
 
+def test_a_tokenizing_worker_that_dies_is_one_line_and_caches_nothing(tmp_path, capfd, monkeypatch):
+    import nexttoken.data.cache as cache
+    from test_parallel import kill_this_process
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=1, words_per_doc=2000)
+    monkeypatch.setattr(cache, "PIECE_CHARS", 1000)  # one file, in pieces
+    monkeypatch.setattr(cache, "_tokenize_in_worker", kill_this_process)  # as the kernel kills one
+    args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2, "--data.num_workers", "2")
+    line = assert_clean_failure(
+        capfd, args, expect="a tokenizing worker died while tokenizing", untouched=tmp_path
+    )
+    assert "doc0.txt[train] (piece 0) to doc0.txt[val] (piece " in line and "killed by SIGKILL" in line
+    assert (
+        "the machine has" in line and "GiB" in line and "num_workers" in line and "nothing was cached" in line
+    )
+    assert "BrokenProcessPool" not in line and not (tmp_path / "cache").exists()
+
+
 def test_unknown_model_preset(corpus, tmp_path, capfd):
     args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2, "--model.model", "gpt5")
     assert_clean_failure(

@@ -1,11 +1,18 @@
 """The token cache: a corpus tokenized once into ``.npy`` token streams, reused by every later run
 and every process (keyed by the corpus's identity and the tokenizer).
 
-Building one streams: documents are read one at a time (:class:`nexttoken.data.corpus.Corpus`),
-gathered into chunks of about ``CHUNK_CHARS`` characters, tokenized by worker processes, and the
-results appended in order to the stream files, so memory does not grow with the corpus. The result
-does not depend on the number of workers or the chunk size: each document is tokenized whole and
-framed by :func:`nexttoken.data.tokenizers.document_frame`.
+Building one streams: documents are read one at a time, a text file in parts
+(:class:`nexttoken.data.corpus.Corpus`), gathered into chunks of about ``CHUNK_CHARS`` characters,
+tokenized by worker processes, and the results appended in order to the stream files, so memory
+does not grow with the corpus. The result does not depend on the number of workers or the chunk
+size: each document's tokens are framed by :func:`nexttoken.data.tokenizers.document_frame`, and
+they are the tokens of the whole document, also when a long one is tokenized in pieces.
+
+Pieces: a document longer than ``PIECE_CHARS`` is cut into pieces of about that size, and only where
+the tokenizer's own rules make the cut invisible (:func:`piece_cuts`): for the ``bytes`` tokenizer
+anywhere, for byte-level BPEs (nexttoken's own, GPT-2's, SmolLM2's, Llama 3's, Qwen2's) just before a
+space that follows a character other than whitespace, which is where their pre-tokenizer starts a
+word anyway. A tokenizer whose rules are not known to allow a cut tokenizes each document whole.
 
 Kill-safety: the files are written into a staging folder beside the cache folder, ``meta.json``
 last, and the folder is renamed into place only when all is written; a killed build leaves only
@@ -19,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -32,10 +40,10 @@ import numpy as np
 
 from nexttoken.data.corpus import Corpus
 from nexttoken.data.documents import Document
-from nexttoken.data.packing import concat_byte_counts, concat_documents, token_dtype
-from nexttoken.data.parallel import ordered_map
+from nexttoken.data.packing import token_dtype
+from nexttoken.data.parallel import WorkerDied, memory_words, ordered_map
 from nexttoken.data.tokenizers import Tokenizer, document_frame
-from nexttoken.errors import DataWarning
+from nexttoken.errors import DataError, DataWarning, setting
 from nexttoken.io import atomic_folder, write_atomically
 
 log = logging.getLogger(__name__)
@@ -47,9 +55,14 @@ CACHE_FORMAT = 3
 # Characters of text per job handed to a worker: enough to amortize the hand-off (a few ms) over
 # the tokenizing (~0.2 s per MB per core), small enough that jobs in flight hold a few MB each.
 CHUNK_CHARS = 1 << 20
-# Texts per call to the batch encoder: the encoder's per-token offsets (Python objects) stay a few
-# hundred MB at most even when one document is a whole job.
-_ENCODE_CHUNK_CHARS = 1 << 23
+# Characters of a long document tokenized at a time (where the tokenizer allows a cut, see
+# piece_cuts): while it works, the encoder holds 100-400 bytes per token (ids, offsets, token
+# strings; the bytes tokenizer makes a token of every byte), so a 50 MB file tokenized whole took
+# 6.5 GB; a piece of 256K characters takes 50-100 MB.
+PIECE_CHARS = 1 << 18
+# Characters per call to the batch encoder (texts are gathered up to it): what the encoder holds is
+# then a piece's worth or two, also when a job is many small documents.
+_ENCODE_CHUNK_CHARS = PIECE_CHARS
 STREAM_FILES = ("train.npy", "val.npy", "val_bytes.npy", "val.txt")
 Result = TypeVar("Result")
 
@@ -71,7 +84,9 @@ def tokenize_documents(
     tokenizer: Tokenizer, documents: Sequence[Document], with_bytes: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The token stream of ``documents`` (each framed by :func:`document_frame`) and, if asked,
-    per-token byte counts (frame tokens cover 0 bytes)."""
+    per-token byte counts (frame tokens cover 0 bytes). A document in pieces (see
+    :class:`~nexttoken.data.documents.Document`) has its frame before its first piece and after its
+    last one."""
     token_lists: list[np.ndarray] = []
     byte_lists: list[np.ndarray] = []
     for chunk in _chunks(documents, _ENCODE_CHUNK_CHARS):
@@ -83,20 +98,200 @@ def tokenize_documents(
         else:
             token_lists.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts))
     before, after = document_frame(tokenizer)
-    stream = concat_documents(token_lists, before, after, dtype=token_dtype(tokenizer.vocab_size))
-    byte_counts = concat_byte_counts(byte_lists, before, after, dtype=np.uint32) if with_bytes else None
+    starts = [doc.part == 0 for doc in documents]
+    ends = [not doc.more for doc in documents]
+    stream = _framed(token_lists, before, after, starts, ends, token_dtype(tokenizer.vocab_size))
+    byte_counts = None
+    if with_bytes:
+        byte_counts = _framed(byte_lists, [0] * len(before), [0] * len(after), starts, ends, np.uint32)
     return stream, byte_counts
 
 
+def _framed(
+    arrays: Sequence[np.ndarray],
+    before: Sequence[int],
+    after: Sequence[int],
+    starts: Sequence[bool],
+    ends: Sequence[bool],
+    dtype,
+) -> np.ndarray:
+    """The arrays in one stream, ``before`` in front of each that starts a document and ``after``
+    behind each that ends one (:func:`nexttoken.data.packing.concat_documents` for whole documents)."""
+    lengths = [
+        len(before) * s + len(a) + len(after) * e for a, s, e in zip(arrays, starts, ends, strict=True)
+    ]
+    stream = np.empty(sum(lengths), dtype=dtype)
+    position = 0
+    for array, start, end in zip(arrays, starts, ends, strict=True):
+        if start:
+            stream[position : position + len(before)] = before
+            position += len(before)
+        stream[position : position + len(array)] = array
+        position += len(array)
+        if end:
+            stream[position : position + len(after)] = after
+            position += len(after)
+    return stream
+
+
+# --------------------------------------------------------------------------- pieces
+# Whitespace by any definition a tokenizer's regex may use (Python's ``\s`` is str.isspace; the rest
+# were whitespace in some Unicode version or are invisible): a cut never follows one of these.
+_NOT_SPACE = r"[^\s\u180e\u200b\u2060\ufeff]"
+_LAST_SPACE_CUT = re.compile(rf"(?s).*{_NOT_SPACE}(?= )")
+_SPACE_CUT = re.compile(rf"{_NOT_SPACE}(?= )")
+# Split pre-tokenizer patterns known to allow a cut before a space that follows a non-space: no
+# alternative matches a non-space followed by a space, none looks behind, and the only look-ahead,
+# (?!\S), sees a space there as it sees the end of a piece. GPT-2's; Llama 3's (= GPT-4's cl100k); Qwen2's.
+_KNOWN_SPLIT_PATTERNS = frozenset(
+    {
+        r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+        r"|\s+(?!\S)|\s+",
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+        r"|\s+(?!\S)|\s+",
+    }
+)
+
+
+class Cuts:
+    """Where a text may be cut so that its pieces, tokenized apart and concatenated, give exactly the
+    tokens of the whole: between any two characters (``anywhere``), or just before a space (U+0020)
+    that follows a character that is not whitespace."""
+
+    def __init__(self, anywhere: bool) -> None:
+        self.anywhere = anywhere
+
+    def __repr__(self) -> str:
+        return f"Cuts(anywhere={self.anywhere})"
+
+    def last(self, text: str, start: int, stop: int) -> int:
+        """The last cut ``c`` with ``start < c <= stop`` and ``c < len(text)``, or -1."""
+        stop = min(stop, len(text) - 1)
+        if stop <= start:
+            return -1
+        if self.anywhere:
+            return stop
+        found = _LAST_SPACE_CUT.match(text, start, stop + 1)
+        return found.end() if found else -1
+
+    def first(self, text: str, start: int) -> int:
+        """The first cut ``c`` with ``start < c < len(text)``, or -1."""
+        if self.anywhere:
+            return start + 1 if start + 1 < len(text) else -1
+        found = _SPACE_CUT.search(text, start)
+        return found.end() if found else -1
+
+    def between(self, before: str, after: str) -> bool:
+        """Whether a cut may fall between the texts ``before`` and ``after`` (both non-empty)."""
+        return self.anywhere or (after[0] == " " and _SPACE_CUT.match(before[-1] + " ") is not None)
+
+
+def piece_cuts(tokenizer: Tokenizer) -> Cuts | None:
+    """Where this tokenizer allows a text to be cut (:class:`Cuts`), or None where its rules are not
+    known to allow any cut (then each document is tokenized whole).
+
+    Read from its ``tokenizer.json``: the model must work on each pre-token alone (BPE without
+    dropout, Unigram, WordPiece, WordLevel); the normalizer must be none, NFC or NFD (a space starts
+    no composition, so they never act across one); no added token that is matched in the text may
+    hold whitespace or take the whitespace after it (``rstrip``); and the pre-tokenizer must start a
+    pre-token at every space that follows a non-space (ByteLevel with its regex, Metaspace that
+    splits, Split with a known pattern), possibly with ones that only split further (Digits,
+    ByteLevel without its regex). The ``bytes`` tokenizer (ByteLevel without its regex, a BPE with
+    no merges, so one token per byte) may be cut anywhere.
+    """
+    spec = json.loads(tokenizer.to_dict()["tokenizer_json"])
+    model = spec.get("model") or {}
+    if model.get("type") not in ("BPE", "Unigram", "WordPiece", "WordLevel") or model.get("dropout"):
+        return None
+    for token in spec.get("added_tokens") or []:
+        if not token.get("special") and (token.get("rstrip") or any(c.isspace() for c in token["content"])):
+            return None
+    normalizer = spec.get("normalizer")
+    normalizers = (
+        normalizer.get("normalizers", []) if normalizer and normalizer["type"] == "Sequence" else [normalizer]
+    )
+    if any(n is not None and n.get("type") not in ("NFC", "NFD") for n in normalizers):
+        return None
+    pre = spec.get("pre_tokenizer")
+    members = pre.get("pretokenizers", []) if pre and pre["type"] == "Sequence" else [pre]
+    kinds = [_pre_tokenizer_kind(member) for member in members]
+    if None in kinds:
+        return None
+    if "splits" in kinds:
+        return Cuts(anywhere=False)
+    no_merges = model.get("type") == "BPE" and not model.get("merges")
+    if kinds == ["keeps"] and no_merges and normalizer is None:
+        return Cuts(anywhere=True)
+    return None
+
+
+def _pre_tokenizer_kind(spec: dict[str, Any] | None) -> str | None:
+    """``"splits"``: starts a pre-token at every space after a non-space, and looks no further than
+    the next character; ``"keeps"``: never joins or looks across characters; None: not known."""
+    if spec is None:
+        return None
+    kind = spec.get("type")
+    if kind == "ByteLevel":
+        return "splits" if spec.get("use_regex", True) else "keeps"
+    if kind == "Metaspace":
+        return "splits" if spec.get("split", True) and spec.get("replacement") == "\u2581" else None
+    if kind == "Split":
+        pattern = spec.get("pattern") or {}
+        known = pattern.get("Regex") in _KNOWN_SPLIT_PATTERNS
+        return "splits" if known and spec.get("behavior") == "Isolated" and not spec.get("invert") else None
+    if kind == "Digits":
+        return "keeps"
+    return None
+
+
+def _pieces(
+    documents: Iterator[tuple[bool, Document]], piece_chars: int, cuts: Cuts | None
+) -> Iterator[tuple[bool, Document]]:
+    """The documents (whole, or in consecutive parts as read) as pieces of about ``piece_chars``
+    characters, cut only where ``cuts`` allows (None: whole documents); the pieces of each document
+    are numbered from 0, as its parts were (:class:`~nexttoken.data.documents.Document`). A piece is
+    longer only where there is no cut near enough."""
+    held: list[str] = []  # the current document's text not yet handed on
+    held_chars = 0
+    piece = 0
+    for is_val, document in documents:
+        text, start = document.text, 0
+        while cuts is not None and len(text) - start > piece_chars - held_chars:
+            room = piece_chars - held_chars
+            cut = cuts.last(text, start, start + room) if room > 0 else -1
+            if cut == -1 and held and cuts.between(held[-1], text):
+                cut = 0
+            if cut == -1:
+                cut = cuts.first(text, start + max(room, 0))
+            if cut == -1:
+                break
+            yield (
+                is_val,
+                Document(document.name, "".join([*held, text[start:cut]]), document.split, piece, True),
+            )
+            held, held_chars, start = [], 0, cut
+            piece += 1
+        rest = text[start:] if start else text
+        if document.more:
+            held.append(rest)
+            held_chars += len(rest)
+            continue
+        yield is_val, Document(document.name, "".join([*held, rest]), document.split, piece)
+        held, held_chars, piece = [], 0, 0
+
+
 # --------------------------------------------------------------------------- jobs
-Job = tuple[bool, list[Document]]  # (is_val, documents of one split)
+Job = tuple[bool, list[Document]]  # (is_val, documents or pieces of documents of one split)
 
 
 def _tokenize_job(tokenizer: Tokenizer, job: Job):
-    """One chunk of one split: ``(is_val, stream, byte_counts, documents, utf8_bytes)``."""
+    """One chunk of one split: ``(is_val, stream, byte_counts, documents, utf8_bytes)`` (documents:
+    those whose last piece is in it)."""
     is_val, documents = job
     stream, byte_counts = tokenize_documents(tokenizer, documents, with_bytes=is_val)
-    return is_val, stream, byte_counts, len(documents), sum(len(d.text.encode("utf-8")) for d in documents)
+    ended = sum(not d.more for d in documents)
+    return is_val, stream, byte_counts, ended, sum(len(d.text.encode("utf-8")) for d in documents)
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -115,15 +310,26 @@ def _tokenize_in_worker(job: Job):
 
 
 def _jobs(
-    documents: Iterator[tuple[bool, Document]], chunk_chars: int, write_val_text: Callable[[bytes], object]
+    documents: Iterator[tuple[bool, Document]],
+    chunk_chars: int,
+    write_val_text: Callable[[bytes], object],
+    *,
+    piece_chars: int | None = None,
+    cuts: Cuts | None = None,
 ) -> Iterator[Job]:
-    """Chunks of about ``chunk_chars`` characters, each of one split, in order. Validation texts are
-    written as they are read: jobs come back in the order they are made, so they match the stream."""
+    """Chunks of about ``chunk_chars`` characters, each of one split, in order, of the documents cut
+    into pieces (:func:`_pieces`). Validation texts are written as they are read: jobs come back in
+    the order they are made, so they match the stream."""
+
+    def read() -> Iterator[tuple[bool, Document]]:
+        for is_val, document in documents:
+            if is_val:
+                write_val_text(document.text.encode("utf-8"))
+            yield is_val, document
+
     pending: dict[bool, list[Document]] = {False: [], True: []}
     sizes = {False: 0, True: 0}
-    for is_val, document in documents:
-        if is_val:
-            write_val_text(document.text.encode("utf-8"))
+    for is_val, document in _pieces(read(), piece_chars or PIECE_CHARS, cuts):
         pending[is_val].append(document)
         sizes[is_val] += len(document.text)
         if sizes[is_val] >= chunk_chars:
@@ -138,12 +344,48 @@ def tokenize_jobs(
     tokenizer: Tokenizer, jobs: Iterator[tuple[bool, list[str]]], workers: int
 ) -> Iterator[tuple]:
     """:func:`_tokenize_job` of each job, in order: in this process (``workers=0``) or in
-    ``workers`` processes, each with the tokenizer's own threads off."""
+    ``workers`` processes, each with the tokenizer's own threads off. A worker that dies is a
+    :class:`~nexttoken.errors.DataError` naming what it was tokenizing."""
     if workers == 0:
         return ordered_map(partial(_tokenize_job, tokenizer), jobs, 0)
-    return ordered_map(
+    results = ordered_map(
         _tokenize_in_worker, jobs, workers, initializer=_start_worker, initargs=(tokenizer.to_dict(),)
     )
+    return _naming_deaths(results, workers)
+
+
+def _naming_deaths(results: Iterator[tuple], workers: int) -> Iterator[tuple]:
+    try:
+        yield from results
+    except WorkerDied as died:
+        how = f": {died.how}" if died.how else ""
+        if workers > 1:
+            advice = f"use fewer workers ({setting('data.num_workers')} {workers // 2}) or free memory"
+        else:
+            advice = "free memory, or split the longest documents"
+        raise DataError(
+            f"a tokenizing worker died while tokenizing {describe_jobs(died.items)}{how}; {memory_words()}, "
+            f"for {workers} worker{'s' if workers > 1 else ''} and this process; {advice}; nothing was cached"
+        ) from died
+
+
+def describe_jobs(jobs: Sequence[Job]) -> str:
+    """What ``jobs`` hold, for a message: ``big.txt[train] (pieces 12-15)``, ``a.txt to c.txt``,
+    ``big.txt[train] (piece 40) to big.txt[val] (piece 2)``."""
+    pieces = [piece for _, job in jobs for piece in job]
+    if not pieces:
+        return "nothing"
+    first, last = pieces[0], pieces[-1]
+    if first.name == last.name:
+        if first.part == 0 and not last.more:
+            return first.name
+        span = f"piece {first.part}" if first.part == last.part else f"pieces {first.part}-{last.part}"
+        return f"{first.name} ({span})"
+
+    def label(piece: Document) -> str:
+        return piece.name if piece.part == 0 and not piece.more else f"{piece.name} (piece {piece.part})"
+
+    return f"{label(first)} to {label(last)}"
 
 
 class _NpyAppender:
@@ -271,8 +513,14 @@ class TokenCache:
                 streams = {False: _NpyAppender(train_file, dtype), True: _NpyAppender(val_file, dtype)}
                 val_bytes = _NpyAppender(bytes_file, np.uint32)
 
-                documents_read = corpus.documents(on_read=bar.update)
-                jobs = _jobs(documents_read, chunk_chars, write_val_text=val_text.write)
+                documents_read = corpus.documents(on_read=bar.update, parts=True)
+                jobs = _jobs(
+                    documents_read,
+                    chunk_chars,
+                    write_val_text=val_text.write,
+                    piece_chars=PIECE_CHARS,
+                    cuts=piece_cuts(tokenizer),
+                )
                 for is_val, stream, byte_counts, n_documents, n_bytes in tokenize_jobs(
                     tokenizer, jobs, workers
                 ):

@@ -3,13 +3,15 @@ training or validation by one stable rule, the corpus's identity (what the token
 and a bounded, seeded sample of the training text (what a BPE tokenizer is trained on).
 
 Nothing here holds the corpus in memory: documents are read one source at a time (see
-:func:`nexttoken.data.documents.iter_documents`), so a corpus may be far larger than RAM.
+:func:`nexttoken.data.documents.iter_documents`), and a text file, on request, in parts, so a corpus
+may be far larger than RAM, and so may one file of it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -17,12 +19,13 @@ from pathlib import Path
 
 from nexttoken.data.documents import (
     Document,
+    as_parts,
     corpus_root,
     held_out,
     is_text_file,
     iter_documents,
     no_text_error,
-    split_text,
+    split_text_file,
     unit_hash,
 )
 from nexttoken.data.records import Record, RecordSource
@@ -140,20 +143,32 @@ class Corpus:
             return split == self._splits[path][1]
         return self._hash_split(path) and self._held_out_name(name)
 
-    def documents(self, on_read: Callable[[int], None] | None = None) -> Iterator[tuple[bool, Document]]:
+    def documents(
+        self, on_read: Callable[[int], None] | None = None, *, parts: bool = False
+    ) -> Iterator[tuple[bool, Document]]:
         """Every document as ``(is_validation, document)``, in corpus order (training sources, then
-        ``val_paths``). ``on_read`` gets the number of source bytes read since its last call."""
+        ``val_paths``). ``on_read`` gets the number of source bytes read since its last call.
+
+        ``parts``: text files come in parts as they are read (see
+        :class:`~nexttoken.data.documents.Document`), so that not even one is held whole; the two
+        halves of a one-file corpus too, each a document of its own."""
         if self.one_file:
-            (document,) = self._read_one_file(on_read)
-            train, val = split_text(document, self.val_fraction)
-            yield False, train
-            yield True, val
+            path = self.train_paths[0]
+            if path.stat().st_size == 0:
+                raise no_text_error(self.train_paths)
+            name = self._name(path)
+            halves = split_text_file(path, name, self.val_fraction, self.errors, on_read)
+            for is_val, texts in itertools.groupby(halves, key=lambda half: half[0]):
+                half = f"{name}[{'val' if is_val else 'train'}]"
+                texts = (text for _, text in texts)
+                for document in as_parts(half, texts if parts else ["".join(texts)]):
+                    yield is_val, document
             return
         for path in self.train_paths:
-            for document in self._read(path, self._splits_read(path), on_read=on_read):
+            for document in self._read(path, self._splits_read(path), on_read=on_read, parts=parts):
                 yield self._is_val(path, document.name, document.split), document
         for path in self.val_paths:
-            for document in self._read(path, self._splits_read(path), on_read=on_read):
+            for document in self._read(path, self._splits_read(path), on_read=on_read, parts=parts):
                 yield True, document
 
     def records(
@@ -189,12 +204,6 @@ class Corpus:
         return iter_documents(
             [path], self.errors, self.root, text_field=self.text_field, splits=splits, **kwargs
         )
-
-    def _read_one_file(self, on_read) -> list[Document]:
-        documents = list(self._read(self.train_paths[0], None, on_read=on_read))
-        if not documents:
-            raise no_text_error(self.train_paths)
-        return documents
 
     def check_split(self, train_documents: int, val_documents: int, unit: str = "document") -> None:
         """An error unless both sides of the split got documents (or records: ``unit``)."""
@@ -244,11 +253,17 @@ class Corpus:
         The documents kept are those with the smallest hashes of their names (a fixed salt: the
         same sample on every machine and run). The hash threshold falls as the sample fills, so
         documents above it are never read (text files) or parsed (records); the sample never holds
-        more than ``max_bytes`` plus one document. A single text file gives its first ``max_bytes``.
+        more than ``max_bytes`` plus one document. A single text file gives the first ``max_bytes``
+        of its training part (read only so far).
         """
         if self.one_file:
-            train, _ = split_text(self._read_one_file(on_read)[0], self.val_fraction)
-            return [train.text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")]
+            head, size = [], 0
+            for is_val, document in self.documents(on_read, parts=True):
+                if is_val or size >= max_bytes:
+                    break
+                head.append(document.text.encode("utf-8"))
+                size += len(head[-1])
+            return [b"".join(head)[:max_bytes].decode("utf-8", errors="ignore")]
         sample = _SmallestHashes(max_bytes)
         for path in self.train_paths:
             plan = self._splits.get(path)

@@ -19,11 +19,16 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nexttoken.data.records import RecordSource, decode_utf8, is_record_file, is_saved_dataset, json_kind
+from nexttoken.data.records import RecordSource, is_record_file, is_saved_dataset, json_kind
 from nexttoken.errors import DataError, DataWarning, setting
 
 # A NUL byte in the first few KB is the classic (git, grep) test for "this is not a text file".
 BINARY_SNIFF_BYTES = 8192
+# Bytes of a text file read and decoded at a time: a file is never read as one ``bytes`` object, and
+# a long one can be handed on in parts of about this size (``iter_documents(parts=True)``).
+READ_BYTES = 1 << 20
+# Bytes of a UTF-8 sequence by its first byte's top five bits (1 for ASCII, continuation and invalid).
+_UTF8_LENGTH = [1] * 24 + [2] * 4 + [3] * 2 + [4] + [1]
 # Folders of the standard library that are not representative source (tests, an IDE, a dead tool).
 _STDLIB_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"})
 
@@ -31,11 +36,17 @@ _STDLIB_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tes
 @dataclass(frozen=True)
 class Document:
     """One document: ``name`` is stable across machines (a path relative to the corpus root, with
-    ``#index`` for a record); ``split`` is the split of a saved ``DatasetDict`` it came from."""
+    ``#index`` for a record); ``split`` is the split of a saved ``DatasetDict`` it came from.
+
+    A long document may come in consecutive parts, each a ``Document`` of the same name: ``part``
+    numbers them from 0, and ``more`` is True on every part but the last. The defaults describe a
+    whole document (its only part)."""
 
     name: str
     text: str
     split: str | None = None
+    part: int = 0
+    more: bool = False
 
 
 # --------------------------------------------------------------------------- finding files
@@ -152,18 +163,75 @@ def read_document(path: str | os.PathLike, errors: str = "strict") -> str:
     A binary file (NUL bytes near its start) is an error. Invalid UTF-8 is an error naming the byte
     offset; with ``errors="replace"`` the bad bytes become U+FFFD and a warning says so.
     """
+    return "".join(read_text_parts(path, errors))
+
+
+def read_text_parts(
+    path: str | os.PathLike,
+    errors: str = "strict",
+    on_read: Callable[[int], None] | None = None,
+    *,
+    warn: bool = True,
+) -> Iterator[str]:
+    """The text of a file, in consecutive parts of about :data:`READ_BYTES` bytes each, exactly as
+    :func:`read_document` decodes it whole (the parts joined are its text, also where bad bytes are
+    replaced): a character cut by the end of a block read is decoded with the next block.
+
+    ``on_read`` gets the bytes read as they are read; ``warn=False`` leaves out the warning about
+    replaced bytes (for a second reading of the same file). Errors are :func:`read_document`'s.
+    """
+    if errors not in ("strict", "replace"):
+        raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
     path = Path(path)
-    data = path.read_bytes()
-    if b"\0" in data[:BINARY_SNIFF_BYTES]:
-        raise DataError(f"{path} is a binary file (it has NUL bytes), not text; pass UTF-8 text files")
-    text, bad = decode_utf8(data, str(path), errors)
-    if bad is not None:
-        warnings.warn(
-            f"{path}: replaced invalid UTF-8 starting at byte offset {bad} with U+FFFD",
-            DataWarning,
-            stacklevel=2,
-        )
-    return text
+    offset = 0  # of ``pending`` in the file
+    pending = b""
+    replaced = False
+    with open(path, "rb") as f:
+        if b"\0" in f.read(BINARY_SNIFF_BYTES):
+            raise _binary_error(path)
+        f.seek(0)
+        while True:
+            block = f.read(READ_BYTES)
+            if on_read is not None and block:
+                on_read(len(block))
+            data = pending + block if pending else block
+            end = len(data)
+            if block:
+                # Hold back the last character if it is incomplete: cut before the last byte (of the
+                # last four) that is not a continuation byte, where a UTF-8 decoder starts afresh, so
+                # the parts decode exactly as the whole file does, invalid bytes included.
+                for i in range(len(data) - 1, max(len(data) - 5, -1), -1):
+                    if data[i] & 0xC0 != 0x80:
+                        if len(data) - i < _UTF8_LENGTH[data[i] >> 3]:
+                            end = i
+                        break
+            chunk = data[:end]
+            pending = data[end:]
+            try:
+                text = chunk.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if errors == "strict":
+                    raise DataError(
+                        f"{path} is not valid UTF-8 (byte offset {offset + e.start}: {e.reason}); convert it to "
+                        f"UTF-8, or pass {setting('data.replace_invalid_utf8')} true to replace bad bytes with U+FFFD"
+                    ) from None
+                if warn and not replaced:
+                    warnings.warn(
+                        f"{path}: replaced invalid UTF-8 starting at byte offset {offset + e.start} with U+FFFD",
+                        DataWarning,
+                        stacklevel=3,
+                    )
+                replaced = True
+                text = chunk.decode("utf-8", errors="replace")
+            offset += end
+            if text:
+                yield text
+            if not block:
+                return
+
+
+def _binary_error(path: Path) -> DataError:
+    return DataError(f"{path} is a binary file (it has NUL bytes), not text; pass UTF-8 text files")
 
 
 def corpus_root(paths: Sequence[Path]) -> Path:
@@ -206,12 +274,14 @@ def iter_documents(
     splits: Sequence[str] | None = None,
     select: Callable[[str], bool] | None = None,
     on_read: Callable[[int], None] | None = None,
+    parts: bool = False,
 ) -> Iterator[Document]:
     """Stream every document of ``paths`` (as :func:`find_documents` returns them), in order.
 
     A text file is one document; each record of a record file or saved dataset is one document whose
     text is its ``text_field`` (a dotted path for a nested field). Empty documents are skipped with a
-    warning (one per source).
+    warning (one per source). With ``parts``, a text file comes as it is read, in parts of about
+    :data:`READ_BYTES` (see :class:`Document`), so no file is ever held whole.
 
     Args:
         errors: ``"strict"`` or ``"replace"``, for invalid UTF-8 (see :func:`read_document`).
@@ -229,12 +299,12 @@ def iter_documents(
                 if on_read is not None:
                     on_read(path.stat().st_size)  # passed over: done with it all the same
                 continue
-            text = read_document(path, errors=errors)
-            if on_read is not None:
-                on_read(path.stat().st_size)
-            if text:
-                yield Document(name, text)
-            else:
+            texts = read_text_parts(path, errors, on_read)
+            empty = True
+            for document in as_parts(name, texts) if parts else as_parts(name, ["".join(texts)]):
+                empty = False
+                yield document
+            if empty:
                 warnings.warn(f"skipping empty file {path}", DataWarning, stacklevel=2)
             continue
         source = RecordSource(path, name)
@@ -252,6 +322,20 @@ def iter_documents(
             warnings.warn(
                 f"{path}: skipped {empty} record(s) with an empty {text_field!r}", DataWarning, stacklevel=2
             )
+
+
+def as_parts(name: str, texts: Iterable[str], split: str | None = None) -> Iterator[Document]:
+    """The non-empty ``texts``, in order, as the consecutive parts of one document ``name``."""
+    previous, part = None, 0
+    for text in texts:
+        if not text:
+            continue
+        if previous is not None:
+            yield Document(name, previous, split, part, more=True)
+            part += 1
+        previous = text
+    if previous is not None:
+        yield Document(name, previous, split, part)
 
 
 def load_documents(
@@ -305,25 +389,115 @@ def split_text(document: Document, val_fraction: float) -> tuple[Document, Docum
     The cut is always at a character boundary, so both halves are valid UTF-8.
     """
     data = document.text.encode("utf-8")
-    target = round(len(data) * (1.0 - val_fraction))
-    target = min(max(target, 1), len(data) - 1)
-    # Prefer to cut just after a newline, if one lies within a quarter of the requested val size.
-    slack = max(1, (len(data) - target) // 4)
-    newline = data.rfind(b"\n", max(0, target - slack), target)
-    if newline != -1 and newline + 1 < len(data):
-        cut = newline + 1
-    else:
-        cut = target
-        while cut < len(data) and (data[cut] & 0xC0) == 0x80:  # step off UTF-8 continuation bytes
-            cut += 1
+    target, lo = _held_out_window(len(data), val_fraction)
+    cut = _held_out_cut(len(data), target, data.rfind(b"\n", lo, target), data[target : target + 4])
+    if cut in (0, len(data)):
+        raise _too_short(document.name, len(data))
     train, val = data[:cut], data[cut:]
-    if not train or not val:
-        raise DataError(
-            f"{document.name} is too short ({len(data)} bytes) to hold out a validation part; add text or "
-            f"pass {setting('data.val_path')}"
-        )
     return Document(f"{document.name}[train]", train.decode()), Document(
         f"{document.name}[val]", val.decode()
+    )
+
+
+def split_text_file(
+    path: str | os.PathLike,
+    name: str,
+    val_fraction: float,
+    errors: str = "strict",
+    on_read: Callable[[int], None] | None = None,
+) -> Iterator[tuple[bool, str]]:
+    """:func:`split_text` of the file's text (:func:`read_document`), read in parts: ``(is_val,
+    text)`` for every part of the training half, then of the held-out half. The cut is at exactly
+    the byte :func:`split_text` chooses; the file is never held whole. ``name``: the document's."""
+    path = Path(path)
+    if is_binary(path):
+        raise _binary_error(path)
+    cut = _held_out_cut_of_file(path, name, val_fraction, errors)
+    position = 0  # UTF-8 bytes of the file's text before ``text``
+    for text in read_text_parts(path, errors, on_read):
+        size = _utf8_length(text)
+        if position < cut < position + size:
+            data = text.encode("utf-8")
+            yield False, data[: cut - position].decode("utf-8")
+            yield True, data[cut - position :].decode("utf-8")
+        else:
+            yield position >= cut, text
+        position += size
+
+
+def _held_out_window(size: int, val_fraction: float) -> tuple[int, int]:
+    """``(target, lo)``: the byte :func:`split_text` aims to cut ``size`` bytes at, and from where it
+    looks for a newline to cut after instead (within a quarter of the requested held-out size)."""
+    target = round(size * (1.0 - val_fraction))
+    target = min(max(target, 1), size - 1)
+    slack = max(1, (size - target) // 4)
+    return target, max(0, target - slack)
+
+
+def _held_out_cut(size: int, target: int, newline: int, following: bytes) -> int:
+    """The cut: after the ``newline`` found before ``target`` (-1: none), else at ``target`` moved past
+    UTF-8 continuation bytes (``following``: the bytes from ``target``, up to 4)."""
+    if newline != -1 and newline + 1 < size:
+        return newline + 1
+    cut = target
+    for byte in following:
+        if byte & 0xC0 != 0x80:
+            break
+        cut += 1
+    return cut
+
+
+def _held_out_cut_of_file(path: Path, name: str, val_fraction: float, errors: str) -> int:
+    """:func:`split_text`'s cut of the file's text, in UTF-8 bytes of that text, read in parts. Valid
+    UTF-8 is its own text, so only ``errors="replace"`` decodes (the bytes may then differ)."""
+    if errors == "strict":
+        size = path.stat().st_size
+    else:
+        size = sum(_utf8_length(text) for text in read_text_parts(path, errors, warn=False))
+    if size == 0:
+        raise _too_short(name, size)
+    target, lo = _held_out_window(size, val_fraction)
+    newline, following = -1, b""
+    for position, data in _text_bytes(path, errors, lo, min(target + 4, size)):
+        found = data.rfind(b"\n", 0, max(0, target - position))
+        if found != -1:
+            newline = position + found
+        if position + len(data) > target:
+            following += data[max(0, target - position) :]
+    cut = _held_out_cut(size, target, newline, following)
+    if cut in (0, size):
+        raise _too_short(name, size)
+    return cut
+
+
+def _text_bytes(path: Path, errors: str, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
+    """``(position, data)``: the UTF-8 bytes ``start:stop`` of the file's text, in blocks."""
+    if errors == "strict":  # the text's bytes are the file's (were they not, reading it fails)
+        with open(path, "rb") as f:
+            f.seek(start)
+            position = start
+            while position < stop and (data := f.read(min(READ_BYTES, stop - position))):
+                yield position, data
+                position += len(data)
+        return
+    position = 0
+    for text in read_text_parts(path, errors, warn=False):
+        if position >= stop:
+            return
+        data = text.encode("utf-8")
+        if position + len(data) > start:
+            yield max(position, start), data[max(0, start - position) : stop - position]
+        position += len(data)
+
+
+def _utf8_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _too_short(name: str, size: int) -> DataError:
+    return DataError(
+        f"{name} is too short ({size} bytes) to hold out a validation part; add text or pass "
+        f"{setting('data.val_path')}"
     )
 
 
