@@ -8,6 +8,7 @@ number of processes, the step uses the gradient of the window's *token* mean,
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -24,9 +25,10 @@ from nexttoken.models.load import build_network, is_checkpoint, is_hf_model, loa
 from nexttoken.models.lora import LoraSettings
 from nexttoken.models.protocol import CausalLM
 from nexttoken.schedule import timer_clock
+from nexttoken.training.gradients import clip_by_norm, global_grad_norm
 from nexttoken.training.log_throttle import LogThrottle
 from nexttoken.training.nonfinite import NonFiniteGuard, OnNonFinite
-from nexttoken.training.optim import build_optimizer
+from nexttoken.training.optim import build_optimizer, group_name
 
 # The fused linear+cross-entropy path pays once the vocabulary is much wider than the model
 # (the logits dominate memory); below that the plain matmul is cheaper (benchmarks/loss_memory.py).
@@ -134,6 +136,11 @@ class CausalLMModule(L.LightningModule):
         self.val_metrics = NextTokenMetrics()
         self._window_nll = torch.zeros((), dtype=torch.float64)
         self._window_tokens = torch.zeros((), dtype=torch.int64)
+        # The scored tokens trained on so far: every micro-batch, process and part of the run (it is
+        # kept in the checkpoint), summed on the device.
+        self._tokens_seen = torch.zeros((), dtype=torch.int64)
+        # This optimizer step's global gradient norm before clipping (device), for the clip and the log.
+        self._grad_norm: Tensor | None = None
         self._loss_scale: int | None = None
         self._nonfinite = NonFiniteGuard(on_nonfinite)
         self._log_throttle = LogThrottle()
@@ -320,13 +327,43 @@ class CausalLMModule(L.LightningModule):
         # waiting for it: a non-finite step is skipped inside the optimizer's own kernel (optimizers
         # without that are checked on the host at once) and reported at the next check.
         self._nonfinite.before_step(self, optimizer, loss, factor)
-        if self._log_throttle(self.trainer, self.trainer.global_step + 1):  # self.log costs Python time
+        self._tokens_seen = self._tokens_seen.to(window_tokens.device) + window_tokens.to(torch.int64)
+        log = self._log_throttle(self.trainer, self.trainer.global_step + 1)  # self.log costs Python time
+        # The norm of the window's true gradient (rescaled above), before clipping; clipping reuses it.
+        self._grad_norm = self.grad_norm() if log or self.trainer.gradient_clip_val else None
+        if log:
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/perplexity", loss.exp(), prog_bar=False)
-            # A CPU tensor: logging a Python float would copy it to the GPU, which waits for the GPU.
-            self.log("train/lr", torch.tensor(float(optimizer.param_groups[0]["lr"])))
+            # float64: exact to 2**53 tokens (Lightning keeps a float64 as it is, and rounds ints to float32).
+            self.log("train/tokens_seen", self._tokens_seen.double())
+            if self._grad_norm is not None:
+                self.log("train/grad_norm", self._grad_norm)
+            # CPU tensors: logging a Python float would copy it to the GPU, which waits for the GPU.
+            # train/lr is the first group's; train/lr_<name> each group's (decay, no_decay, lora). Not
+            # train/lr/<name>: MLflow's file store keeps a metric in a file named by it, and train/lr
+            # cannot be a file and a folder.
+            for i, group in enumerate(optimizer.param_groups):
+                lr = torch.tensor(float(group["lr"]))
+                if i == 0:
+                    self.log("train/lr", lr)
+                self.log(f"train/lr_{group_name(group, i)}", lr)
         self._window_nll = torch.zeros_like(self._window_nll)
         self._window_tokens = torch.zeros_like(self._window_tokens)
+
+    def grad_norm(self) -> Tensor | None:
+        """The global L2 norm of the gradients now held, on the device (all processes' shards under FSDP)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self.trainer.strategy
+        sharded = isinstance(strategy, FSDPStrategy) or type(strategy).__name__ == "ModelParallelStrategy"
+        reduce = functools.partial(strategy.reduce, reduce_op="sum") if sharded else None
+        return global_grad_norm(self.parameters(), reduce)
+
+    @property
+    def tokens_seen(self) -> int:
+        """The scored tokens trained on so far, over every process and every part of a resumed run
+        (reading it waits for the device)."""
+        return int(self._tokens_seen)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Every log_every_n_steps steps, when Lightning reads the logged values anyway.
@@ -353,8 +390,10 @@ class CausalLMModule(L.LightningModule):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            else:  # by the norm on_before_optimizer_step computed (and logs): computed once per step
+                norm = self._grad_norm if self._grad_norm is not None else self.grad_norm()
+                if norm is not None:
+                    clip_by_norm(params, gradient_clip_val, norm)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
@@ -448,6 +487,8 @@ class CausalLMModule(L.LightningModule):
         # A checkpoint carries its tokenizer, so it can be evaluated or sampled on its own.
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.to_dict()
+        # The run's token count goes on from here when it resumes (train/tokens_seen).
+        checkpoint["tokens_seen"] = self.tokens_seen
         if self.lora is not None:
             # The adapters only (the optimizer state is theirs too); the base is named and fingerprinted.
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
@@ -473,6 +514,7 @@ class CausalLMModule(L.LightningModule):
             )
         if self.lora is not None:
             self._check_lora_checkpoint(checkpoint)
+        self._tokens_seen = torch.tensor(int(checkpoint.get("tokens_seen", 0)), dtype=torch.int64)
         own = self.state_dict()
         for name, tensor in checkpoint["state_dict"].items():
             if name in own and own[name].shape != tensor.shape:

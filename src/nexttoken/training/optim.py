@@ -32,6 +32,9 @@ UNCLASSIFIED = "unclassified (no decay)"
 LORA = "lora adapter"
 FROZEN = "frozen"
 
+# The optimizer's param groups (empty ones are left out): matmul weights, the rest, LoRA adapters.
+GROUP_NAMES = ("decay", "no_decay", "lora")
+
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
 if hasattr(nn, "RMSNorm"):
     _NORM_TYPES = (*_NORM_TYPES, nn.RMSNorm)
@@ -163,17 +166,25 @@ def param_groups(
     model: nn.Module, weight_decay: float, lora_weight_decay: float = LORA_WEIGHT_DECAY
 ) -> list[dict]:
     """torch optimizer groups: matmul weights with ``weight_decay``, everything else that trains with 0,
-    and adapters (LoRA's A and B) with ``lora_weight_decay``. Frozen parameters are in none."""
+    and adapters (LoRA's A and B) with ``lora_weight_decay``. Frozen parameters are in none.
+    Each group has a ``name`` (``decay``, ``no_decay``, ``lora``: ``GROUP_NAMES``), which the logs use
+    (``train/lr_<name>``)."""
     params = dict(model.named_parameters())
     audit = decay_audit(model)
     decay = [params[r.name] for r in audit.records if r.decay]
     no_decay = [params[r.name] for r in audit.records if not r.decay and r.reason != LORA]
     adapters = [params[r.name] for r in audit.adapters]
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": adapters, "weight_decay": lora_weight_decay},
+        {"name": GROUP_NAMES[0], "params": decay, "weight_decay": weight_decay},
+        {"name": GROUP_NAMES[1], "params": no_decay, "weight_decay": 0.0},
+        {"name": GROUP_NAMES[2], "params": adapters, "weight_decay": lora_weight_decay},
     ]
+
+
+def group_name(group: dict, index: int) -> str:
+    """The name of an optimizer's param group: its ``name`` (:func:`param_groups`), or ``group<index>``
+    for a group without one (an optimizer restored from a checkpoint written before groups had names)."""
+    return str(group.get("name") or f"group{index}")
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
