@@ -3,17 +3,20 @@ folder per run, ``--ckpt_path last`` that continues the latest run, and an end-o
 
 from __future__ import annotations
 
+import copy
 import csv
 import functools
 import importlib.util
 import os
 import re
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
@@ -33,6 +36,7 @@ from nexttoken.training.progress import ProgressLog, StartSummary, StepProgressB
 from nexttoken.training.report import write_report
 from nexttoken.training.threads import AutoThreads
 from nexttoken.training.throughput import ThroughputCallback
+from nexttoken.training.trackers import CSV_LOGGERS, check_installed, class_name, place_in_run
 
 DEFAULT_ROOT = "runs"
 RUN_LOGGER = "nexttoken.commands.fit.RunLogger"
@@ -50,8 +54,17 @@ class RunLogger(CSVLogger):
 
     @property
     def experiment(self):
-        if self._experiment is not None or self._keep_before_step is None:
-            return super().experiment
+        if self._experiment is not None:
+            return self._experiment
+        if self._keep_before_step is None:
+            with warnings.catch_warnings():
+                # The trackers' folders (tensorboard/, mlruns/) may be in the run folder already: a new
+                # run's folder with no metrics.csv has nothing for CSVLogger to warn about.
+                if not (Path(self.log_dir) / "metrics.csv").exists():
+                    warnings.filterwarnings(
+                        "ignore", message="Experiment logs directory .* exists and is not empty"
+                    )
+                return super().experiment
         metrics_csv = Path(self.log_dir) / "metrics.csv"
         kept = []
         if metrics_csv.is_file():
@@ -226,16 +239,8 @@ class NextTokenCLI(LightningCLI):
         trainer = config.trainer
         root = Path(trainer.default_root_dir or DEFAULT_ROOT)
         _check_writable(root)
-        logger = trainer.logger
-        version = self._resume_version
-        # The default logger writes into the run folder under default_root_dir; resuming continues
-        # the same folder, so one run's logs, curves and checkpoints stay together.
-        if isinstance(logger, dict) or hasattr(logger, "class_path"):
-            if logger.get("class_path") == RUN_LOGGER:
-                logger["init_args"]["save_dir"] = str(root)
-                if version is not None:
-                    logger["init_args"]["version"] = version
-                    logger["init_args"]["keep_before_step"] = self._resume_step
+        self._given_logger = copy.deepcopy(trainer.logger)  # config.yaml keeps what was given
+        trainer.logger = self._run_loggers(trainer.logger, root)
         check_tokenizer(config.data.tokenizer)
         # A pretrained model (Hugging Face, GGUF, a nexttoken checkpoint) brings its own tokenizer:
         # train on its tokens unless told otherwise.
@@ -258,6 +263,48 @@ class NextTokenCLI(LightningCLI):
             if not any("ProgressBar" in name for name in given):  # Lightning would add its own
                 callbacks = [*self.trainer_defaults["callbacks"], StepProgressBar()]
                 self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}
+
+    def _run_loggers(self, logger, root: Path):
+        """The run's loggers: its CSV first (metrics.csv in the run folder under default_root_dir,
+        which decides the run folder), then any trackers, placed inside the run folder
+        (``nexttoken.training.trackers``). Resuming continues the same folder, so one run's logs,
+        curves and checkpoints stay together."""
+        if logger is True:  # Lightning's "the default logger": the run's CSV
+            logger = Namespace(class_path=RUN_LOGGER, init_args=Namespace(name=""))
+        entries = logger if isinstance(logger, list) else [logger]
+        if not entries or not all(isinstance(e, dict) or hasattr(e, "class_path") for e in entries):
+            return logger  # no logger, or Logger objects made in Python: as given
+        check_installed(entries)
+        csv_loggers = [
+            e for e in entries if e.get("class_path") == RUN_LOGGER or class_name(e) in CSV_LOGGERS
+        ]
+        run_logger = csv_loggers[0] if csv_loggers else Namespace(init_args=Namespace(name=""))
+        run_logger["class_path"] = RUN_LOGGER
+        init_args = run_logger["init_args"]
+        init_args["save_dir"] = str(root)
+        version = self._resume_version
+        if version is not None:
+            init_args["version"] = version
+            init_args["keep_before_step"] = self._resume_step
+        elif init_args.get("version") is None:  # the next free version_N, for the trackers too
+            init_args["version"] = CSVLogger(save_dir=str(root), name=init_args.get("name") or "").version
+        version = init_args["version"]
+        run_dir = (
+            root
+            / (init_args.get("name") or "")
+            / (version if isinstance(version, str) else f"version_{version}")
+        )
+        trackers = [e for e in entries if e is not run_logger]
+        resume_step = self._resume_step if self._resume_version is not None else None
+        for entry in trackers:
+            place_in_run(entry, run_dir, resume_step, roots=(DEFAULT_ROOT, str(root)))
+        return [run_logger, *trackers] if trackers else run_logger
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # config.yaml records the loggers as given, not this run's folder (a new run from it gets its own).
+        if getattr(self, "_given_logger", None) is not None:
+            self.config[self.subcommand].trainer.logger = self._given_logger
 
     def _time_limit(self, trainer) -> str | None:
         """Set the no-argument run's safety net where it applies; the summary's note on a time limit."""
