@@ -213,6 +213,8 @@ def write_report(
         "compressors_bits_per_byte": compressors,
         "global_step": trainer.global_step,
     }
+    if getattr(module, "tokens_seen", None) is not None:  # the scored tokens trained on (train/tokens_seen)
+        summary["tokens_seen"] = module.tokens_seen
     if examples is not None:
         summary["validation_examples"] = asdict(examples)
     threads = next((c for c in trainer.callbacks if type(c).__name__ == "AutoThreads"), None)
