@@ -304,7 +304,7 @@ class NextTokenCLI(LightningCLI):
         trainer, module, data = self.trainer, self.model, self.datamodule
         if trainer.interrupted:
             return
-        # Score the final weights on the whole held-out split, unless that just happened.
+        # Score the final weights on the held-out set (data.val_tokens of it), unless that just happened.
         last = getattr(module, "last_validation_step", None)
         if last != trainer.global_step or not getattr(module, "last_validation", None):
             trainer.validate(module, datamodule=data, verbose=False)
