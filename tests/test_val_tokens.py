@@ -107,8 +107,12 @@ def test_a_capped_validation_scores_exactly_the_first_tokens_and_their_bytes(tmp
     )
     assert every["compressors_bits_per_byte"] == pytest.approx(compressor_bits_per_byte(text[start:]))
     # The start summary says how much a validation scores, of how much, and about how long it takes.
-    line = re.search(r"^validation scores the first .*$", capped_out, re.M).group(0)
-    assert f"the first {DEFAULT_VAL_TOKENS:,} of the {held_out:,} held-out tokens ({n_bytes:,} bytes)" in line
+    line = re.search(r"^validation: .*$", capped_out, re.M).group(0)
+    assert line.startswith(
+        f"validation: the first {DEFAULT_VAL_TOKENS:,} of the {held_out:,} held-out tokens ({n_bytes:,} bytes)"
+    )
     assert re.search(r", about [\d.:]+ s? ?\(a batch's forward timed now, x \d+ batches\) each time", line)
     assert line.endswith("--data.val_tokens all scores every one")
-    assert f"validation scores all {held_out:,} held-out tokens" in every_out
+    assert (
+        f"\nvalidation: all {held_out:,} held-out tokens ({meta['val_bytes']:,} bytes), about " in every_out
+    )

@@ -290,15 +290,15 @@ def data_lines(data: Any, time_note: str | None = None) -> list[str]:
         f"({meta['val_bytes']:,} bytes); token cache {cache} ({data.cache.directory})"
     )
     scored, held_out = data.scored_val_targets, data.val_targets
-    if scored < held_out:
-        what = (
-            f"validation scores the first {scored:,} of the {held_out:,} held-out tokens "
-            f"({data.scored_val_bytes:,} bytes)"
-        )
-    else:
-        what = f"validation scores all {held_out:,} held-out tokens ({data.scored_val_bytes:,} bytes)"
+    capped = scored < held_out
+    what = (
+        f"validation: the first {scored:,} of the {held_out:,} held-out tokens"
+        if capped
+        else f"validation: all {held_out:,} held-out tokens"
+    )
+    what += f" ({data.scored_val_bytes:,} bytes)"
     what += f", {time_note} each time" if time_note else ""
-    if scored < held_out:
+    if capped:
         what += f"; {setting('data.val_tokens')} all scores every one"
     lines.append(what)
     return lines
