@@ -105,9 +105,10 @@ def test_fit_end_to_end_writes_checkpoints_logs_curves_report(corpus, tmp_path, 
         assert chatter not in out, chatter
     # The start summary, once, in this order; the data line's numbers are the token cache's.
     lines = out.splitlines()
-    summary = lines[:7]
+    summary = lines[:8]
     assert [line.split(":")[0] for line in summary] == [
         "data",
+        "validation",
         "model",
         "precision",
         "MFU peak",
@@ -119,6 +120,9 @@ def test_fit_end_to_end_writes_checkpoints_logs_curves_report(corpus, tmp_path, 
     train_tokens, val_tokens = (len(np.load(cache / f"{split}.npy")) for split in ("train", "val"))
     assert f", {train_tokens:,} tokens; validation " in summary[0]
     assert f", {val_tokens:,} tokens (" in summary[0] and "token cache built in" in summary[0]
+    # All of this small held-out set is scored (the cap binds only above 250,000 tokens).
+    assert summary[1].startswith(f"validation: all {val_tokens - 1:,} held-out tokens (")
+    summary = [summary[0], *summary[2:]]
     assert summary[2].startswith(f"precision: {auto_precision()[0]} (auto:")
     # The peak that MFU is a share of, in the math the matmuls run in, and where it comes from.
     math = {"bf16-mixed": "bf16", "32-true": "fp32"}[auto_precision()[0]]

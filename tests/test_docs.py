@@ -27,6 +27,8 @@ ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 REDIRECTION = re.compile(r"^\d*(>>?|<)(&\d+)?$")  # `>`, `2>`, `>>`, `2>&1`, `<`
 REDIRECTION_WITH_TARGET = re.compile(r"^\d*(>>?|<)[^&]+$")  # `>file`
 SHELL_SEPARATORS = ("|", "||", "&&", ";", "&")
+# Commands that start nexttoken on several processes or machines: what follows them is still checked.
+LAUNCHERS = ("srun", "torchrun")
 
 
 # --------------------------------------------------------------------------- reading the pages
@@ -54,7 +56,20 @@ def command_words(line: str) -> list[str] | None:
         words = words[1:]
     if not words:
         return None
-    if words[0] == "nexttoken" or words[0].endswith("bin/nexttoken"):
+    if (
+        Path(words[0]).name in LAUNCHERS
+    ):  # `srun [options] nexttoken ...`, `torchrun [options] -m nexttoken ...`
+        start = next(
+            (i for i, w in enumerate(words) if w == "nexttoken" or w.endswith("bin/nexttoken")), None
+        )
+        module = next((i for i in range(len(words) - 1) if words[i : i + 2] == ["-m", "nexttoken"]), None)
+        if module is not None and (start is None or module < start):
+            words = words[module + 2 :]
+        elif start is not None:
+            words = words[start + 1 :]
+        else:
+            return None
+    elif words[0] == "nexttoken" or words[0].endswith("bin/nexttoken"):
         words = words[1:]
     elif len(words) > 2 and Path(words[0]).name.startswith("python") and words[1:3] == ["-m", "nexttoken"]:
         words = words[3:]
@@ -297,6 +312,17 @@ def test_reading_command_lines():
         "--ckpt_path",
         "last",
     ]
+    assert command_words("srun --ntasks-per-node 4 .venv/bin/nexttoken fit --trainer.num_nodes 2") == [
+        "fit",
+        "--trainer.num_nodes",
+        "2",
+    ]
+    assert command_words("torchrun --nnodes 2 --node-rank 1 -m nexttoken fit --trainer.devices 1") == [
+        "fit",
+        "--trainer.devices",
+        "1",
+    ]
+    assert command_words("srun hostname") is None
     assert command_words("nexttoken.schedule") is None and command_words("pip install nexttoken") is None
     assert command_words("~/.cache/nexttoken") is None
     page = (

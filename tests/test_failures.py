@@ -151,6 +151,19 @@ def test_unknown_fused_loss_value(corpus, tmp_path, capfd):
     assert line.endswith("is not one of auto, on, off; see `nexttoken fit --help`")
 
 
+@pytest.mark.parametrize(
+    "flag, value, expect",
+    [
+        ("--data.val_tokens", "some", "--data.val_tokens 'some' is neither an integer nor all"),
+        ("--data.val_tokens", "0", "--data.val_tokens must be a positive number of held-out tokens, or all"),
+        ("--model.compile", "maybe", "--model.compile 'maybe' is neither true/false nor auto"),
+    ],
+)
+def test_a_count_or_a_word_that_is_neither(corpus, tmp_path, capfd, flag, value, expect):
+    args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2, flag, value)
+    assert_clean_failure(capfd, args, expect=expect, untouched=tmp_path)
+
+
 def test_unknown_tokenizer(corpus, tmp_path, capfd):
     args = fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2)
     args[args.index("--data.tokenizer") + 1] = "sentencepiece"

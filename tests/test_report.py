@@ -144,13 +144,14 @@ def test_a_chat_report_counts_examples_and_scores_responses_only():
 class HeldOut:
     """What held_out_compressors needs from a TextDataModule."""
 
-    def __init__(self, folder, text: bytes):
+    def __init__(self, folder, text: bytes, scored_val_targets: int = 100):
         self.cache = TokenCache(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.text = text
+        self.scored_val_targets = scored_val_targets
         self.reads = 0
 
-    def val_text_bytes(self):
+    def scored_val_text(self):
         self.reads += 1
         return self.text
 
@@ -160,11 +161,14 @@ def test_compressors_are_computed_once_per_held_out_set(tmp_path):
     first, cached = report.held_out_compressors(data)
     assert not cached and data.reads == 1
     assert first == report.compressor_bits_per_byte(data.text)
-    assert json.loads((data.cache.directory / report.COMPRESSORS_FILE).read_text()) == first
+    assert json.loads((data.cache.directory / report.compressors_file(100)).read_text()) == first
     again, cached = report.held_out_compressors(data)
     assert cached and again == first and data.reads == 1  # read from the cache folder, not recomputed
     other = HeldOut(tmp_path / "tokens" / "def", b"another held-out set entirely\n" * 40)
     assert report.held_out_compressors(other)[0] != first  # its own folder, its own numbers
+    # Another cap scores other text: its own numbers, beside the first ones.
+    capped = HeldOut(tmp_path / "tokens" / "abc", b"the held-out text\n" * 40, scored_val_targets=50)
+    assert report.held_out_compressors(capped) == (report.compressor_bits_per_byte(capped.text), False)
 
 
 def test_curves_draw_the_compressors_as_reference_lines(tmp_path, monkeypatch):

@@ -351,7 +351,7 @@ class NextTokenCLI(LightningCLI):
         trainer, module, data = self.trainer, self.model, self.datamodule
         if trainer.interrupted:
             return
-        # Score the final weights on the whole held-out split, unless that just happened.
+        # Score the final weights on the held-out set (data.val_tokens of it), unless that just happened.
         last = getattr(module, "last_validation_step", None)
         if last != trainer.global_step or not getattr(module, "last_validation", None):
             trainer.validate(module, datamodule=data, verbose=False)
@@ -469,9 +469,23 @@ def parse_error_message(message: str, command: str = "fit") -> str:
     literal = re.search(
         r'key "([^"]+)":\s*Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)', message, re.S
     )
+    union = re.search(
+        r'key "([^"]+)":\s*Does not validate against any of the Union subtypes\s*Subtypes: \[(.*?)\]\s*Errors.*'
+        r"Given value: (.*)",
+        message,
+        re.S,
+    )
     if literal:
         key, choices, value = literal.groups()
         message = f"--{key} {one_line(value)!r} is not one of {choices.replace(chr(39), '')}"
+    elif union:  # int | Literal["all"]: "an integer or all"
+        key, subtypes, value = union.groups()
+        kinds = [
+            m.group(1) or m.group(2).replace("'", "").replace(", ", " or ")
+            for m in re.finditer(r"<class '(\w+)'>|typing\.Literal\[(.*?)\]", subtypes)
+        ]
+        names = {"int": "an integer", "float": "a number", "bool": "true/false", "str": "a string"}
+        message = f"--{key} {one_line(value)!r} is neither {' nor '.join(names.get(k, k) for k in kinds)}"
     else:
         message = one_line(re.sub(r'Parser key "([^"]+)":', r"--\1:", message))
     return f"{message}; see `nexttoken {command} --help`"

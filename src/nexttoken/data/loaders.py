@@ -142,7 +142,11 @@ class ValBatches(IterableDataset):
     """One rank's validation batches ``(input_ids, targets, n_bytes)``: this rank's share of the
     blocks that together score every target of the validation stream once. ``document_mask`` as in
     :class:`TrainBatches`: then ``(input_ids, targets, n_bytes, document_ids)``, and ``n_bytes``
-    counts only the targets left scored."""
+    counts only the targets left scored.
+
+    ``max_targets``: score only the stream's first ``max_targets`` targets (positions
+    ``1 .. max_targets``), as if the stream ended there (``data.val_tokens``); None: all of them.
+    """
 
     def __init__(
         self,
@@ -154,13 +158,17 @@ class ValBatches(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         document_mask: tuple[int | None, int] | None = None,
+        max_targets: int | None = None,
     ) -> None:
         self.stream_file = str(stream_file)
         self.bytes_file = str(bytes_file)
         self.block_size = block_size
         self.pad_id = pad_id
         self.document_mask = document_mask
-        num_blocks = num_val_blocks(len(np.load(self.stream_file, mmap_mode="r")), block_size)
+        length = len(np.load(self.stream_file, mmap_mode="r"))
+        # The scored stream: its first max_targets + 1 positions (position 0 is never a target).
+        self.length = length if max_targets is None else min(length, max_targets + 1)
+        num_blocks = num_val_blocks(self.length, block_size)
         self.batches = val_batches(num_blocks, batch_size, rank=rank, world_size=world_size)
 
     def __len__(self) -> int:
@@ -168,8 +176,8 @@ class ValBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         worker, num_workers = _worker_share()
-        stream = np.load(self.stream_file, mmap_mode="r")
-        byte_counts = np.load(self.bytes_file, mmap_mode="r")
+        stream = np.load(self.stream_file, mmap_mode="r")[: self.length]
+        byte_counts = np.load(self.bytes_file, mmap_mode="r")[: self.length]
         for blocks in self.batches[worker::num_workers]:
             input_ids, targets = val_batch(stream, blocks, self.block_size, self.pad_id)
             document_ids = None

@@ -18,11 +18,16 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import RichProgressBar, Timer
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 
-from nexttoken.errors import parameter_name, spelled
+from nexttoken.data.parallel import available_cores
+from nexttoken.errors import parameter_name, setting, spelled
+from nexttoken.peak import Peak
 from nexttoken.training.optim import decay_audit
+from nexttoken.training.threads import fastest_num_threads, threads_set_by_user
 from nexttoken.training.throughput import ThroughputCallback
 
 
@@ -181,7 +186,7 @@ def start_summary(
     speed = next((c for c in trainer.callbacks if isinstance(c, ThroughputCallback)), None)
     peak = speed.describe_peak() if speed is not None and speed.resolve_peak(trainer, module) else None
     lines = [
-        *data_lines(data),
+        *data_lines(data, validation_time(trainer, module, data, peak=speed.peak if peak else None)),
         f"model: {module.model_summary_line()}",
         *([module.lora_summary(audit)] if getattr(module, "lora", None) is not None else []),
         precision,
@@ -196,10 +201,74 @@ def start_summary(
     return lines
 
 
-def data_lines(data: Any) -> list[str]:
+def validation_time(
+    trainer: L.Trainer, module: L.LightningModule, data: Any, peak: Peak | None = None
+) -> str | None:
+    """About how long one validation of plain text takes, and how that was found: one validation
+    batch's forward pass timed now (:func:`_time_forward`) times the batches each process runs; where the model is sharded or compiled (a forward here would not be the
+    validation's), its forward FLOPs (a third of a training step's) at the device's peak, a lower
+    bound; None when neither can be had. It never stops a run."""
+    if data.examples is not None or data.cache is None:
+        return None
+    hp = data.hparams
+    rows, width = hp.val_batch_size or hp.batch_size, hp.block_size
+    blocks = math.ceil(data.scored_val_targets / width)
+    batches = math.ceil(math.ceil(blocks / trainer.world_size) / rows)  # per process, as val_batches
+    try:
+        if isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)) and not getattr(
+            module, "compiled", False
+        ):
+            seconds = _time_forward(trainer, module, rows, width)
+            return (
+                f"about {_duration(seconds * batches)} (a batch's forward timed now, x {batches:,} batches)"
+            )
+        if peak is not None:
+            flops = module.model.flops_per_token(width) / 3 * rows * width * batches
+            return f"at least {_duration(flops / peak.flops)} (its forward FLOPs at the peak)"
+    except Exception:  # noqa: BLE001 - an estimate must never stop training
+        return None
+    return None
+
+
+def _time_forward(trainer: L.Trainer, module: L.LightningModule, rows: int, width: int) -> float:
+    """Seconds of one validation batch's forward pass, from a quarter of its rows (the cost per row is
+    the same; on a CPU it keeps this to well under a second for a small model). On a CPU that
+    :class:`~nexttoken.training.threads.AutoThreads` will tune, under each thread count it chooses
+    from, the faster one: validation runs under its choice, and on a shared machine the other
+    count can be several times slower. The thread count is left as it was."""
+    device = module.device
+    part = max(1, rows // 4)
+    tokens = torch.zeros((part, width), dtype=torch.long, device=device)
+
+    def forward() -> None:
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            module.nll_sum(tokens, tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    tuned = device.type == "cpu" and trainer.world_size == 1 and not threads_set_by_user()
+    candidates = sorted({1, available_cores()}) if tuned else [torch.get_num_threads()]
+    original = torch.get_num_threads()
+    # Any dropout draws from a forked generator: the run's own random numbers are untouched.
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            forward()  # warm-up: first-call allocations, kernel selection
+            _, medians = fastest_num_threads(forward, candidates, repeats=3)
+    finally:
+        torch.set_num_threads(original)
+    return min(medians.values()) * rows / part
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(seconds, 0.1):.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    return clock_time(seconds)
+
+
+def data_lines(data: Any, time_note: str | None = None) -> list[str]:
     """What the data is: the format ``data.format`` chose (when there was a choice), the split's
-    sizes and the cache; for chat/instruction data, the examples and what fitting them to the block
-    dropped or cut."""
+    sizes and the cache, and what one validation scores (``time_note``: about how long it takes);
+    for chat/instruction data, the examples and what fitting them to the block dropped or cut."""
     lines = [data.format_line] if data.format_line else []
     if data.examples is not None:
         examples = data.examples
@@ -220,6 +289,18 @@ def data_lines(data: Any) -> list[str]:
         f"validation {_count(meta['val_documents'], 'document')}, {meta['val_tokens']:,} tokens "
         f"({meta['val_bytes']:,} bytes); token cache {cache} ({data.cache.directory})"
     )
+    scored, held_out = data.scored_val_targets, data.val_targets
+    capped = scored < held_out
+    what = (
+        f"validation: the first {scored:,} of the {held_out:,} held-out tokens"
+        if capped
+        else f"validation: all {held_out:,} held-out tokens"
+    )
+    what += f" ({data.scored_val_bytes:,} bytes)"
+    what += f", {time_note} each time" if time_note else ""
+    if capped:
+        what += f"; {setting('data.val_tokens')} all scores every one"
+    lines.append(what)
     return lines
 
 

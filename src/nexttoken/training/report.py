@@ -39,23 +39,27 @@ def compressor_bits_per_byte(data: bytes) -> dict[str, float]:
     return {name: 8.0 * size / len(data) for name, size in sizes.items()}
 
 
-# Beside the token files of the cache: one computation per held-out set (xz -9e takes seconds per MB).
-COMPRESSORS_FILE = "val_compressors.json"
+def compressors_file(scored_targets: int) -> str:
+    """Beside the token files of the cache: one computation per scored held-out text (xz -9e takes
+    seconds per MB), named by how many of the held-out targets a validation scores."""
+    return f"val_compressors-{scored_targets}.json"
 
 
 def held_out_compressors(data: TextDataModule) -> tuple[dict[str, float], bool]:
-    """Compressor bits per byte of the data's held-out text, and whether they came from the cache."""
+    """Compressor bits per byte of the held-out text a validation scores (only that text is read:
+    ``data.val_tokens`` bounds it, not the corpus), and whether they came from the cache."""
     from nexttoken.data.cache import cached_json
 
     computed = []
 
     def compute() -> dict[str, float]:
         computed.append(True)
-        return compressor_bits_per_byte(data.val_text_bytes())
+        return compressor_bits_per_byte(data.scored_val_text())
 
     cache = getattr(data, "cache", None)
-    values = cached_json(cache, COMPRESSORS_FILE, compute) if cache is not None else compute()
-    return values, not computed
+    if cache is None:
+        return compute(), False
+    return cached_json(cache, compressors_file(data.scored_val_targets), compute), not computed
 
 
 def format_report(
