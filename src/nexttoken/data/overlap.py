@@ -12,14 +12,15 @@ characters (soft hyphen, zero-width joiners) deleted, and any run of whitespace 
 line wrapping, typography and case do not hide a copy. Lines are the text's ``\\n`` lines, counted
 from 1.
 
-**Hashing.** Each distinct word is hashed once with ``blake2b`` (64 bits of its UTF-8 bytes, cached
-per process: a corpus has far fewer distinct words than words), and an n-gram's hash is the
-polynomial ``sum(word[i + j] * B ** (n - 1 - j)) mod 2**64`` of its words' hashes, computed for every
-position at once with numpy (n multiply-adds over the whole array, in C). Why: hashing every n-gram's
-joined text with ``blake2b`` costs a Python call per position, and Python's own ``hash`` is salted
-per process, so worker processes would disagree. Two different n-grams collide with probability
-about ``2**-58`` (``B`` is odd, so every power of it is invertible mod 2**64; see the tests' check
-against a plain set of word tuples).
+**Hashing**, all in numpy, with no Python step per word or per n-gram: each word's hash is a
+polynomial of its UTF-8 bytes mod 2**64 (from prefix sums over the whole text, so every word at once),
+its length added, then mixed (splitmix64's finalizer); an n-gram's hash is the polynomial
+``sum(word[i + j] * B ** (n - 1 - j)) mod 2**64`` of its words' hashes, for every position at once
+(n multiply-adds over the array). Why not ``blake2b`` or Python's ``hash``: a Python call per word
+or n-gram costs more than everything else together (a plain set of word tuples is as fast), and
+Python's ``hash`` is salted per process, so worker processes would disagree. ``B`` is odd, so every
+power of it is invertible mod 2**64: two different n-grams collide with a probability of about
+``2**-58`` (the tests check the answers against a plain set of word tuples).
 
 **Memory**: only the evaluation side's n-gram hashes are held (a sorted array, 8 bytes each); the
 training corpus is streamed, a text file in parts of about 1 MB, and each part's n-gram hashes are
@@ -30,7 +31,6 @@ single large file is scanned by one process.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import unicodedata
@@ -51,6 +51,7 @@ DEFAULT_N = 13
 _BASE = 0x9E3779B97F4A7C15
 # Characters of a text without a newline kept waiting for one before the text is cut at a space.
 _LONGEST_LINE = 4 << 20
+_FILTER_BITS = 22
 
 # ASCII: letters lowered; punctuation, symbols and controls (but the newline) to a space (in C).
 _ASCII = bytes(
@@ -94,19 +95,65 @@ def normalize(text: str) -> str:
     return b" ".join(words(text)).decode("utf-8")
 
 
-class WordHasher:
-    """Stable 64-bit hashes of words (``blake2b`` of their bytes), each distinct word hashed once."""
+_U64 = np.uint64
+_BYTE_BASE = 0x100000001B3  # the word hash's multiplier (FNV's prime: odd)
+_BYTE_BASE_INVERSE = pow(_BYTE_BASE, -1, 2**64)
+_SEPARATOR = np.zeros(256, dtype=bool)
+_SEPARATOR[[10, 32]] = True  # the only whitespace normalised text has
+# Words are hashed in slices of about this many bytes (cut at a separator): memory stays ~40 bytes a byte of it.
+_SLICE_BYTES = 1 << 20
 
-    def __init__(self) -> None:
-        self._cache: dict[bytes, int] = {}
 
-    def __call__(self, tokens: Sequence[bytes]) -> np.ndarray:
-        cache = self._cache
-        for word in set(tokens).difference(cache):
-            cache[word] = int.from_bytes(hashlib.blake2b(word, digest_size=8).digest(), "little")
-        if len(cache) > 4_000_000:  # a corpus of ever new words (ids, numbers): keep memory bounded
-            self._cache = {}
-        return np.fromiter(map(cache.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, in place: every bit of the word hash reaches every bit of its value."""
+    z ^= z >> _U64(30)
+    z *= _U64(0xBF58476D1CE4E5B9)
+    z ^= z >> _U64(27)
+    z *= _U64(0x94D049BB133111EB)
+    z ^= z >> _U64(31)
+    return z
+
+
+def word_hashes(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """``(hashes, lines)`` of the words of normalised ``data`` (:func:`normalized_bytes`), in order: a
+    stable 64-bit hash of each word's bytes (a polynomial of its bytes mod 2**64, length added,
+    mixed), and the line it is on (0 for the first). All in numpy: no Python step per word."""
+    hashes, lines, line = [], [], 0
+    position = 0
+    while position < len(data) or not hashes:
+        end = min(len(data), position + _SLICE_BYTES)
+        if end < len(data):
+            cut = max(data.rfind(b" ", position, end), data.rfind(b"\n", position, end))
+            end = cut + 1 if cut >= position else len(data)  # no separator: the rest in one slice
+        h, first_lines, newlines = _slice_word_hashes(data[position:end])
+        hashes.append(h)
+        lines.append(first_lines + line)
+        line += newlines
+        position = end
+        if position >= len(data):
+            break
+    return np.concatenate(hashes), np.concatenate(lines)
+
+
+def _slice_word_hashes(data: bytes) -> tuple[np.ndarray, np.ndarray, int]:
+    text = np.frombuffer(data, dtype=np.uint8)
+    word = ~_SEPARATOR[text]
+    edges = np.diff(np.concatenate(([False], word, [False])).view(np.int8))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    newline = text == 10
+    newlines = int(np.count_nonzero(newline))
+    lines = np.cumsum(newline)[starts] if len(starts) else np.zeros(0, dtype=np.int64)
+    if not len(starts):
+        return np.zeros(0, dtype=_U64), lines, newlines
+    powers = np.full(len(text), _BYTE_BASE, dtype=_U64)
+    np.cumprod(powers, out=powers)  # B**(k+1), wrapping mod 2**64
+    prefix = np.zeros(len(text) + 1, dtype=_U64)
+    np.cumsum(text.astype(_U64) * powers, out=prefix[1:])
+    inverse = np.full(len(text), _BYTE_BASE_INVERSE, dtype=_U64)
+    np.cumprod(inverse, out=inverse)  # B**-(k+1)
+    hashes = (prefix[ends] - prefix[starts]) * inverse[starts]  # sum of byte * B**(its place in the word)
+    hashes += (ends - starts).astype(_U64) * _U64(0x9E3779B97F4A7C15)
+    return _mix(hashes), lines, newlines
 
 
 def ngram_hashes(word_hashes: np.ndarray, n: int) -> np.ndarray:
@@ -121,12 +168,6 @@ def ngram_hashes(word_hashes: np.ndarray, n: int) -> np.ndarray:
         out += word_hashes[j : j + count] * factor
         factor = np.uint64((int(factor) * _BASE) % 2**64)
     return out
-
-
-def _line_of_words(data: bytes) -> np.ndarray:
-    """For each word of normalised ``data``, its line (0 for the first)."""
-    counts = [len(line.split()) for line in data.split(b"\n")]
-    return np.repeat(np.arange(len(counts), dtype=np.int64), counts)
 
 
 # --------------------------------------------------------------------------- results
@@ -229,15 +270,12 @@ class EvalNgrams:
     def __init__(self, documents: Iterable[Document], n: int = DEFAULT_N) -> None:
         check_n(n)
         self.n = n
-        hasher = WordHasher()
         self.documents: list[_EvalDocument] = []
         for document in documents:
             data = normalized_bytes(document.text)
-            tokens = data.split()
+            hashes, lines = word_hashes(data)
             self.documents.append(
-                _EvalDocument(
-                    document.name, tokens, _line_of_words(data) + 1, ngram_hashes(hasher(tokens), n)
-                )
+                _EvalDocument(document.name, data.split(), lines + 1, ngram_hashes(hashes, n))
             )
         if not any(d.words for d in self.documents):
             raise DataError(f"the evaluation text has no words; point {setting('eval_path')} at text")
@@ -331,7 +369,9 @@ class _Scan:
         self.where: dict[int, tuple[str, int]] = {}
         self.documents = 0
         self.bytes = 0
-        self._hasher = WordHasher()
+        # A first look-up: one bit per value of a hash's top 22 bits (4 MB); most n-grams stop here.
+        self._maybe = np.zeros(1 << _FILTER_BITS, dtype=bool)
+        self._maybe[eval_hashes >> _U64(64 - _FILTER_BITS)] = True
 
     def summary(self) -> ScanSummary:
         """What the scan found, without the evaluation side's array (what a worker sends back)."""
@@ -366,23 +406,18 @@ class _Scan:
             buffer = buffer[start:]
 
     def _read_text(self, name: str, text: str, first_line: int) -> None:
-        data = normalized_bytes(text)
-        tokens = data.split()
-        hashes = ngram_hashes(self._hasher(tokens), self.n)
-        if not len(hashes):
+        words_hashes, lines = word_hashes(normalized_bytes(text))
+        hashes = ngram_hashes(words_hashes, self.n)
+        candidates = np.flatnonzero(self._maybe[hashes >> _U64(64 - _FILTER_BITS)])
+        if not len(candidates):
             return
-        index = np.searchsorted(self.eval_hashes, hashes)
+        index = np.searchsorted(self.eval_hashes, hashes[candidates])
         np.minimum(index, len(self.eval_hashes) - 1, out=index)
-        hit = self.eval_hashes[index] == hashes
-        if not hit.any():
-            return
-        positions = np.flatnonzero(hit)
-        new = positions[~self.found[index[positions]]]
-        if len(new):
-            lines = _line_of_words(data)
-            for position in new:
-                self.where.setdefault(int(index[position]), (name, first_line + int(lines[position])))
-        self.found[index[positions]] = True
+        hit = self.eval_hashes[index] == hashes[candidates]
+        positions, index = candidates[hit], index[hit]
+        for position, found in zip(positions[~self.found[index]], index[~self.found[index]]):
+            self.where.setdefault(int(found), (name, first_line + int(lines[position])))
+        self.found[index] = True
 
 
 def _start_of_last_words(text: str, count: int) -> int:
