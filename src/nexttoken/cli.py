@@ -2,7 +2,8 @@
 
 ``fit`` and ``validate`` are LightningCLI subcommands, so every Trainer flag and YAML config
 works as Lightning users expect (``--print_config``, ``--config``, ``--trainer.max_steps`` ...).
-``eval``, ``inspect``, ``generate``, ``chat`` and ``export`` are plain commands around a trained model;
+``eval``, ``inspect``, ``generate``, ``chat`` and ``export`` are plain commands around a trained model,
+and ``overlap`` one around the data;
 their options go anywhere among their arguments. Bad input, a refused option included, ends in one
 line on stderr and exit status 2 (``--debug`` shows the traceback), naming settings as the command
 spells them (:mod:`nexttoken.commands.spelling`); what else is printed is decided by
@@ -31,6 +32,7 @@ commands:
   generate   sample text from a checkpoint, a Hugging Face folder or a GGUF file (--chat: a reply)
   chat       talk with a model through its chat template (history kept across turns)
   export     write a checkpoint as a Hugging Face folder (config, safetensors, tokenizer)
+  overlap    how much of an evaluation text occurs in a training corpus (shared 13-grams, and where)
 
 global options:
   --debug    show the full traceback on errors
@@ -49,12 +51,13 @@ COMMAND_MODULES = {
     "generate": "generate",
     "chat": "generate",
     "export": "export",
+    "overlap": "overlap",
 }
 
 
 def _tool_commands() -> dict:
     from nexttoken.commands import eval as evaluation
-    from nexttoken.commands import export, generate
+    from nexttoken.commands import export, generate, overlap
     from nexttoken.commands import inspect as surprisal
 
     return {
@@ -70,6 +73,11 @@ def _tool_commands() -> dict:
             export.add_export_arguments,
             export.run_export,
             "write a checkpoint as a Hugging Face folder",
+        ),
+        "overlap": (
+            overlap.add_overlap_arguments,
+            overlap.run_overlap,
+            "shared n-grams of an evaluation text and a training corpus",
         ),
     }
 
