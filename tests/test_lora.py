@@ -4,6 +4,7 @@ base, saved as adapter-only checkpoints tied to their base by sha256, exported a
 
 import csv
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -563,3 +564,22 @@ def test_lora_settings_are_one_object_from_the_command_line_to_the_checkpoint(tm
     ]:
         with pytest.raises(UserError, match=message):
             LoraSettings.of(bad)
+
+
+def test_eval_on_chat_records_applies_the_adapter(hf_run, tmp_path, capsys):
+    """Chat records are scored by the adapted model too (the adapter was once ignored there)."""
+    base, _, ckpt, _ = hf_run
+    chats = tmp_path / "chats.jsonl"
+    record = {"prompt": "The queen of the river", "response": " was the light of the castle."}
+    chats.write_text(json.dumps(record) + "\n")
+    template = tmp_path / "template.jinja"
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    )
+    flags = ("--chat-template", template)
+    plain = eval_json(capsys, base, chats, *flags)
+    adapted = eval_json(capsys, base, chats, "--adapter", ckpt, *flags)
+    alone = eval_json(capsys, ckpt, chats, *flags)  # the checkpoint finds its base by the path it recorded
+    assert adapted["response_tokens"] == plain["response_tokens"] > 0
+    assert abs(adapted["nll_sum"] - plain["nll_sum"]) > 1e-3
+    assert adapted["nll_sum"] == pytest.approx(alone["nll_sum"], rel=1e-9)

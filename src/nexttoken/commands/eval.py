@@ -41,6 +41,18 @@ def spell(setting: str) -> str:
     return tool_flag(setting, DATA_ARGUMENTS)
 
 
+def load_model_of(args: argparse.Namespace):
+    """``(model, tokenizer)``: MODEL loaded as :func:`add_model_arguments`' flags say (dtype, device,
+    remote code, a LoRA adapter on top)."""
+    return load_model(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        adapter=args.adapter,
+    )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by ``eval`` and ``inspect``."""
     parser.add_argument("--adapter", default=None, metavar="DIR_OR_CKPT", help=ADAPTER_HELP)
@@ -202,13 +214,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if data_format != "text":
         return run_response_eval(args, sources, data_format, format_line)
     documents = load_documents(sources, text_field=args.text_field)
-    model, tokenizer = load_model(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-        adapter=args.adapter,
-    )
+    model, tokenizer = load_model_of(args)
     print(
         f"nexttoken eval: {len(documents)} document(s); "
         f"{settings_note(args.context, args.stride, model.max_context)}",
@@ -273,9 +279,7 @@ def run_response_eval(args: argparse.Namespace, sources: Sequence[Path], data_fo
     """``nexttoken eval MODEL chats.jsonl``: loss, perplexity and bits per byte of the responses."""
     records = read_records(sources)
     conversations, _ = read_conversations(records, data_format)  # bad records stop us before the model loads
-    model, tokenizer = load_model(
-        args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
-    )
+    model, tokenizer = load_model_of(args)
     print(
         f"nexttoken eval: {line}; {len(conversations):,} conversation(s); "
         f"{settings_note(args.context, args.stride, model.max_context)}",

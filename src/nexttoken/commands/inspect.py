@@ -20,14 +20,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nexttoken.commands.eval import add_model_argument, add_model_arguments, check_arguments_early
+from nexttoken.commands.eval import (
+    add_model_argument,
+    add_model_arguments,
+    check_arguments_early,
+    load_model_of,
+)
 from nexttoken.commands.spelling import tool_flag
 from nexttoken.data.documents import read_document
 from nexttoken.data.tokenizers import Tokenizer
 from nexttoken.errors import UserError
 from nexttoken.io import write_atomically
 from nexttoken.metrics import LN2, summarize
-from nexttoken.models.load import load_model
 from nexttoken.scoring.text import TokenScores, score_text
 
 MAX_BITS_COLOUR = 16.0  # surprisal at which the colour scale saturates (p = 1/65536)
@@ -308,13 +312,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     check_arguments_early(args)
     name, text = read_inspect_text(args.text)
     out = _check_html_target(args.html)
-    model, tokenizer = load_model(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-        adapter=args.adapter,
-    )
+    model, tokenizer = load_model_of(args)
     scores = score_text(
         model,
         tokenizer,
