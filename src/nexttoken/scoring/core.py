@@ -22,6 +22,7 @@ and divided once by the caller (:func:`nexttoken.metrics.summarize`).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -252,15 +253,15 @@ def packs_branches(model: CausalLM) -> bool:
     """Whether ``model`` honours a packed row's shared context (``segments``): a context with two
     branches, packed, must give the log-probabilities of the two separate sequences. Checked once
     per model; a model whose logits are not ``lm_head(hidden)`` is never packed."""
-    cached = _PACKS_BRANCHES.get(id(model))
-    if cached is not None and cached[0] is model:
-        return cached[1]
-    answer = model.logits_are_linear and _branches_agree(model)
-    _PACKS_BRANCHES[id(model)] = (model, answer)
+    answer = _PACKS_BRANCHES.get(model)
+    if answer is None:
+        answer = model.logits_are_linear and _branches_agree(model)
+        _PACKS_BRANCHES[model] = answer
     return answer
 
 
-_PACKS_BRANCHES: dict[int, tuple[CausalLM, bool]] = {}
+# Per model, held weakly: checking keeps no model alive.
+_PACKS_BRANCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _branches_agree(model: CausalLM) -> bool:
