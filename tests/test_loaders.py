@@ -10,7 +10,7 @@ from torch import nn
 
 from nexttoken.data.datamodule import TextDataModule
 from nexttoken.data.loaders import ResumableDataLoader, TrainBatches, ValBatches
-from nexttoken.errors import DataWarning
+from nexttoken.errors import DataError, DataWarning
 from nexttoken.loss import IGNORE_INDEX
 from test_datamodule import CountingDataModule, make_dm, val_targets, write_corpus
 
@@ -283,10 +283,14 @@ def test_state_dict_is_plain_and_survives_reloading_the_loader(tmp_path):
     fresh.load_state_dict(state)
     rest = [x for x, _ in fresh.train_dataloader()]
     assert same(consumed + rest, [x for x, _ in make_dm(tmp_path, batch_size=2).train_dataloader()])
-    with pytest.warns(DataWarning, match="layout changed"):
-        changed = make_dm(tmp_path, batch_size=3)
-        changed.load_state_dict(state)
+    changed = make_dm(tmp_path, batch_size=3)  # another global batch cannot continue this order
+    changed.load_state_dict(state)
+    with pytest.raises(DataError, match="global batch is 2 blocks .* set batch_size 2$"):
         changed.train_dataloader()
+    with pytest.warns(DataWarning, match="layout changed"):  # other data: its epoch starts again
+        reseeded = make_dm(tmp_path, batch_size=2, seed=9)
+        reseeded.load_state_dict(state)
+        assert reseeded.train_dataloader().batches_consumed == 0
 
 
 # --------------------------------------------------------------------------- real DDP

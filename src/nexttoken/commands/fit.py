@@ -208,13 +208,15 @@ class NextTokenCLI(LightningCLI):
             self._resume_version = int(run.name.split("_", 1)[1])
         checkpoint = read_checkpoint(config.ckpt_path)  # missing, truncated or corrupted: one line
         self._resume_step = int(checkpoint.get("global_step", 0))
+        self._resume_train_state = checkpoint.get(TextDataModule.__qualname__, {}).get("train_loader")
         given = {"model": config.model.clone(), "data": config.data.clone()}
         super()._parse_ckpt_path()
         config = self.config[subcommand]
         defaults = self._parser(subcommand).get_defaults()
         saved_data = checkpoint.get("datamodule_hyper_parameters", {})
         for key, value in saved_data.items():
-            if key in config.data and given["data"][key] == defaults.data[key]:
+            on_command_line = any(arg.split("=", 1)[0] == f"--data.{key}" for arg in self._args)
+            if key in config.data and given["data"][key] == defaults.data[key] and not on_command_line:
                 config.data[key] = value  # not given: the checkpoint's data settings
         config.model.block_size = config.data.block_size  # linked: the model's context is the data's
         conflicts = []
@@ -337,7 +339,13 @@ class NextTokenCLI(LightningCLI):
         if self.trainer.local_rank == 0:
             self.datamodule.prepare_data()
             if self.subcommand == "fit":  # fewer training blocks than processes is an error
-                self.datamodule.make_train_loader(0, self.trainer.world_size)
+                loader = self.datamodule.make_train_loader(
+                    0, self.trainer.world_size, self.trainer.accumulate_grad_batches
+                )
+                # A resumed run must keep the checkpoint's global batch: refused here, before
+                # anything is written, rather than inside the run.
+                if getattr(self, "_resume_train_state", None):
+                    loader.check_resumable(self._resume_train_state)
 
     def before_fit(self) -> None:
         fit_called()  # nexttoken.training.phases: the set-up ends, the data phase starts

@@ -86,14 +86,17 @@ class TextDataModule(L.LightningDataModule):
         tokenizer: ``bytes``, ``bpe`` (trained on the training split) or a local HF tokenizer path.
         vocab_size: BPE vocabulary size (ignored by other tokenizers).
         block_size: tokens of context per training example.
-        batch_size: training blocks per batch (per rank); ``val_batch_size`` defaults to it.
+        batch_size: training blocks per batch (per rank); ``val_batch_size`` defaults to it. The
+            global batch is ``batch_size x trainer.accumulate_grad_batches x processes``; a resumed run
+            keeps it, and then continues the epoch's order with any number of processes.
         val_fraction: share of documents held out for validation (of bytes, for a one-file corpus);
             a saved ``DatasetDict``'s own ``validation`` (or ``test``) split is used instead.
         val_path: explicit validation sources instead of a held-out fraction.
         val_tokens: the held-out tokens one validation scores: the first this many targets of the
             held-out token stream (documents in corpus order), so a validation costs the same on any
-            corpus; ``all``: every held-out token. The split itself does not depend on it. Plain
-            text only: chat/instruction validation scores every held-out example.
+            corpus; ``all``: every held-out token. The split itself does not depend on it.
+            Chat/instruction validation scores whole held-out examples, in order, while their
+            response tokens stay within it (at least one example).
         include, exclude: glob patterns filtering the files found in folders.
         cache_dir: where tokenized corpora and tokenizers are cached; default ``$NEXTTOKEN_CACHE``
             or ``~/.cache/nexttoken``. Put it on a shared filesystem to tokenize once for all machines.
@@ -430,16 +433,23 @@ class TextDataModule(L.LightningDataModule):
             return None
         return document_start(self.tokenizer), self.tokenizer.eos_id
 
-    def make_train_loader(self, rank: int = 0, world_size: int = 1) -> ResumableDataLoader:
+    def _accumulate(self) -> int:
+        """Batches per optimizer step (``trainer.accumulate_grad_batches``): an epoch is whole steps."""
+        return self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+
+    def make_train_loader(
+        self, rank: int = 0, world_size: int = 1, accumulate: int = 1
+    ) -> ResumableDataLoader:
         if self.examples is not None:
-            return self._example_train_loader(rank, world_size)
+            return self._example_train_loader(rank, world_size, accumulate)
         cache = self._require_setup()
         hp = self.hparams
         num_blocks = num_train_blocks(self.train_tokens, hp.block_size)
-        if num_blocks < world_size:
+        if num_blocks < world_size * accumulate:
             raise DataError(
                 f"the training split has {num_blocks} blocks of {hp.block_size} tokens, fewer than the "
-                f"{world_size} processes; add text or lower {setting('data.block_size')}"
+                f"{world_size} processes x {accumulate} accumulated batches; add text or lower "
+                f"{setting('data.block_size')}"
             )
         dataset = TrainBatches(
             cache.train,
@@ -449,10 +459,11 @@ class TextDataModule(L.LightningDataModule):
             rank,
             world_size,
             document_mask=self._document_mask(),
+            accumulate=accumulate,
         )
         return ResumableDataLoader(dataset, num_workers=hp.loader_workers)
 
-    def _example_train_loader(self, rank: int, world_size: int) -> ResumableDataLoader:
+    def _example_train_loader(self, rank: int, world_size: int, accumulate: int) -> ResumableDataLoader:
         hp = self.hparams
         examples = self.examples.train
         try:
@@ -465,11 +476,12 @@ class TextDataModule(L.LightningDataModule):
                 pad_id=self.tokenizer.eos_id,
                 rank=rank,
                 world_size=world_size,
+                accumulate=accumulate,
             )
         except ValueError:  # fewer rows than processes
             raise DataError(
                 f"the training split has {len(examples):,} examples, too few to give each of the {world_size} "
-                "processes a batch; add records or use fewer processes"
+                f"processes {accumulate} batch(es) per step; add records or use fewer processes"
             ) from None
         return ResumableDataLoader(dataset, num_workers=hp.loader_workers)
 
@@ -502,16 +514,31 @@ class TextDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=None, num_workers=hp.loader_workers)
 
     def train_dataloader(self) -> ResumableDataLoader:
-        loader = self.make_train_loader(*self._rank_and_world_size())
+        loader = self.make_train_loader(*self._rank_and_world_size(), self._accumulate())
         # A reloaded loader continues where the previous one (or the checkpoint) left off.
         state = self._pending_train_state
         if state is None and self._train_loader is not None:
             state = self._train_loader.state_dict()
         if state is not None:
             loader.load_state_dict(state)
+            if self._pending_train_state is not None:
+                self._count_batches_in_this_split(state.get("split", {}).get("accumulate"))
         self._pending_train_state = None
         self._train_loader = loader
         return loader
+
+    def _count_batches_in_this_split(self, saved_accumulate: int | None) -> None:
+        """A checkpoint resumed with another accumulation: Lightning's restored batch counts are in
+        the saved run's micro-batches, and they decide when this run steps the optimizer, validates
+        and ends the epoch. The same optimizer steps are ``accumulate / saved_accumulate`` times as
+        many micro-batches here (the loader is there already: the same position in the global order)."""
+        accumulate = self._accumulate()
+        if self.trainer is None or not saved_accumulate or saved_accumulate == accumulate:
+            return
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        for tracker in (progress.total, progress.current):
+            for name in ("ready", "started", "processed", "completed"):
+                setattr(tracker, name, getattr(tracker, name) * accumulate // saved_accumulate)
 
     def val_dataloader(self) -> DataLoader:
         return self.make_val_loader(*self._rank_and_world_size())

@@ -25,12 +25,13 @@ from nexttoken.data.packing import (
     num_val_blocks,
     train_batch,
     train_batches,
+    train_rows,
     val_batch,
     val_batches,
     val_block_bytes,
 )
 from nexttoken.data.sft import collate, train_plan, val_plan
-from nexttoken.errors import DataWarning
+from nexttoken.errors import DataError, DataWarning, setting
 from nexttoken.loss import IGNORE_INDEX
 
 
@@ -45,16 +46,23 @@ class EpochBatches(IterableDataset):
     every kind of training data shares (plain-text blocks, chat examples).
 
     A subclass says which batches an epoch has (:meth:`batch_plan`, the same length every epoch),
-    how one is made (:meth:`make_batch`, from what :meth:`open` returns once per iteration) and what
-    a checkpoint's position must match to be continued (:meth:`layout`). It yields whole batches:
-    DataLoader workers each take every n-th batch, and the DataLoader returns them round-robin, so
-    the order is the same for any number of workers.
+    how one is made (:meth:`make_batch`, from what :meth:`open` returns once per iteration), what
+    fixes the epoch's global order (:meth:`layout`) and how this run splits it (:meth:`split`). It
+    yields whole batches: DataLoader workers each take every n-th batch, and the DataLoader returns
+    them round-robin, so the order is the same for any number of workers.
+
+    Batch ``b`` of every rank together takes the next :attr:`per_batch` units (blocks, packed rows
+    or groups of examples) of the epoch's one global order, whatever the number of ranks: so the
+    position in the epoch, ``b x per_batch``, is the same for every way of splitting the same
+    global batch (:func:`nexttoken.data.packing.train_batches`), and a checkpoint saves it.
     """
 
     # Set by the loader just before each epoch starts.
     epoch = 0
     start_batch = 0
     num_batches = 0
+    unit = "blocks"  # what the global order is made of, for messages
+    fixed_batch_size = False  # True: the global order depends on the batch size itself
 
     def batch_plan(self, epoch: int) -> Sequence[Any]:
         raise NotImplementedError
@@ -67,8 +75,25 @@ class EpochBatches(IterableDataset):
         raise NotImplementedError
 
     def layout(self) -> dict[str, Any]:
-        """Plain values that fix the batches: a saved position is only valid for the same layout."""
+        """Plain values that fix the epoch's global order: a saved position is only valid for the same."""
         raise NotImplementedError
+
+    def split(self) -> dict[str, int]:
+        """How this run cuts the global batch: ``world_size x batch_size x accumulate`` of :attr:`unit`."""
+        raise NotImplementedError
+
+    def legacy_layout(self) -> dict[str, Any]:
+        """The layout as checkpoints saved it before positions were global (per rank and batch size)."""
+        raise NotImplementedError
+
+    @property
+    def per_batch(self) -> int:
+        """Units of the global order that batch ``b`` of all ranks together takes."""
+        raise NotImplementedError
+
+    def check_split(self, saved: dict[str, int]) -> None:
+        """Raise :class:`DataError` if a position saved with the split ``saved`` (the same global
+        batch) cannot be continued with this one."""
 
     def __len__(self) -> int:
         return self.num_batches
@@ -79,6 +104,30 @@ class EpochBatches(IterableDataset):
         plan = self.batch_plan(self.epoch)
         for b in range(self.start_batch + worker, len(plan), num_workers):
             yield self.make_batch(source, plan[b])
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
+def global_batch(split: dict[str, int]) -> int:
+    return split["world_size"] * split["batch_size"] * split["accumulate"]
+
+
+def keep_global_batch(
+    target: int, world_size: int, batch_size: int, accumulate: int, fixed_batch_size: bool = False
+) -> str:
+    """What to set so that ``world_size`` processes make a global batch of ``target``
+    (``fixed_batch_size``: changing only the accumulation)."""
+    if target % world_size or (fixed_batch_size and target % (world_size * batch_size)):
+        return f"use a number of processes that divides {target // (batch_size if fixed_batch_size else 1)}"
+    per_rank = target // world_size
+    if per_rank % accumulate == 0 and not fixed_batch_size:
+        keep = f" with {setting('trainer.accumulate_grad_batches')} {accumulate}" if accumulate > 1 else ""
+        return f"set {setting('data.batch_size')} {per_rank // accumulate}{keep}"
+    if per_rank % batch_size == 0:
+        return f"set {setting('trainer.accumulate_grad_batches')} {per_rank // batch_size}"
+    return f"set {setting('data.batch_size')} {per_rank} and {setting('trainer.accumulate_grad_batches')} 1"
 
 
 class TrainBatches(EpochBatches):
@@ -98,6 +147,7 @@ class TrainBatches(EpochBatches):
         rank: int = 0,
         world_size: int = 1,
         document_mask: tuple[int | None, int] | None = None,
+        accumulate: int = 1,
     ) -> None:
         self.stream_file = str(stream_file)
         self.block_size = block_size
@@ -105,8 +155,10 @@ class TrainBatches(EpochBatches):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.accumulate = accumulate
         self.document_mask = document_mask
         self.num_blocks = num_train_blocks(len(np.load(self.stream_file, mmap_mode="r")), block_size)
+        self.rows = train_rows(self.num_blocks, batch_size, world_size, accumulate)
         self.num_batches = len(self.batch_plan(epoch=0))
 
     def batch_plan(self, epoch: int) -> np.ndarray:
@@ -117,16 +169,21 @@ class TrainBatches(EpochBatches):
             epoch=epoch,
             rank=self.rank,
             world_size=self.world_size,
+            accumulate=self.accumulate,
         )
 
     def layout(self) -> dict[str, Any]:
-        return {
-            "num_blocks": self.num_blocks,
-            "block_size": self.block_size,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "world_size": self.world_size,
-        }
+        return {"num_blocks": self.num_blocks, "block_size": self.block_size, "seed": self.seed}
+
+    def split(self) -> dict[str, int]:
+        return {"world_size": self.world_size, "batch_size": self.rows, "accumulate": self.accumulate}
+
+    def legacy_layout(self) -> dict[str, Any]:
+        return {**self.layout(), "batch_size": self.batch_size, "world_size": self.world_size}
+
+    @property
+    def per_batch(self) -> int:
+        return self.rows * self.world_size
 
     def open(self) -> np.ndarray:
         return np.load(self.stream_file, mmap_mode="r")
@@ -205,6 +262,7 @@ class ExampleTrainBatches(EpochBatches):
         pad_id: int,
         rank: int = 0,
         world_size: int = 1,
+        accumulate: int = 1,
     ) -> None:
         self.examples = examples
         self.block_size = block_size
@@ -214,7 +272,13 @@ class ExampleTrainBatches(EpochBatches):
         self.pad_id = pad_id
         self.rank = rank
         self.world_size = world_size
-        self.num_batches = len(self.batch_plan(epoch=0))
+        self.accumulate = accumulate
+        plan = self.batch_plan(epoch=0)
+        self.num_batches = len(plan)
+        # Packed: batches of rows (the global order's units); padded: one group of examples each.
+        self.rows = len(plan[0]) if packing else 1
+        self.unit = "packed rows" if packing else "examples"
+        self.fixed_batch_size = not packing
 
     def batch_plan(self, epoch: int) -> list[list[list[int]]]:
         return train_plan(
@@ -226,18 +290,50 @@ class ExampleTrainBatches(EpochBatches):
             epoch=epoch,
             rank=self.rank,
             world_size=self.world_size,
+            accumulate=self.accumulate,
         )
 
     def layout(self) -> dict[str, Any]:
         return {
             "examples": len(self.examples),
-            "batches": self.num_batches,
             "block_size": self.block_size,
-            "batch_size": self.batch_size,
             "packing": self.packing,
             "seed": self.seed,
+        }
+
+    def split(self) -> dict[str, int]:
+        rows = self.rows if self.packing else self.batch_size
+        return {"world_size": self.world_size, "batch_size": rows, "accumulate": self.accumulate}
+
+    def legacy_layout(self) -> dict[str, Any]:
+        return {
+            **self.layout(),
+            "batches": self.num_batches,
+            "batch_size": self.batch_size,
             "world_size": self.world_size,
         }
+
+    @property
+    def per_batch(self) -> int:
+        return self.rows * self.world_size
+
+    def check_split(self, saved: dict[str, int]) -> None:
+        # Padded batches are groups of batch_size examples of similar length, and the epoch's order
+        # is an order of those groups: another batch size makes other groups.
+        if self.packing or saved["batch_size"] == self.batch_size:
+            return
+        per_rank = global_batch(saved) // (saved["batch_size"] * self.world_size)
+        how = (
+            f"{setting('data.batch_size')} {saved['batch_size']} and "
+            f"{setting('trainer.accumulate_grad_batches')} {per_rank}"
+            if global_batch(saved) % (saved["batch_size"] * self.world_size) == 0
+            else _processes(saved["world_size"])
+        )
+        raise DataError(
+            f"padded examples ({setting('data.packing')} false) are batched in groups of "
+            f"{setting('data.batch_size')} examples of similar length, so the checkpoint's order "
+            f"({saved['batch_size']} per group) continues only with {how}"
+        )
 
     def make_batch(self, source: None, rows: list[list[int]]) -> tuple[torch.Tensor, ...]:
         width = self.block_size if self.packing else None
@@ -292,9 +388,11 @@ class _CountingIterator(Iterator):
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader over :class:`EpochBatches` (:class:`TrainBatches`, :class:`ExampleTrainBatches`) whose position (epoch, batches handed out) is saved
-    in checkpoints: Lightning stores ``state_dict()`` of loaders that have one, and restores it
-    before the first batch of a resumed run.
+    """A DataLoader over :class:`EpochBatches` (:class:`TrainBatches`, :class:`ExampleTrainBatches`)
+    whose position (the epoch, and how far into its global order) is saved in checkpoints: Lightning
+    stores ``state_dict()`` of loaders that have one, and restores it before the first batch of a
+    resumed run. A run with another number of processes, batch size and accumulation that makes the
+    same global batch continues the same order from there.
 
     A new iterator continues where the previous one stopped; once an epoch's batches are all out,
     the next iterator starts the next epoch (with its own permutation).
@@ -317,25 +415,65 @@ class ResumableDataLoader(DataLoader):
         self.dataset.start_batch = self.batches_consumed
         return super().__iter__()
 
-    def _layout(self) -> dict[str, Any]:
-        return self.dataset.layout()
-
     def state_dict(self) -> dict[str, Any]:
         # Plain ints only: checkpoints are loaded with weights_only=True.
         return {
             "epoch": int(self.epoch),
             "batches_consumed": int(self.batches_consumed),
-            "layout": self._layout(),
+            # The position in the epoch's global order, whatever the split: what a resume continues.
+            "consumed": int(self.batches_consumed * self.dataset.per_batch),
+            "layout": self.dataset.layout(),
+            "split": self.dataset.split(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.batches_consumed = int(state["batches_consumed"])
-        if state.get("layout") != self._layout():
-            warnings.warn(
-                f"the training data layout changed since the checkpoint ({state.get('layout')} -> "
-                f"{self._layout()}); restarting epoch {self.epoch} from its first batch",
-                DataWarning,
-                stacklevel=2,
+    def check_resumable(self, state: dict[str, Any]) -> None:
+        """Raise :class:`DataError` if this loader cannot continue the saved position's global order:
+        the same data, split into another global batch (or, for padded examples, other groups)."""
+        if "consumed" not in state or state["layout"] != self.dataset.layout():
+            return  # saved before positions were global, or other data: see load_state_dict
+        saved, mine = state["split"], self.dataset.split()
+        self.dataset.check_split(saved)
+        if global_batch(saved) != global_batch(mine):
+            unit = self.dataset.unit
+            raise DataError(
+                f"the checkpoint's global batch is {global_batch(saved):,} {unit} ({setting('data.batch_size')} "
+                f"{saved['batch_size']} x {setting('trainer.accumulate_grad_batches')} {saved['accumulate']} x "
+                f"{_processes(saved['world_size'])}), this run's {global_batch(mine):,} ({mine['batch_size']} x "
+                f"{mine['accumulate']} x {mine['world_size']}): to continue its order, "
+                + keep_global_batch(
+                    global_batch(saved),
+                    mine["world_size"],
+                    mine["batch_size"],
+                    mine["accumulate"],
+                    self.dataset.fixed_batch_size,
+                )
             )
-            self.batches_consumed = 0
+        if saved != mine and state["consumed"] % self.dataset.per_batch:
+            raise DataError(
+                f"the checkpoint stopped {state['consumed']:,} {self.dataset.unit} into its epoch, inside an "
+                f"optimizer step; continue it with its own split ({_processes(saved['world_size'])}, "
+                f"{setting('data.batch_size')} {saved['batch_size']}, "
+                f"{setting('trainer.accumulate_grad_batches')} {saved['accumulate']})"
+            )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_resumable(state)
+        self.epoch = int(state["epoch"])
+        if "consumed" not in state:  # a checkpoint of an older nexttoken: a position of its own split
+            if state.get("layout") == self.dataset.legacy_layout():
+                self.batches_consumed = int(state["batches_consumed"])
+                return
+            self._restart_epoch(state.get("layout"), self.dataset.legacy_layout())
+        elif state["layout"] != self.dataset.layout():
+            self._restart_epoch(state["layout"], self.dataset.layout())
+        else:
+            self.batches_consumed = int(state["consumed"]) // self.dataset.per_batch
+
+    def _restart_epoch(self, saved: Any, mine: dict[str, Any]) -> None:
+        warnings.warn(
+            f"the training data layout changed since the checkpoint ({saved} -> {mine}); "
+            f"restarting epoch {self.epoch} from its first batch",
+            DataWarning,
+            stacklevel=3,
+        )
+        self.batches_consumed = 0

@@ -152,26 +152,45 @@ def mask_documents(
 
 
 # --------------------------------------------------------------------------- who reads what
+def train_rows(num_blocks: int, batch_size: int, world_size: int = 1, accumulate: int = 1) -> int:
+    """Rows of each training batch: ``batch_size``, fewer only when the blocks cannot fill one
+    optimizer step of ``batch_size x world_size x accumulate`` otherwise."""
+    rows = min(batch_size, num_blocks // (world_size * accumulate))
+    if rows == 0:
+        raise ValueError(
+            f"{num_blocks} training blocks cannot be shared by {world_size * accumulate} batches"
+        )
+    return rows
+
+
 def train_batches(
-    num_blocks: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+    num_blocks: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    accumulate: int = 1,
 ) -> np.ndarray:
     """Block indices of every training batch of one epoch for one rank, shape ``(batches, rows)``.
 
-    One seeded permutation per epoch (the same on every rank) is dealt out round-robin, so ranks
-    read disjoint blocks; each rank gets the same count so no rank waits on another. Rows are
-    ``batch_size`` (fewer only when a rank has fewer blocks than that). Leftovers are skipped this
-    epoch; the next epoch's permutation differs, so no block is skipped every time.
+    The epoch's order is one seeded permutation of all blocks, the same for any number of ranks and
+    any batch size. Batch ``b`` of every rank together takes the permutation's next ``rows x
+    world_size`` blocks (dealt out round-robin, so ranks read disjoint blocks), and an optimizer step
+    ``accumulate`` such batches: after ``b`` batches the ranks have read exactly the permutation's first
+    ``b x rows x world_size`` blocks, so a run split another way (other ranks, batch size and
+    accumulation, the same global batch) continues from there (:func:`train_rows` for ``rows``).
+    An epoch is a whole number of optimizer steps; the leftover blocks are skipped this epoch, and
+    the next epoch's permutation differs, so no block is skipped every time.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    per_rank = num_blocks // world_size
-    if per_rank == 0:
-        raise ValueError(f"{num_blocks} training blocks cannot be shared by {world_size} ranks")
+    rows = train_rows(num_blocks, batch_size, world_size, accumulate)
     permutation = np.random.default_rng([seed, epoch]).permutation(num_blocks)
-    mine = permutation[: per_rank * world_size].reshape(per_rank, world_size)[:, rank]
-    rows = min(batch_size, per_rank)
-    n_batches = per_rank // rows
-    return mine[: n_batches * rows].reshape(n_batches, rows)
+    n_batches = num_blocks // (rows * world_size * accumulate) * accumulate
+    taken = permutation[: n_batches * rows * world_size].reshape(n_batches, rows, world_size)
+    return taken[:, :, rank]
 
 
 def val_batches(num_blocks: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:

@@ -196,22 +196,35 @@ def train_plan(
     epoch: int,
     rank: int = 0,
     world_size: int = 1,
+    accumulate: int = 1,
 ) -> list[list[list[int]]]:
     """One rank's training batches for one epoch: each batch a list of rows, each row a list of
     example indices (one example per row without packing).
 
-    Packed rows are dealt out like plain-text blocks (a seeded permutation per epoch, disjoint
-    across ranks, the same number of batches on every rank). Without packing, batches of
-    ``batch_size`` examples of similar length are formed first and those batches are dealt out.
+    Packed rows are dealt out like plain-text blocks (:func:`~nexttoken.data.packing.train_batches`:
+    one seeded permutation per epoch whatever the ranks and batch size, disjoint across ranks, the
+    same number of batches on every rank, ``accumulate`` batches per optimizer step). Without
+    packing, batches of ``batch_size`` examples of similar length are formed first and those
+    batches are dealt out, one per rank and batch, so their order depends on ``batch_size`` too.
     """
     if packing:
         rows = _rows(examples, block_size, True, None)
-        plan = train_batches(len(rows), batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+        plan = train_batches(
+            len(rows),
+            batch_size,
+            seed=seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world_size,
+            accumulate=accumulate,
+        )
         return [[rows[r] for r in batch] for batch in plan.tolist()]
     order = np.random.default_rng([seed, epoch, 1]).permutation(len(examples))
     rows = _rows(examples, block_size, False, order)
     groups = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    plan = train_batches(len(groups), 1, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    plan = train_batches(
+        len(groups), 1, seed=seed, epoch=epoch, rank=rank, world_size=world_size, accumulate=accumulate
+    )
     return [groups[g] for (g,) in plan.tolist()]
 
 
