@@ -2,10 +2,17 @@
 so a run split another way (processes x batch size x accumulation, the same global batch) continues
 it: over the epoch every block is read exactly once, in the same optimizer steps."""
 
+import json
+from pathlib import Path
+
+import lightning as L
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from nexttoken.data.chat import Example
+from nexttoken.data.datamodule import TextDataModule
 from nexttoken.data.loaders import ExampleTrainBatches, ResumableDataLoader, TrainBatches
 from nexttoken.data.packing import train_batches
 from nexttoken.errors import DataError, DataWarning
@@ -219,3 +226,125 @@ def test_padded_examples_resume_only_with_the_same_groups():
         example_loaders(data, (2, 2, 2), packing=False)[0].load_state_dict(state)
     with pytest.raises(DataError, match="global batch is 8 examples .* set accumulate_grad_batches 2$"):
         example_loaders(data, (1, 4, 1), packing=False)[0].load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- real processes
+class BlockRecorder(L.LightningModule):
+    """Writes, per rank, the training blocks it read and the optimizer step each was read in."""
+
+    def __init__(self, out: str, phase: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))
+        self.out, self.phase = out, phase
+        self.read: list[tuple[int, list[list[int]]]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.read.append((self.trainer.global_step, batch[0].tolist()))
+        return self.weight * batch[0].float().mean()
+
+    def on_train_end(self):
+        record = {"read": self.read, "global_step": self.trainer.global_step}
+        (Path(self.out) / f"{self.phase}-rank{self.global_rank}.json").write_text(json.dumps(record))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def train(tmp_path, phase, devices, batch_size, accumulate=1, ckpt_path=None, **limits):
+    corpus = tmp_path / "corpus"
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3)],
+        default_root_dir=tmp_path,
+        **limits,
+    )
+    data = TextDataModule(
+        path=[str(corpus)], tokenizer="bytes", block_size=8, batch_size=batch_size, val_fraction=0.1,
+        cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    trainer.fit(BlockRecorder(str(tmp_path), phase), data, ckpt_path=ckpt_path)
+    return [json.loads(p.read_text()) for p in sorted(tmp_path.glob(f"{phase}-rank*.json"))]
+
+
+@pytest.mark.slow
+def test_two_processes_resumed_with_one_and_accumulation_read_every_block_once(tmp_path):
+    rng = np.random.default_rng(0)  # random letters: a row of 8 names its block
+    (tmp_path / "corpus").mkdir()
+    for i in range(4):
+        text = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=300))
+        (tmp_path / "corpus" / f"{i}.txt").write_text(text)
+    steps = 3
+    before = train(tmp_path, "two", devices=2, batch_size=4, max_steps=steps)
+    data = TextDataModule(path=[str(tmp_path / "corpus")], tokenizer="bytes", block_size=8, val_fraction=0.1,
+                          cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    data.setup()
+    stream = np.load(data.cache.train).astype(np.int64)
+    block_of = {tuple(stream[i * 8 : i * 8 + 8]): i for i in range((len(stream) - 1) // 8)}
+    assert len(block_of) == (len(stream) - 1) // 8 >= 100  # every block has its own row
+    steps_per_epoch = len(block_of) // 8
+
+    def blocks(ranks) -> list[int]:
+        return [block_of[tuple(row)] for rank in ranks for _, batch in rank["read"] for row in batch]
+
+    read_before = blocks(before)
+    assert len(read_before) == steps * 8
+    expected = np.random.default_rng([1337, 0]).permutation(len(block_of))[: steps_per_epoch * 8]
+    ckpt = str(tmp_path / "ckpt" / f"epoch=0-step={steps}.ckpt")
+    for phase, devices, batch_size, accumulate in (("one", 1, 4, 2),):
+        after = train(tmp_path, phase, devices, batch_size, accumulate, ckpt_path=ckpt, max_epochs=1)
+        assert sorted(read_before + blocks(after)) == sorted(expected.tolist()), phase  # each block once
+        assert {rank["global_step"] for rank in after} == {steps_per_epoch}  # the step counter carried on
+        # The optimizer stepped after every `accumulate` batches, from the checkpoint's step on.
+        read_at = [step for step, _ in after[0]["read"]]
+        assert read_at == [s for s in range(steps, steps_per_epoch) for _ in range(accumulate)], phase
+
+
+@pytest.mark.slow
+def test_fit_resumed_with_another_split_of_the_global_batch_continues_the_same_curve(tmp_path, capsys):
+    """`nexttoken fit` with 4 x 2 accumulated blocks, cut at step 5, resumed with 8 x 1: the same
+    optimizer steps on the same blocks, so the loss curve, step counter and schedule go on unchanged
+    (to float summation order: the gradients are summed in another order)."""
+    from nexttoken.cli import main
+    from test_cli import fit_args, metric_rows, write_corpus
+
+    corpus, cache = write_corpus(tmp_path / "corpus"), tmp_path / "cache"
+    # With fit_args' --data.batch_size 4. Lightning counts val_check_interval in batches: every 5 steps.
+    split = ["--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", "10"]
+    split += ["--trainer.log_every_n_steps", "1"]
+    assert main(fit_args(corpus, tmp_path / "full", cache, 10, *split)) == 0
+    stop = ["--trainer.callbacks+=test_cli.StopAtStep", "--trainer.callbacks.step=5"]
+    assert main(fit_args(corpus, tmp_path / "cut", cache, 10, *split, *stop)) == 0
+    resume = [
+        "--ckpt_path",
+        "last",
+        "--trainer.accumulate_grad_batches",
+        "1",
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
+    capsys.readouterr()
+    # 4 x 1 (the checkpoint's batch size, not given) cannot continue a global batch of 8 blocks.
+    without_batch_size = fit_args(corpus, tmp_path / "cut", cache, 10, *resume)
+    at = without_batch_size.index("--data.batch_size")
+    del without_batch_size[at : at + 2]
+    assert main(without_batch_size) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith("to continue its order, set --data.batch_size 8") and "\n" not in error, error
+    resumed = fit_args(corpus, tmp_path / "cut", cache, 10, *resume)
+    resumed[resumed.index("--data.batch_size") + 1] = "8"
+    assert main(resumed) == 0
+    full, cut = tmp_path / "full" / "version_0", tmp_path / "cut" / "version_0"
+    for metric in ("train/loss", "train/lr", "val/loss"):
+        mine, theirs = metric_rows(cut, metric), metric_rows(full, metric)
+        assert sorted(mine) == sorted(theirs) and max(mine) == 9, metric  # every step, up to the last
+        assert [mine[s] for s in sorted(mine)] == pytest.approx(
+            [theirs[s] for s in sorted(mine)], rel=1e-4
+        ), metric
