@@ -47,13 +47,14 @@ from nexttoken.data.formats import choose_data_format
 from nexttoken.data.loaders import (
     ExampleTrainBatches,
     ExampleValBatches,
+    FirstExamples,
     ResumableDataLoader,
     TrainBatches,
     ValBatches,
 )
 from nexttoken.data.packing import num_train_blocks
 from nexttoken.data.parallel import available_cores
-from nexttoken.data.sft import Truncation
+from nexttoken.data.sft import ExampleCounts, Truncation, count_examples
 from nexttoken.data.sft_cache import (
     ExampleData,
     example_cache_key,
@@ -190,6 +191,7 @@ class TextDataModule(L.LightningDataModule):
         self.format_line: str | None = None  # what data.format chose, for the start summary
         self._cache_key: str | None = None  # the cache folder under cache_root: tokens/KEY or examples/KEY
         self._set_up = False
+        self._scored_val_examples: int | None = None
         self._train_loader: ResumableDataLoader | None = None
         self._pending_train_state: dict[str, Any] | None = None
 
@@ -407,6 +409,28 @@ class TextDataModule(L.LightningDataModule):
         start, stop = self._scored_byte_range()
         return stop - start
 
+    def scored_val_examples(self) -> int:
+        """Chat/instruction data: how many held-out examples one validation scores, the first ones
+        in the held-out order, whole, while their response tokens stay within ``data.val_tokens``
+        (at least one example); all of them with ``val_tokens="all"``."""
+        if self._scored_val_examples is None:
+            examples, cap = self.examples.val, self.hparams.val_tokens
+            self._scored_val_examples = len(examples)
+            scored = 0
+            for count, example in enumerate(examples if cap != "all" else ()):
+                scored += example.n_scored
+                if scored > cap:
+                    self._scored_val_examples = max(count, 1)
+                    break
+        return self._scored_val_examples
+
+    def scored_val_counts(self) -> ExampleCounts:
+        """The make-up of the held-out examples one validation scores (:meth:`scored_val_examples`):
+        its response tokens and their bytes are exactly what the validation's numbers divide by."""
+        if self.scored_val_examples() == len(self.examples.val):
+            return self.examples.counts("val")
+        return count_examples(FirstExamples(self.examples.val, self.scored_val_examples()))
+
     def val_text_bytes(self) -> bytes:
         """The raw held-out text (UTF-8), all of it."""
         return self._require_setup().val_text.read_bytes()
@@ -496,6 +520,7 @@ class TextDataModule(L.LightningDataModule):
                 pad_id=self.tokenizer.eos_id,
                 rank=rank,
                 world_size=world_size,
+                max_examples=self.scored_val_examples(),
             )
         else:
             cache = self._require_setup()

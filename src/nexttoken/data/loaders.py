@@ -340,9 +340,27 @@ class ExampleTrainBatches(EpochBatches):
         return collate(self.examples, rows, self.pad_id, width).for_training()
 
 
+class FirstExamples(Sequence[Example]):
+    """The first ``count`` of ``examples`` (a memory-mapped set stays one: it pickles as its path)."""
+
+    def __init__(self, examples: Sequence[Example], count: int) -> None:
+        self.examples, self.count = examples, min(count, len(examples))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> Example:  # type: ignore[override]
+        if not 0 <= index < self.count:
+            raise IndexError(f"example {index} of {self.count}")
+        return self.examples[index]
+
+
 class ExampleValBatches(IterableDataset):
     """One rank's validation batches of examples, ``(input_ids, targets, n_bytes[, document_ids])``:
-    every example scored once across ranks, ``n_bytes`` the UTF-8 bytes of its scored response text."""
+    every example scored once across ranks, ``n_bytes`` the UTF-8 bytes of its scored response text.
+
+    ``max_examples``: score only the first this many examples (``data.val_tokens``, by whole
+    examples: :meth:`~nexttoken.data.datamodule.TextDataModule.scored_val_examples`); None: all."""
 
     def __init__(
         self,
@@ -354,7 +372,10 @@ class ExampleValBatches(IterableDataset):
         pad_id: int,
         rank: int = 0,
         world_size: int = 1,
+        max_examples: int | None = None,
     ) -> None:
+        if max_examples is not None:
+            examples = FirstExamples(examples, max_examples)
         self.examples = examples
         self.width = block_size if packing else None
         self.pad_id = pad_id

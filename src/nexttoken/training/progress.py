@@ -281,7 +281,16 @@ def data_lines(data: Any, time_note: str | None = None) -> list[str]:
             f"{val.response_bytes:,} bytes); {'packed' if data.hparams.packing else 'padded'} rows of "
             f"{data.hparams.block_size} tokens; example cache {cache} ({examples.directory})"
         )
-        return lines + examples.fit_report().lines()
+        scored, held_out = data.scored_val_counts(), val.examples
+        what = (
+            f"validation: the first {_count(scored.examples, 'example')} of the {held_out:,} held-out"
+            if scored.examples < held_out
+            else f"validation: all {_count(held_out, 'held-out example')}"
+        )
+        what += f" ({scored.response_tokens:,} response tokens, {scored.response_bytes:,} bytes)"
+        if scored.examples < held_out:
+            what += f"; {setting('data.val_tokens')} all scores every one"
+        return [*lines, what, *examples.fit_report().lines()]
     meta = data.cache.read_meta()
     cache = "reused" if data.cache_hit else f"built in {meta['seconds']:.1f} s"
     lines.append(

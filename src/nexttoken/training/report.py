@@ -188,7 +188,7 @@ def write_report(
     command's flags."""
     started = time.perf_counter()
     validation = getattr(module, "last_validation", None)  # None: validation was turned off
-    examples = data.examples.counts("val") if data.examples is not None else None
+    examples = data.scored_val_counts() if data.examples is not None else None
     # Compressors see no prompts, so they only compare with a model scored on plain text.
     scored_text = examples is None and validation is not None
     compressors, compressors_cached = held_out_compressors(data) if scored_text else ({}, False)
