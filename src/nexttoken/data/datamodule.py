@@ -11,9 +11,9 @@ Life of the data:
 2. ``setup`` (every process): the other processes take the cache's key from rank 0 and read the
    finished cache; they never read or tokenize the corpus themselves.
 3. ``train_dataloader``: batches ``(input_ids, targets)`` of blocks read from the memmap in a seeded
-   per-epoch order; each rank reads its own blocks. The loader remembers how many batches it has
-   handed out, so a run resumed from a mid-epoch checkpoint sees exactly the batches an
-   uninterrupted run would have.
+   per-epoch order; each rank reads its own blocks. The loader remembers how far into the epoch's
+   global order the run is, so a run resumed from a mid-epoch checkpoint (also with another number
+   of processes that keeps the global batch) sees exactly the blocks an uninterrupted run would have.
 4. ``val_dataloader``: batches ``(input_ids, targets, n_bytes)`` that score every held-out token
    exactly once, for any batch size and any number of ranks (no padding samples, no repeats): the
    held-out stream's first ``val_tokens`` targets by default (:data:`DEFAULT_VAL_TOKENS`), all of
