@@ -281,7 +281,7 @@ def data_lines(data: Any, time_note: str | None = None) -> list[str]:
             f"{val.response_bytes:,} bytes); {'packed' if data.hparams.packing else 'padded'} rows of "
             f"{data.hparams.block_size} tokens; example cache {cache} ({examples.directory})"
         )
-        return lines + examples.fit_report().lines()
+        return lines + examples.fit_report().lines() + _trust_lines(data)
     meta = data.cache.read_meta()
     cache = "reused" if data.cache_hit else f"built in {meta['seconds']:.1f} s"
     lines.append(
@@ -301,7 +301,12 @@ def data_lines(data: Any, time_note: str | None = None) -> list[str]:
     if capped:
         what += f"; {setting('data.val_tokens')} all scores every one"
     lines.append(what)
-    return lines
+    return lines + _trust_lines(data)
+
+
+def _trust_lines(data: Any) -> list[str]:
+    """The held-out text's overlap with training, duplicates, what starts a document (the data's own words)."""
+    return data.trust_report()[0] if hasattr(data, "trust_report") else []
 
 
 def _count(n: int, noun: str) -> str:
