@@ -262,3 +262,22 @@ def test_fit_report_json_has_the_checks(tmp_path, corpus):
     assert np.isclose(
         numbers["overlap"]["overlap_word_fraction"], dm.checks.overlap_words / dm.checks.held_out_words
     )
+
+
+def test_worker_processes_find_what_this_process_finds(tmp_path, corpus, monkeypatch):
+    from nexttoken.data import contamination
+    from nexttoken.data.corpus import Corpus
+    from nexttoken.data.documents import find_documents
+
+    train, val, _, _ = corpus
+    for i in range(3):  # duplicates across jobs
+        (train / f"z{i}.txt").write_text((train / "t1.txt").read_text().upper())
+    monkeypatch.setattr(contamination, "_JOB_BYTES", 1000)  # a job per file or two
+    source = Corpus(find_documents(train), 0.05, find_documents(val))
+    alone, workers = (
+        contamination.compute_checks(source, 13),
+        contamination.compute_checks(source, 13, workers=2),
+    )
+    assert alone.meta() | {"seconds": 0} == workers.meta() | {"seconds": 0}
+    assert alone.duplicates.tolist() == workers.duplicates.tolist() == [6, 7, 8]
+    assert np.array_equal(alone.overlap_ranges, workers.overlap_ranges) and alone.overlap_units == 2

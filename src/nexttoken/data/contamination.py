@@ -42,8 +42,9 @@ import numpy as np
 
 from nexttoken.data.cache import build_once
 from nexttoken.data.corpus import Corpus
-from nexttoken.data.documents import Document, as_parts
-from nexttoken.data.overlap import DEFAULT_N, EvalNgrams, normalized_bytes
+from nexttoken.data.documents import Document, as_parts, is_text_file
+from nexttoken.data.overlap import DEFAULT_N, EvalNgrams, ScanSummary, normalized_bytes, scan_documents
+from nexttoken.data.parallel import ordered_map
 from nexttoken.errors import DataError, setting
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ OVERLAP_WARNING = 0.01
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r]*\n)+")
 # A document's text is hashed in stretches cut at whitespace; a stretch without any is cut anyway here.
 _LONGEST_WORD = 4 << 20
+# Characters of training documents per job handed to a checking worker (and the largest text source
+# handed over whole).
+_JOB_BYTES = 4 << 20
 # Names of overlapping held-out units kept for the summary.
 _NAMES_SHOWN = 3
 
@@ -89,7 +93,7 @@ class TextHash:
     def __init__(self) -> None:
         self._digest = hashlib.blake2b(digest_size=8)
         self._carry = ""
-        self.words = 0
+        self.words = 0  # more than 0 once a word was read
 
     def update(self, text: str, last: bool = False) -> None:
         text = self._carry + text
@@ -101,15 +105,28 @@ class TextHash:
                 return
             cut = cut or len(text)
         self._carry = text[cut:]
-        words = normalized_bytes(text[:cut]).split()
-        if words:
-            self._digest.update(b" ".join(words) + b" ")
-            self.words += len(words)
+        canonical = _single_spaced(normalized_bytes(text[:cut]))
+        if len(canonical):
+            self._digest.update(canonical)
+            self.words += 1  # at least one word so far
 
     def value(self) -> int:
         if self._carry:
             self.update("", last=True)
         return int.from_bytes(self._digest.digest(), "little")
+
+
+def _single_spaced(data: bytes) -> np.ndarray:
+    """Normalised text's words, each followed by one space (``b" ".join(data.split()) + b" "``, in numpy:
+    no Python object per word)."""
+    text = np.frombuffer(data, dtype=np.uint8)
+    separator = (text == 32) | (text == 10)  # the only whitespace normalised text has
+    after_word = np.concatenate(([False], ~separator[:-1]))
+    kept = text[~separator | after_word]  # a run of separators becomes its first, and none leads
+    if len(kept) and kept[-1] not in (32, 10):
+        kept = np.append(kept, np.uint8(32))
+    kept[kept == 10] = 32
+    return kept
 
 
 def text_hash(text: str) -> int:
@@ -274,10 +291,11 @@ def _held_out_units(corpus: Corpus) -> tuple[list[Document], str]:
     return units, "document"
 
 
-def compute_checks(corpus: Corpus, n: int = DEFAULT_N, key: str = "") -> CorpusChecks:
+def compute_checks(corpus: Corpus, n: int = DEFAULT_N, key: str = "", workers: int = 0) -> CorpusChecks:
     """Overlap of the held-out units with the training documents, and the training documents' exact
     duplicates (``n`` 0: duplicates only). Two passes over the corpus: the held-out side is read and
-    held, then the training side streamed."""
+    held, then the training side streamed, in ``workers`` processes (0: this one; also where a
+    training source is too large to hand over whole, see :func:`_one_stream`)."""
     started = time.perf_counter()
     units, unit = _held_out_units(corpus)
     unit_bytes = np.asarray([len(u.text.encode("utf-8")) for u in units], dtype=np.int64)
@@ -294,31 +312,29 @@ def compute_checks(corpus: Corpus, n: int = DEFAULT_N, key: str = "") -> CorpusC
         except DataError:
             measured = f"no held-out {unit} has {n} words"
 
-    hashes: list[int] = []
-    has_words: list[bool] = []
-
-    def training_documents() -> Iterator[Document]:
-        hashed = TextHash()
-        for is_val, document in corpus.documents(parts=True):
-            if is_val:
-                continue
-            if document.part == 0:
-                hashed = TextHash()
-            hashed.update(document.text, last=not document.more)
-            if not document.more:
-                hashes.append(hashed.value())
-                has_words.append(hashed.words > 0)  # no words: nothing to compare, never a duplicate
-            yield document
-
-    if evaluation is not None:
-        scan = evaluation.scan(training_documents())
-        result = evaluation.result([scan], top=1)
-        found = np.zeros(len(evaluation.hashes), dtype=bool)
-        found[scan.found] = True
+    eval_hashes = evaluation.hashes if evaluation is not None else None
+    if workers and not _one_stream(corpus):
+        results = ordered_map(
+            _check_in_worker,
+            _training_jobs(corpus),
+            workers,
+            initializer=_start_checker,
+            initargs=(eval_hashes, n),
+        )
     else:
-        for _ in training_documents():
-            pass
-        result = None
+        training = (document for is_val, document in corpus.documents(parts=True) if not is_val)
+        results = iter([_check_training(training, eval_hashes, n)])
+    scans, hashes, has_words = [], [], []
+    for scan, job_hashes, job_has_words in results:
+        scans.append(scan)
+        hashes += job_hashes
+        has_words += job_has_words
+    result = None
+    if evaluation is not None:
+        result = evaluation.result(scans, top=1)
+        found = np.zeros(len(evaluation.hashes), dtype=bool)
+        for scan in scans:
+            found[scan.found] = True
 
     ranges: list[tuple[int, int, int]] = []
     held_out_words = overlap_words = 0
@@ -370,6 +386,67 @@ def compute_checks(corpus: Corpus, n: int = DEFAULT_N, key: str = "") -> CorpusC
     )
 
 
+def _check_training(
+    documents: Iterable[Document], eval_hashes: np.ndarray | None, n: int
+) -> tuple[ScanSummary | None, list[int], list[bool]]:
+    """``(scan, hashes, has_words)`` of training documents (in parts, as read): the evaluation n-grams
+    they hold (None: no held-out n-grams to look for), and each document's :class:`TextHash` and
+    whether it has words."""
+    hashes: list[int] = []
+    has_words: list[bool] = []
+
+    def hashed() -> Iterator[Document]:
+        text_hash = TextHash()
+        for document in documents:
+            if document.part == 0:
+                text_hash = TextHash()
+            text_hash.update(document.text, last=not document.more)
+            if not document.more:
+                hashes.append(text_hash.value())
+                has_words.append(text_hash.words > 0)  # no words: nothing to compare, never a duplicate
+            yield document
+
+    if eval_hashes is None:
+        for _ in hashed():
+            pass
+        return None, hashes, has_words
+    return scan_documents(eval_hashes, n, hashed()), hashes, has_words
+
+
+def _one_stream(corpus: Corpus) -> bool:
+    """Whether the training side is read in this process: a one-file corpus, or a text source larger
+    than a job (whole documents go to a worker; a part of one would miss the n-grams across its ends)."""
+    if corpus.one_file:
+        return True
+    return any(p.is_file() and is_text_file(p) and p.stat().st_size > _JOB_BYTES for p in corpus.train_paths)
+
+
+def _training_jobs(corpus: Corpus) -> Iterator[list[Document]]:
+    """The training documents, whole (all their parts), in jobs of about :data:`_JOB_BYTES` characters."""
+    job, size = [], 0
+    for is_val, document in corpus.documents(parts=True):
+        if is_val:
+            continue
+        job.append(document)
+        size += len(document.text)
+        if size >= _JOB_BYTES and not document.more:
+            yield job
+            job, size = [], 0
+    if job:
+        yield job
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _start_checker(eval_hashes: np.ndarray | None, n: int) -> None:
+    _WORKER.update(eval_hashes=eval_hashes, n=n)
+
+
+def _check_in_worker(job: list[Document]) -> tuple[ScanSummary | None, list[int], list[bool]]:
+    return _check_training(job, _WORKER["eval_hashes"], _WORKER["n"])
+
+
 def _covered_words(hashes: np.ndarray, eval_hashes: np.ndarray, found: np.ndarray, words: int, n: int):
     """Which of a held-out unit's ``words`` are inside one of its n-grams that training holds."""
     covered = np.zeros(words + 1, dtype=np.int64)
@@ -390,14 +467,16 @@ def _later_copies(hashes: np.ndarray, has_words: np.ndarray) -> tuple[np.ndarray
     return np.sort(order[repeat]).astype(np.int64), int(first_repeats.sum())
 
 
-def corpus_checks(corpus: Corpus, n: int, cache_root: Path, identity: str | None = None) -> CorpusChecks:
+def corpus_checks(
+    corpus: Corpus, n: int, cache_root: Path, identity: str | None = None, workers: int = 0
+) -> CorpusChecks:
     """:func:`compute_checks`, computed once per corpus and ``n`` (under a lock, in ``cache_root/checks``)
     and read back by every later run and process. ``identity``: the corpus's, if already at hand."""
     key = checks_key(identity or corpus.identity(), n)
     folder = Path(cache_root) / "checks" / key
 
     def write(staging: Path) -> CorpusChecks:
-        checks = compute_checks(corpus, n, key)
+        checks = compute_checks(corpus, n, key, workers)
         checks.save(staging)
         return checks
 

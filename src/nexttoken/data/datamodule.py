@@ -297,7 +297,9 @@ class TextDataModule(L.LightningDataModule):
         hp = self.hparams
         given, spec = self._tokenizer_spec()
         identity = corpus.identity()
-        self.checks = corpus_checks(corpus, hp.overlap_n, self.cache_root, identity)
+        self.checks = corpus_checks(
+            corpus, hp.overlap_n, self.cache_root, identity, workers=self._tokenizing_workers(corpus)
+        )
         drops = self.checks.key_part(hp.dedup, hp.decontaminate)
         # Nothing dropped: the corpus's own key (so caches built before these checks are still found).
         key = json.dumps([CACHE_FORMAT, identity, spec, *([drops] if drops else [])])
