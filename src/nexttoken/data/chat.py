@@ -539,7 +539,7 @@ def describe_document_start(tokenizer: Tokenizer, template: ChatTemplate | None 
     writes = None
     if template is not None:
         if bos is None:
-            why += "; its chat template cannot add one (there is no BOS)"
+            why += "; there is no BOS for its chat template to add"
         else:
             writes = _template_writes(template, bos)
             if writes is None:

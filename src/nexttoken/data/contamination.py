@@ -606,16 +606,22 @@ def overlap_lines(
     if checks.measured is not None:
         return [f"overlap: not measured: {checks.measured}"], numbers | {"reason": checks.measured}
     units = _plural(checks.held_out_units, f"held-out {unit}")
-    cost = "cached" if checks.cached else f"{checks.seconds:.1f} s"
+    cost = (
+        "cached"
+        if checks.cached
+        else f"checked in {checks.seconds:.1f} s"
+        if checks.seconds >= 0.1
+        else ("checked in under 0.1 s")
+    )
     if tokens is not None:
         numbers.update(held_out_tokens=tokens[1], overlap_tokens=tokens[0])
         numbers["overlap_token_fraction"] = tokens[0] / tokens[1] if tokens[1] else 0.0
     share = numbers.get("overlap_token_fraction", checks.overlap_fraction)
     measure = "tokens" if tokens is not None else "words"
+    words = f"{_percent(checks.overlap_fraction)} of held-out words; " if tokens is not None else ""
     line = (
         f"overlap: {checks.overlap_units:,} of {units} share{'s' if checks.held_out_units == 1 else ''} "
-        f"{n}-grams with training, {_percent(share)} of held-out {measure}"
-        f" ({_percent(checks.overlap_fraction)} of its words; checked in {cost})"
+        f"{n}-grams with training, {_percent(share)} of held-out {measure} ({words}{cost})"
     )
     if checks.longest_span and checks.overlap_units:
         span = checks.longest_span
@@ -651,16 +657,17 @@ def duplicate_lines(checks: CorpusChecks, dedup: bool) -> tuple[list[str], dict[
         "duplicated_texts": checks.duplicated_texts,
         "dedup": dedup,
     }
-    count = checks.duplicate_documents
+    count, texts = checks.duplicate_documents, checks.duplicated_texts
     if checks.train_documents <= 1:
         return ["duplicates: none possible (the training split is one document)"], numbers
     if not count:
         return [f"duplicates: none among {_plural(checks.train_documents, 'training document')}"], numbers
-    what = (
-        f"{_plural(count, 'training document')} of {checks.train_documents:,} repeat{'s' if count == 1 else ''} "
-        f"an earlier one exactly (after normalisation; {_plural(checks.duplicated_texts, 'text')} occur more "
-        "than once)"
-    )
+    which = f"{count:,} of {_plural(checks.train_documents, 'training document')}"
+    often = f"{_plural(texts, 'text')} occur{'s' if texts == 1 else ''} more than once"
+    how = f"repeat{'s' if count == 1 else ''} an earlier one exactly (after normalisation; {often})"
     if dedup:
-        return [f"dedup: dropped {what}; one of each is kept"], numbers
-    return [f"duplicates: {what}; {setting('data.dedup')} true keeps one of each"], numbers
+        return [
+            f"dedup: dropped {which}, exact copies of an earlier one (after normalisation; {often}); "
+            "one of each is kept"
+        ], numbers
+    return [f"duplicates: {which} {how}; {setting('data.dedup')} true keeps one of each"], numbers
