@@ -152,6 +152,7 @@ def test_decontaminate_drops_exactly_the_overlapping_documents(tmp_path, corpus)
     assert len(keys) == 3
     other_n = make_dm(tmp_path, train, val_path=[str(val)], overlap_n=8)
     assert other_n.checks.key != plain.checks.key and other_n._cache_key == plain._cache_key
+    assert make_dm(tmp_path, train, val_path=[str(val)], overlap_n=8, decontaminate=True)._cache_key not in keys
 
 
 def test_one_file_corpus_counts_and_drops_held_out_paragraphs(tmp_path):

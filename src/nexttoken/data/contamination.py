@@ -254,7 +254,8 @@ class CorpusChecks:
         dropped, the corpus's own key)."""
         if not dedup and not decontaminate:
             return None
-        return {"checks": self.key, "dedup": dedup, "decontaminate": decontaminate}
+        # The corpus's identity is in the key already; the duplicates do not depend on n.
+        return {"checks": CHECK_RULES, "dedup": dedup, "decontaminate_n": self.n if decontaminate else None}
 
 
 # --------------------------------------------------------------------------- computing them
