@@ -133,7 +133,9 @@ def test_an_interrupted_build_leaves_nothing_behind(tmp_path, monkeypatch):
     # checks, complete before tokenizing began, stay (nexttoken.data.contamination).
     root = tmp_path / "cache"
     left = [p for p in root.rglob("*") if p.relative_to(root).parts[0] != "checks"] if root.exists() else []
-    assert not left and all((entry / "meta.json").is_file() for entry in root.glob("checks/*") if entry.is_dir())
+    assert not left and all(
+        (entry / "meta.json").is_file() for entry in root.glob("checks/*") if entry.is_dir()
+    )
     monkeypatch.setattr(cache, "write_atomically", real_write)
     dm = make_dm(tmp_path, corpus=corpus)
     assert dm.cache_hit is False and dm.cache.exists()

@@ -152,7 +152,9 @@ def test_decontaminate_drops_exactly_the_overlapping_documents(tmp_path, corpus)
     assert len(keys) == 3
     other_n = make_dm(tmp_path, train, val_path=[str(val)], overlap_n=8)
     assert other_n.checks.key != plain.checks.key and other_n._cache_key == plain._cache_key
-    assert make_dm(tmp_path, train, val_path=[str(val)], overlap_n=8, decontaminate=True)._cache_key not in keys
+    assert (
+        make_dm(tmp_path, train, val_path=[str(val)], overlap_n=8, decontaminate=True)._cache_key not in keys
+    )
 
 
 def test_one_file_corpus_counts_and_drops_held_out_paragraphs(tmp_path):
@@ -249,6 +251,14 @@ def test_document_start_line_for_each_kind_of_tokenizer():
     start = describe_document_start(with_bos, bos_template)
     assert start.double_bos and start.template_writes_bos
     assert start.warning.startswith("warning: double BOS: the chat template (llama.jinja) writes <s>")
+    # chat examples: their tokens are the rendered text's alone, so the template's own first token starts them
+    chat = describe_document_start(with_bos, bos_template, chat_examples=True)
+    assert (chat.token, chat.token_id, chat.double_bos) == ("<s>", 0, True)
+    chatml = describe_document_start(plain, resolve_chat_template(plain), chat_examples=True)
+    assert (
+        chatml.token == "<|im_start|>"
+        and "each example starts with what its chat template writes" in chatml.line
+    )
     # the same template with a tokenizer that does not add its BOS: one BOS, no warning
     without = from_transformers(train_tiny_tokenizer(add_bos=False))
     start = describe_document_start(without, ChatTemplate(without, bos_template.template, "llama.jinja"))

@@ -508,24 +508,33 @@ class DocumentStart:
         }
 
 
-def _template_writes(template: ChatTemplate, token: str) -> bool | None:
-    """Whether ``template`` writes ``token`` for a short conversation (None: it does not render one)."""
-    probe = [Message("user", "Hi!"), Message("assistant", "Hello.")]
+def _probe(template: ChatTemplate) -> str | None:
+    """A short conversation as ``template`` renders it (None: it does not render one)."""
     try:
-        return token in template.render(probe)
+        return template.render([Message("user", "Hi!"), Message("assistant", "Hello.")])
     except DataError:
         return None
 
 
-def describe_document_start(tokenizer: Tokenizer, template: ChatTemplate | None = None) -> DocumentStart:
+def describe_document_start(
+    tokenizer: Tokenizer, template: ChatTemplate | None = None, *, chat_examples: bool = False
+) -> DocumentStart:
     """The one wording of what starts each document with ``tokenizer`` (and ``template``, its chat
     template, when there is one), for ``nexttoken fit`` and ``nexttoken eval`` alike: the token and
     why, and a warning when the chat template writes a BOS that the tokenizer also adds (a double BOS:
-    ``apply_chat_template`` then encoding with special tokens, transformers' default, gives two)."""
+    ``apply_chat_template`` then encoding with special tokens, transformers' default, gives two).
+    ``chat_examples``: the documents are conversations rendered by ``template``, whose tokens are the
+    rendered text's alone (nothing is put before them)."""
     start = document_start(tokenizer)
     token = tokenizer.decode([start]) if start is not None else None
     bos = tokenizer.bos_token
-    if tokenizer.kind in BUILTIN_KINDS:
+    rendered = _probe(template) if template is not None else None
+    if chat_examples and rendered is not None:
+        ids = tokenizer.encode_with_offsets(rendered, parse_special=True)[0]
+        start = ids[0] if ids else None
+        token = tokenizer.decode([start]) if start is not None else None
+        why = "each example starts with what its chat template writes; nothing is added before it"
+    elif tokenizer.kind in BUILTIN_KINDS:
         why = "nexttoken's own tokenizers start each document with their EOS, which also ends the one before"
     elif start is not None:
         why = "the tokenizer's BOS; it adds one to every text"
@@ -541,7 +550,7 @@ def describe_document_start(tokenizer: Tokenizer, template: ChatTemplate | None 
         if bos is None:
             why += "; there is no BOS for its chat template to add"
         else:
-            writes = _template_writes(template, bos)
+            writes = bos in rendered if rendered is not None else None
             if writes is None:
                 why += "; its chat template did not render a test conversation"
             else:

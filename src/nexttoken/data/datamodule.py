@@ -429,7 +429,7 @@ class TextDataModule(L.LightningDataModule):
             template = ChatTemplate(
                 self.tokenizer, self.tokenizer.chat_template, "the tokenizer's chat template"
             )
-        return describe_document_start(self.tokenizer, template)
+        return describe_document_start(self.tokenizer, template, chat_examples=self.examples is not None)
 
     def trust_report(self) -> tuple[list[str], dict[str, Any]]:
         """The lines the start summary and the report give on whether the held-out score can be trusted
