@@ -293,3 +293,14 @@ def test_worker_processes_find_what_this_process_finds(tmp_path, corpus, monkeyp
     assert alone.meta() | {"seconds": 0} == workers.meta() | {"seconds": 0}
     assert alone.duplicates.tolist() == workers.duplicates.tolist() == [6, 7, 8]
     assert np.array_equal(alone.overlap_ranges, workers.overlap_ranges) and alone.overlap_units == 2
+
+
+def test_decontaminating_every_held_out_document_is_an_error(tmp_path, corpus):
+    from nexttoken.errors import DataError
+
+    train, _, train_texts, _ = corpus
+    copy = tmp_path / "copy" / "t0.txt"
+    copy.parent.mkdir()
+    copy.write_text(train_texts[0])
+    with pytest.raises(DataError, match="every one of the 1 held-out documents shares 13-grams"):
+        make_dm(tmp_path, train, val_path=[str(copy)], decontaminate=True)

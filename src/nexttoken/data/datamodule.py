@@ -300,6 +300,17 @@ class TextDataModule(L.LightningDataModule):
         self.checks = corpus_checks(
             corpus, hp.overlap_n, self.cache_root, identity, workers=self._tokenizing_workers(corpus)
         )
+        if (
+            hp.decontaminate
+            and self.checks.held_out_units
+            and self.checks.overlap_units == self.checks.held_out_units
+        ):
+            raise DataError(
+                f"every one of the {self.checks.held_out_units:,} held-out {self.checks.unit}s shares "
+                f"{hp.overlap_n}-grams with the training split, so {setting('data.decontaminate')} would leave no "
+                f"validation text; hold out other text with {setting('data.val_path')}, or raise "
+                f"{setting('data.overlap_n')}"
+            )
         drops = self.checks.key_part(hp.dedup, hp.decontaminate)
         # Nothing dropped: the corpus's own key (so caches built before these checks are still found).
         key = json.dumps([CACHE_FORMAT, identity, spec, *([drops] if drops else [])])
