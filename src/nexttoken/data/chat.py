@@ -49,7 +49,7 @@ import numpy as np
 
 from nexttoken.data.parallel import ordered_map
 from nexttoken.data.records import Record
-from nexttoken.data.tokenizers import Tokenizer, token_byte_counts
+from nexttoken.data.tokenizers import BUILTIN_KINDS, Tokenizer, document_start, token_byte_counts
 from nexttoken.errors import DataError, setting
 
 DataFormat = Literal["auto", "text", "chat", "instruction"]
@@ -474,3 +474,97 @@ def encode_in_parallel(
         )
     for examples in results:
         yield from examples
+
+
+# --------------------------------------------------------------------------- what starts a document
+@dataclass(frozen=True)
+class DocumentStart:
+    """What starts each document (:func:`nexttoken.data.tokenizers.document_start`) and why, in words.
+
+    Attributes:
+        token, token_id: the start token (None: no token; documents are kept apart by the EOS alone).
+        template_writes_bos: whether the chat template itself writes the tokenizer's BOS (None: no
+            template, or the tokenizer has no BOS for it to write).
+        double_bos: the template writes the BOS and the tokenizer also adds one to every text it
+            encodes with its special tokens.
+        line: ``document start: ...``, for a start summary; warning: one line, or None.
+    """
+
+    token: str | None
+    token_id: int | None
+    template_writes_bos: bool | None
+    double_bos: bool
+    line: str
+    warning: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "token": self.token,
+            "token_id": self.token_id,
+            "template_writes_bos": self.template_writes_bos,
+            "double_bos": self.double_bos,
+            "line": self.line,
+            "warning": self.warning,
+        }
+
+
+def _probe(template: ChatTemplate) -> str | None:
+    """A short conversation as ``template`` renders it (None: it does not render one)."""
+    try:
+        return template.render([Message("user", "Hi!"), Message("assistant", "Hello.")])
+    except DataError:
+        return None
+
+
+def describe_document_start(
+    tokenizer: Tokenizer, template: ChatTemplate | None = None, *, chat_examples: bool = False
+) -> DocumentStart:
+    """The one wording of what starts each document with ``tokenizer`` (and ``template``, its chat
+    template, when there is one), for ``nexttoken fit`` and ``nexttoken eval`` alike: the token and
+    why, and a warning when the chat template writes a BOS that the tokenizer also adds (a double BOS:
+    ``apply_chat_template`` then encoding with special tokens, transformers' default, gives two).
+    ``chat_examples``: the documents are conversations rendered by ``template``, whose tokens are the
+    rendered text's alone (nothing is put before them)."""
+    start = document_start(tokenizer)
+    token = tokenizer.decode([start]) if start is not None else None
+    bos = tokenizer.bos_token
+    rendered = _probe(template) if template is not None else None
+    if chat_examples and rendered is not None:
+        ids = tokenizer.encode_with_offsets(rendered, parse_special=True)[0]
+        start = ids[0] if ids else None
+        token = tokenizer.decode([start]) if start is not None else None
+        why = "each example starts with what its chat template writes; nothing is added before it"
+    elif tokenizer.kind in BUILTIN_KINDS:
+        why = "nexttoken's own tokenizers start each document with their EOS, which also ends the one before"
+    elif start is not None:
+        why = "the tokenizer's BOS; it adds one to every text"
+    elif bos is not None:
+        why = (
+            f"the tokenizer does not add its BOS {bos}; documents are kept apart by its EOS "
+            f"{tokenizer.eos_token} alone"
+        )
+    else:
+        why = f"the tokenizer has no BOS; documents are kept apart by its EOS {tokenizer.eos_token} alone"
+    writes = None
+    if template is not None:
+        if bos is None:
+            why += "; there is no BOS for its chat template to add"
+        else:
+            writes = bos in rendered if rendered is not None else None
+            if writes is None:
+                why += "; its chat template did not render a test conversation"
+            else:
+                why += (
+                    f"; its chat template {'writes' if writes else 'does not add'} {bos if writes else 'one'}"
+                )
+    double = bool(writes) and tokenizer.adds_bos
+    warning = None
+    if double:
+        warning = (
+            f"warning: double BOS: the chat template ({template.origin}) writes {bos} and the tokenizer adds "
+            f"{bos} to every text it encodes with its special tokens, so a chat rendered by the template and "
+            f"then encoded that way (transformers' default) starts with two; nexttoken encodes rendered chats "
+            f"without adding one"
+        )
+    line = f"document start: {token if token is not None else 'no token'} ({why})"
+    return DocumentStart(token, start, writes, double, line, warning)

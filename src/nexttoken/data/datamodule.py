@@ -39,8 +39,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from nexttoken.data.cache import CACHE_FORMAT, CHUNK_CHARS, TokenCache, progress_bar
-from nexttoken.data.chat import DataFormat, TrainOn, resolve_chat_template
+from nexttoken.data.cache import CACHE_FORMAT, CHUNK_CHARS, TokenCache, cached_json, progress_bar
+from nexttoken.data.chat import (
+    ChatTemplate,
+    DataFormat,
+    DocumentStart,
+    TrainOn,
+    describe_document_start,
+    resolve_chat_template,
+)
+from nexttoken.data.contamination import (
+    CheckedCorpus,
+    CorpusChecks,
+    corpus_checks,
+    duplicate_lines,
+    held_out_token_share,
+    overlap_lines,
+)
 from nexttoken.data.corpus import Corpus
 from nexttoken.data.documents import default_corpus, find_documents
 from nexttoken.data.formats import choose_data_format
@@ -52,6 +67,7 @@ from nexttoken.data.loaders import (
     TrainBatches,
     ValBatches,
 )
+from nexttoken.data.overlap import DEFAULT_N
 from nexttoken.data.packing import num_train_blocks
 from nexttoken.data.parallel import available_cores
 from nexttoken.data.sft import ExampleCounts, Truncation, count_examples
@@ -124,6 +140,12 @@ class TextDataModule(L.LightningDataModule):
             in its batch. (Plain text is always cut into full blocks.)
         document_mask: plain text: attention stops at document boundaries inside a block and
             positions restart at each document (chat examples are kept apart by ``packing``).
+        overlap_n: plain text: the held-out documents' overlap with the training split is measured in
+            word n-grams of this length before tokenizing (:mod:`nexttoken.data.contamination`);
+            0: not measured.
+        decontaminate: drop the held-out documents (paragraphs, for a one-file corpus) that share an
+            ``overlap_n``-gram with the training split.
+        dedup: keep one of each set of training documents whose normalised text is the same.
     """
 
     def __init__(
@@ -152,6 +174,9 @@ class TextDataModule(L.LightningDataModule):
         truncation: Truncation = "left",
         packing: bool = True,
         document_mask: bool = False,
+        overlap_n: int = DEFAULT_N,
+        decontaminate: bool = False,
+        dedup: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("block_size", block_size), ("batch_size", batch_size)):
@@ -174,6 +199,16 @@ class TextDataModule(L.LightningDataModule):
                 f"{setting('data.val_tokens')} must be a positive number of held-out tokens, or all "
                 f"(every one), got {val_tokens!r}"
             )
+        if isinstance(overlap_n, bool) or not isinstance(overlap_n, int) or overlap_n < 0:
+            raise DataError(
+                f"{setting('data.overlap_n')} must be a whole number of words (0: no overlap check), got "
+                f"{overlap_n!r}"
+            )
+        if decontaminate and overlap_n == 0:
+            raise DataError(
+                f"{setting('data.decontaminate')} drops held-out documents that share n-grams with training, "
+                f"which {setting('data.overlap_n')} 0 does not look for; give {setting('data.overlap_n')} 1 or more"
+            )
         self.save_hyperparameters(logger=False)  # the run config is saved by the CLI; avoids clashing keys
         # With more ranks than validation blocks some rank has no batch; that is correct (each
         # block is scored once, and the metrics are summed over ranks), so let Lightning accept it.
@@ -189,11 +224,13 @@ class TextDataModule(L.LightningDataModule):
         self.examples: ExampleData | None = None  # chat/instruction data instead of a token cache
         self.data_format: str | None = None
         self.format_line: str | None = None  # what data.format chose, for the start summary
+        self.checks: CorpusChecks | None = None  # overlap and duplicates (plain text; rank 0 of each machine)
         self._cache_key: str | None = None  # the cache folder under cache_root: tokens/KEY or examples/KEY
         self._set_up = False
         self._scored_val_examples: int | None = None
         self._train_loader: ResumableDataLoader | None = None
         self._pending_train_state: dict[str, Any] | None = None
+        self._trust: tuple[list[str], dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ building
     @property
@@ -262,12 +299,31 @@ class TextDataModule(L.LightningDataModule):
         return given, given.fingerprint
 
     def _build_tokens(self, corpus: Corpus) -> None:
+        hp = self.hparams
         given, spec = self._tokenizer_spec()
-        key = json.dumps([CACHE_FORMAT, corpus.identity(), spec])
+        identity = corpus.identity()
+        self.checks = corpus_checks(
+            corpus, hp.overlap_n, self.cache_root, identity, workers=self._tokenizing_workers(corpus)
+        )
+        if (
+            hp.decontaminate
+            and self.checks.held_out_units
+            and self.checks.overlap_units == self.checks.held_out_units
+        ):
+            raise DataError(
+                f"every one of the {self.checks.held_out_units:,} held-out {self.checks.unit}s shares "
+                f"{hp.overlap_n}-grams with the training split, so {setting('data.decontaminate')} would leave no "
+                f"validation text; hold out other text with {setting('data.val_path')}, or raise "
+                f"{setting('data.overlap_n')}"
+            )
+        drops = self.checks.key_part(hp.dedup, hp.decontaminate)
+        # Nothing dropped: the corpus's own key (so caches built before these checks are still found).
+        key = json.dumps([CACHE_FORMAT, identity, spec, *([drops] if drops else [])])
         self._cache_key = "tokens/" + hashlib.sha256(key.encode()).hexdigest()[:24]
         cache = TokenCache(self.cache_root / self._cache_key)
+        source = CheckedCorpus(corpus, self.checks, hp.dedup, hp.decontaminate) if drops else corpus
         meta, built = cache.get_or_build(
-            corpus,
+            source,
             lambda: given or self._train_bpe(corpus),
             workers=self._tokenizing_workers(corpus),
             check=self._check_sizes,  # a corpus too small to train on leaves no cache entry behind
@@ -377,6 +433,59 @@ class TextDataModule(L.LightningDataModule):
                 f"the validation split has {meta['val_tokens']} tokens, at least 2 are needed; raise "
                 f"{setting('data.val_fraction')} or pass {setting('data.val_path')}"
             )
+
+    # ------------------------------------------------------------------ can the score be trusted
+    def document_start_description(self) -> DocumentStart:
+        """What starts each document, with the chat template this data is rendered with (chat data) or
+        the tokenizer's own (plain text), in :func:`~nexttoken.data.chat.describe_document_start`'s words."""
+        template = None
+        if self.examples is not None:
+            template = resolve_chat_template(self.tokenizer, self.hparams.chat_template)
+        elif self.tokenizer.chat_template:
+            template = ChatTemplate(
+                self.tokenizer, self.tokenizer.chat_template, "the tokenizer's chat template"
+            )
+        return describe_document_start(self.tokenizer, template, chat_examples=self.examples is not None)
+
+    def trust_report(self) -> tuple[list[str], dict[str, Any]]:
+        """The lines the start summary and the report give on whether the held-out score can be trusted
+        (the held-out text's overlap with training, exact duplicates in training, what starts a
+        document) and their numbers, for ``report.json``. Computed once."""
+        if self._trust is not None:
+            return self._trust
+        hp = self.hparams
+        lines: list[str] = []
+        numbers: dict[str, Any] = {}
+        if self.examples is not None:
+            lines.append(
+                "overlap and duplicates: not measured for chat/instruction data (only plain text is checked; "
+                "`nexttoken overlap TRAIN EVAL` measures records' text)"
+            )
+            numbers["overlap"] = {"measured": False, "reason": "chat/instruction data"}
+        elif self.checks is not None:
+            tokens = None
+            if self.checks.measured is None and not hp.decontaminate and self.cache is not None:
+                tokens = self._overlap_tokens(self.checks)
+            overlap, numbers["overlap"] = overlap_lines(self.checks, tokens, hp.decontaminate)
+            duplicates, numbers["duplicates"] = duplicate_lines(self.checks, hp.dedup)
+            lines += overlap + duplicates
+        start = self.document_start_description()
+        numbers["document_start"] = start.to_dict()
+        lines += [start.line, *([start.warning] if start.warning else [])]
+        self._trust = lines, numbers
+        return self._trust
+
+    def _overlap_tokens(self, checks: CorpusChecks) -> tuple[int, int] | None:
+        """``(covered, held-out tokens)`` (:func:`~nexttoken.data.contamination.held_out_token_share`),
+        kept beside the token cache."""
+        cache = self._require_setup()
+
+        def compute() -> list[int] | None:
+            share = held_out_token_share(checks, np.load(cache.val_bytes, mmap_mode="r"))
+            return list(share) if share is not None else None
+
+        share = cached_json(cache, f"overlap_tokens-{checks.key}.json", compute)
+        return tuple(share) if share is not None else None
 
     def _require_setup(self) -> TokenCache:
         if self.cache is None:

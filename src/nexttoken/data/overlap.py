@@ -498,3 +498,11 @@ def measure_overlap(
             job, train_sources, workers, initializer=_start_scan_worker, initargs=(evaluation.hashes,)
         )
     return evaluation.result(scans, top)
+
+
+def scan_documents(eval_hashes: np.ndarray, n: int, documents: Iterable[Document]) -> ScanSummary:
+    """:meth:`EvalNgrams.scan` given only the evaluation side's sorted n-gram hashes
+    (:attr:`EvalNgrams.hashes`): what a worker process holds."""
+    scan = _Scan(eval_hashes, n)
+    scan.read(documents)
+    return scan.summary()

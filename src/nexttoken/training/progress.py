@@ -290,7 +290,7 @@ def data_lines(data: Any, time_note: str | None = None) -> list[str]:
         what += f" ({scored.response_tokens:,} response tokens, {scored.response_bytes:,} bytes)"
         if scored.examples < held_out:
             what += f"; {setting('data.val_tokens')} all scores every one"
-        return [*lines, what, *examples.fit_report().lines()]
+        return [*lines, what, *examples.fit_report().lines(), *_trust_lines(data)]
     meta = data.cache.read_meta()
     cache = "reused" if data.cache_hit else f"built in {meta['seconds']:.1f} s"
     lines.append(
@@ -310,7 +310,12 @@ def data_lines(data: Any, time_note: str | None = None) -> list[str]:
     if capped:
         what += f"; {setting('data.val_tokens')} all scores every one"
     lines.append(what)
-    return lines
+    return lines + _trust_lines(data)
+
+
+def _trust_lines(data: Any) -> list[str]:
+    """The held-out text's overlap with training, duplicates, what starts a document (the data's own words)."""
+    return data.trust_report()[0] if hasattr(data, "trust_report") else []
 
 
 def _count(n: int, noun: str) -> str:

@@ -201,6 +201,9 @@ def write_report(
     if trainer.logger is not None:
         trainer.logger.save()
     lines = ["", "=" * 60, text]
+    if hasattr(data, "trust_report"):  # can the score be trusted: overlap, duplicates, document start
+        trust_lines, trust = data.trust_report()
+        lines += trust_lines
     if metrics_csv.exists():
         mark = time.perf_counter()
         png = plot_curves(metrics_csv, run_dir / "curves.png", compressors)
@@ -217,6 +220,8 @@ def write_report(
         "compressors_bits_per_byte": compressors,
         "global_step": trainer.global_step,
     }
+    if hasattr(data, "trust_report"):
+        summary.update(trust)
     if getattr(module, "tokens_seen", None) is not None:  # the scored tokens trained on (train/tokens_seen)
         summary["tokens_seen"] = module.tokens_seen
     if examples is not None:
