@@ -206,7 +206,8 @@ def _slice_word_hashes(data: bytes) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0, dtype=_U64), starts
     powers, inverse = _BYTE_POWERS.get(len(text))
     prefix = np.zeros(len(text) + 1, dtype=_U64)
-    np.multiply(text, powers, out=prefix[1:], dtype=_U64)
+    prefix[1:] = text
+    prefix[1:] *= powers
     np.cumsum(prefix[1:], out=prefix[1:])  # sum of byte * B**(k+1) up to each place
     hashes = prefix[ends]
     hashes -= prefix[starts]
@@ -571,20 +572,24 @@ class _Scan:
             line += head.count("\n", 0, start)
             buffer = buffer[start:]
 
+    def _candidates(self, hashes: np.ndarray) -> np.ndarray:
+        """The places of ``hashes`` that the first look-up lets through."""
+        return np.flatnonzero(np.take(self._maybe, (hashes >> _U64(64 - _FILTER_BITS)).view(np.int64)))
+
     def _read_text(self, name: str, text: str, first_line: int) -> None:
         data = normalized_bytes(text)
         words_hashes, starts = word_hashes_and_starts(data)
         hashes = ngram_hashes(words_hashes, self.n)
         if self.near_hashes is not None:
             near = near_ngram_hashes(words_hashes, hashes, self.n)
-            candidates = np.flatnonzero(self._maybe[near >> _U64(64 - _FILTER_BITS)])
+            candidates = self._candidates(near)
             if not len(candidates):
                 return
             index = _find(self.near_hashes, near[candidates])
             self.near_found[index[index >= 0]] = True
             candidates = candidates[index >= 0]
         else:
-            candidates = np.flatnonzero(self._maybe[hashes >> _U64(64 - _FILTER_BITS)])
+            candidates = self._candidates(hashes)
         if not len(candidates):
             return
         index = _find(self.eval_hashes, hashes[candidates])
@@ -618,6 +623,78 @@ def _start_of_last_words(text: str, count: int) -> int:
             return len(text) - window + len(pieces[0])
         window *= 4
     return 0
+
+
+# --------------------------------------------------------------------------- words back to characters
+_ASCII_WORD = np.zeros(256, dtype=bool)
+_ASCII_WORD[[b for b in range(128) if chr(b).isalnum()]] = True
+
+
+def word_character_spans(text: str) -> np.ndarray | None:
+    """``(words, 2)``: the characters ``[start, end)`` of ``text`` each normalised word
+    (:func:`words`) comes from, or None where that cannot be told exactly.
+
+    A *raw word* is a run of characters that normalisation does not turn into separators (not
+    punctuation, symbols, separators or controls, in the text as given). Each raw word is normalised
+    on its own; every word it gives gets the raw word's characters (``½`` gives two words, ``1`` and
+    ``2``, both on its one character). That is exact whenever the raw words' own words, in order, are
+    the text's words, which is checked: where NFKC turns a separator into a letter or back (``¨`` is a
+    space and a combining mark), None.
+    """
+    if text.isascii():
+        word = np.zeros(len(text) + 2, dtype=bool)
+        word[1:-1] = _ASCII_WORD[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
+        edges = np.flatnonzero(word[1:] != word[:-1])
+        return edges.reshape(-1, 2)
+    codes = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+    distinct, inverse = np.unique(codes, return_inverse=True)
+    separator = np.array(
+        [
+            (chr(c).isascii() and not chr(c).isalnum())
+            or unicodedata.category(chr(c))[0] in "PSZ"
+            or unicodedata.category(chr(c)) == "Cc"
+            for c in distinct.tolist()
+        ],
+        dtype=bool,
+    )
+    word = np.zeros(len(codes) + 2, dtype=bool)
+    word[1:-1] = ~separator[inverse]
+    runs = np.flatnonzero(word[1:] != word[:-1]).reshape(-1, 2)
+    spans, pieces = [], []
+    for start, end in runs.tolist():
+        raw = text[start:end]
+        found = [raw.lower().encode("ascii")] if raw.isascii() else words(raw)
+        pieces += found
+        spans += [(start, end)] * len(found)
+    if pieces != words(text):
+        return None
+    return np.array(spans, dtype=np.int64).reshape(-1, 2)
+
+
+def covered_character_spans(text: str, covered: np.ndarray) -> list[tuple[int, int]] | None:
+    """The characters of ``text`` that runs of covered words span: ``[start of a run's first word,
+    end of its last word)``, so the spaces and punctuation between covered words are covered too.
+    ``covered``: per normalised word (:attr:`DocumentOverlap.covered`). None where the words cannot
+    be placed exactly (:func:`word_character_spans`)."""
+    spans = word_character_spans(text)
+    if spans is None or len(spans) != len(covered):
+        return None
+    flags = np.zeros(len(covered) + 2, dtype=bool)
+    flags[1:-1] = covered
+    runs = np.flatnonzero(flags[1:] != flags[:-1]).reshape(-1, 2)  # [first word, last word + 1)
+    return [(int(spans[a, 0]), int(spans[b - 1, 1])) for a, b in runs.tolist()]
+
+
+def overlapping_tokens(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Per token (``offsets``: its characters ``[start, end)``), whether it shares a character with
+    one of ``spans`` (sorted, disjoint, as :func:`covered_character_spans` gives them)."""
+    token = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    if not len(spans) or not len(token):
+        return np.zeros(len(token), dtype=bool)
+    span = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    first = np.searchsorted(span[:, 1], token[:, 0], side="right")  # the first span ending after it starts
+    inside = first < len(span)
+    return inside & (span[np.minimum(first, len(span) - 1), 0] < token[:, 1])
 
 
 # --------------------------------------------------------------------------- files
