@@ -46,6 +46,22 @@ def plain_covered(train_texts: list[str], eval_text: str, n: int) -> int:
     return sum(covered)
 
 
+def plain_near_covered(train_texts: list[str], eval_text: str, n: int) -> int:
+    """Covered words of ``eval_text`` when an n-gram may also differ from training's in its middle word."""
+    middle = n // 2
+    train = set()
+    for text in train_texts:
+        tokens = plain_words(text)
+        for i in range(len(tokens) - n + 1):
+            train.add(tuple(tokens[i : i + middle] + ["*"] + tokens[i + middle + 1 : i + n]))
+    tokens = plain_words(eval_text)
+    covered = [False] * len(tokens)
+    for i in range(len(tokens) - n + 1):
+        if tuple(tokens[i : i + middle] + ["*"] + tokens[i + middle + 1 : i + n]) in train:
+            covered[i : i + n] = [True] * n
+    return sum(covered)
+
+
 def overlap_of_texts(train_texts: list[str], eval_texts: list[str], n: int):
     evaluation = EvalNgrams([Document(f"eval{i}", t) for i, t in enumerate(eval_texts)], n)
     return evaluation.result([evaluation.scan(Document(f"train{i}", t) for i, t in enumerate(train_texts))])
@@ -84,6 +100,9 @@ def test_hashed_ngrams_agree_with_a_set_of_word_tuples(n):
         for document, text in zip(result.documents, evals):
             assert document.eval_words == len(plain_words(text))
             assert document.overlap_words == plain_covered(train, text, n)
+            # Near copies (the middle word changed) from n = 3 on: the words they add to the exact ones.
+            near = plain_near_covered(train, text, n) if n >= 3 else document.overlap_words
+            assert document.partial_words == near - document.overlap_words
 
 
 # --------------------------------------------------------------------------- recall
@@ -124,8 +143,18 @@ def test_a_reformatted_copy_is_found_an_unrelated_text_is_clean(contaminated):
     assert result["exact.txt"].spans[0].train_document == "copy.txt"
     assert result["exact.txt"].spans[0].words == result["exact.txt"].eval_words
     assert result["unrelated.txt"].overlap_fraction == 0.0 and result["unrelated.txt"].eval_words > 2000
-    # A word changed every 10 words leaves no 13 words in a row: 13-grams cannot see it.
+    # A word changed every 10 words leaves no 13 words in a row: exact 13-grams cannot see it, but
+    # 13-grams with their middle word changed can, so the copy is partial, not clean.
     assert result["edited.txt"].overlap_fraction == 0.0
+    assert result["edited.txt"].partial_fraction > 0.9 and result["edited.txt"].kind == "partial"
+    assert result["exact.txt"].kind == "copied"
+    assert result["unrelated.txt"].partial_fraction == 0.0 and result["unrelated.txt"].kind == "clean"
+
+
+def test_unrelated_real_texts_share_nothing_not_even_near_copies():
+    result = measure_overlap(SHAKESPEARE, DATA / "wikitext-2" / "valid.txt", workers=0)
+    assert result.eval_words > 150_000
+    assert result.overlap_words == 0 and result.partial_words == 0
 
 
 def test_an_edited_copy_is_partial_below_the_gap_between_edits(contaminated):
