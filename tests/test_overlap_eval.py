@@ -173,9 +173,10 @@ def test_windows_split_as_the_per_token_view_does(tiny_gpt2_dir, corpus):
         mask = torch.from_numpy(overlapping_tokens(scores.offsets, spans[d]))
         scored = ~torch.isnan(scores.nll)
         overlapping, clean = result.split.documents[d]
-        assert overlapping.tokens == int((mask & scored).sum()) and clean.tokens == int((~mask & scored).sum())
-        assert overlapping.nll_sum == pytest.approx(float(scores.nll[mask & scored].sum()), rel=1e-9, abs=1e-9)
-        assert clean.nll_sum == pytest.approx(float(scores.nll[~mask & scored].sum()), rel=1e-9)
+        inside, outside = mask & scored, ~mask & scored
+        assert (overlapping.tokens, clean.tokens) == (int(inside.sum()), int(outside.sum()))
+        assert overlapping.nll_sum == pytest.approx(float(scores.nll[inside].sum()), rel=1e-9, abs=1e-9)
+        assert clean.nll_sum == pytest.approx(float(scores.nll[outside].sum()), rel=1e-9)
 
 
 # --------------------------------------------------------------------------- words on characters
