@@ -31,6 +31,7 @@ single large file is scanned by one process.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import unicodedata
@@ -532,6 +533,7 @@ class _Scan:
         self.where: dict[int, tuple[str, int]] = {}
         self.documents = 0
         self.bytes = 0
+        self._parts = 0
         # A first look-up: one flag per value of a hash's top bits (4 MB); most n-grams stop here. An
         # n-gram that occurs exactly also matches as a near copy, so with near copies the near hash
         # alone is looked up first.
@@ -563,6 +565,9 @@ class _Scan:
                 cut = len(buffer)
             head = buffer[:cut] if cut < len(buffer) else buffer
             self._read_text(document.name, head, line)
+            self._parts += 1
+            if self._parts % _TRIM_EVERY == 0:
+                _release_freed_memory()
             if not document.more:
                 buffer = ""
                 continue
@@ -602,6 +607,28 @@ class _Scan:
             for found, word_line in zip(index[new].tolist(), lines.tolist()):
                 self.where.setdefault(found, (name, first_line + word_line))
         self.found[index] = True
+
+
+def _trimmer():
+    """glibc's ``malloc_trim``, or None (another C library)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _trimmer()
+# Parts read between two trims (about 1 MB each).
+_TRIM_EVERY = 16
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory of freed arrays back to the system. Each part's arrays (tens of MB) are freed
+    when it is done, but once glibc has raised its mmap threshold they come from its heap, which
+    small objects allocated in between keep from shrinking: without this, a process's resident size
+    grew by ~17 MB per 32 MB file read, without bound."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _find(sorted_hashes: np.ndarray, hashes: np.ndarray) -> np.ndarray:
@@ -727,6 +754,7 @@ def _scan_source(
         scan.bytes += size
 
     scan.read(iter_documents([source], errors, root, text_field=text_field, parts=True, on_read=on_read))
+    _release_freed_memory()
     return scan.summary()
 
 
