@@ -12,6 +12,7 @@ import pytest
 
 from nexttoken.cli import main
 from nexttoken.data.documents import Document
+from nexttoken.data import overlap
 from nexttoken.data.overlap import EvalNgrams, measure_overlap, normalize, words
 
 DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
@@ -170,21 +171,44 @@ def test_workers_give_the_same_answer(contaminated):
     assert one == two
 
 
-def test_a_copy_across_the_read_boundary_of_a_large_file_is_found_at_its_line(tmp_path):
+COPIED = "the quick brown fox jumps over the lazy dog " * 4
+
+
+def large_file_with_a_copy(tmp_path) -> tuple[int, int]:
+    """A 1.5 MB training file with ``COPIED`` wrapped at 20 characters starting 100 bytes before the
+    first 1 MB read's end: ``(byte offset, line index)`` where it starts."""
     filler = [f"line {i} of filler text with number {i * 7919 % 10007}" for i in range(40_000)]
-    copied = "the quick brown fox jumps over the lazy dog " * 4
     offset, at = 0, 0
-    while offset < (1 << 20) - 100:  # the copy starts 100 bytes before the first read's end
+    while offset < (1 << 20) - 100:
         offset += len(filler[at]) + 1
         at += 1
-    copy_lines = textwrap.wrap(copied, 20)
-    assert offset < (1 << 20) < offset + len(copied)
+    copy_lines = textwrap.wrap(COPIED, 20)
+    assert offset < (1 << 20) < offset + len(COPIED)
     (tmp_path / "train.txt").write_text("\n".join(filler[:at] + copy_lines + filler[at:]))
-    (tmp_path / "eval.txt").write_text("Before.\n" + copied.upper())
+    (tmp_path / "eval.txt").write_text("Before.\n" + COPIED.upper())
+    return offset, at
+
+
+def test_a_copy_across_the_read_boundary_of_a_large_file_is_found_at_its_line(tmp_path):
+    offset, at = large_file_with_a_copy(tmp_path)
+    copied = COPIED
     result = measure_overlap(tmp_path / "train.txt", tmp_path / "eval.txt", workers=0)
     span = result.documents[0].spans[0]
     assert result.overlap_words == len(copied.split()) == span.words
     assert (span.eval_line, span.train_document, span.train_line) == (2, "train.txt", at + 1)
+
+
+def test_a_large_file_scanned_in_ranges_by_workers_gives_the_same_answer_and_lines(tmp_path, monkeypatch):
+    offset, at = large_file_with_a_copy(tmp_path)
+    one = measure_overlap(tmp_path / "train.txt", tmp_path / "eval.txt", workers=0).to_dict()
+    # The first range is cut after the copy's second line: the copy spans two workers' ranges.
+    monkeypatch.setattr(overlap, "_RANGE_BYTES", offset + 30)
+    size = (tmp_path / "train.txt").stat().st_size
+    ranges = overlap._line_ranges(tmp_path / "train.txt", size)
+    assert len(ranges) >= 2 and any(offset < end < offset + len(COPIED) for _, end in ranges)
+    two = measure_overlap(tmp_path / "train.txt", tmp_path / "eval.txt", workers=2).to_dict()
+    assert one == two and one["train_documents"] == 1 and one["train_bytes"] == size
+    assert one["longest_spans"][0]["train_line"] == at + 1
 
 
 # --------------------------------------------------------------------------- the command

@@ -9,29 +9,45 @@ where they are on both sides.
 **Normalisation** (:func:`normalize`, :func:`words`): NFKC, case folded, punctuation and symbols
 (Unicode categories P and S: curly and straight quotes, every dash) turned into separators, format
 characters (soft hyphen, zero-width joiners) deleted, and any run of whitespace one separator. So
-line wrapping, typography and case do not hide a copy. Lines are the text's ``\\n`` lines, counted
-from 1.
+line wrapping, typography and case do not hide a copy. ASCII goes through a byte table; only the
+words holding a character above ASCII go through Unicode's functions. Lines are the text's ``\\n``
+lines, counted from 1.
+
+**Near copies**: an evaluation n-gram (n >= 3) that occurs in training with its middle word changed
+covers its words as a *near copy*. A copy with one word in ten changed shares no 13-gram, but every
+tenth of its 13-word windows has its changed word in the middle, and those cover it: such a document
+is ``partial``, not ``clean`` (:attr:`DocumentOverlap.kind`).
 
 **Hashing**, all in numpy, with no Python step per word or per n-gram: each word's hash is a
 polynomial of its UTF-8 bytes mod 2**64 (from prefix sums over the whole text, so every word at once),
 its length added, then mixed (splitmix64's finalizer); an n-gram's hash is the polynomial
 ``sum(word[i + j] * B ** (n - 1 - j)) mod 2**64`` of its words' hashes, for every position at once
-(n multiply-adds over the array). Why not ``blake2b`` or Python's ``hash``: a Python call per word
-or n-gram costs more than everything else together (a plain set of word tuples is as fast), and
+from prefix sums of ``word[m] * B ** -m`` (four passes whatever n), and its near-copy hash the same
+less the middle word's term. Why not ``blake2b`` or Python's ``hash``: a Python call per word or
+n-gram costs more than everything else together (a plain set of word tuples is as fast), and
 Python's ``hash`` is salted per process, so worker processes would disagree. ``B`` is odd, so every
 power of it is invertible mod 2**64: two different n-grams collide with a probability of about
 ``2**-58`` (the tests check the answers against a plain set of word tuples).
 
-**Memory**: only the evaluation side's n-gram hashes are held (a sorted array, 8 bytes each); the
-training corpus is streamed, a text file in parts of about 1 MB, and each part's n-gram hashes are
-looked up in the sorted array (``searchsorted``). The training sources are scanned by worker
-processes in parallel (:func:`nexttoken.data.parallel.ordered_map`), one source at a time each; a
-single large file is scanned by one process.
+**Memory**: only the evaluation side's hashes are held (two sorted arrays, 8 bytes an n-gram each);
+the training corpus is streamed, a text file in parts of about 1 MB; each part's near-copy hashes go
+through a table of flags first (an exact copy is also a near copy), and the few that pass are
+looked up in the sorted arrays (``searchsorted``); a training line is only counted for an n-gram
+found for the first time. The training sources are scanned by worker processes in parallel
+(:func:`nexttoken.data.parallel.ordered_map`), a text file above 64 MB in ranges cut after a
+newline, each range read with the last n - 1 words before it so no n-gram across a cut is missed.
+
+**Words back to characters** (:func:`word_character_spans`, :func:`covered_character_spans`,
+:func:`overlapping_tokens`): which characters of a document, and which of its tokens, the covered
+words come from, for ``nexttoken eval --train-data``'s split of the score.
 """
 
 from __future__ import annotations
 
+import codecs
 import ctypes
+import dataclasses
+import itertools
 import os
 import re
 import unicodedata
@@ -43,7 +59,16 @@ from pathlib import Path
 
 import numpy as np
 
-from nexttoken.data.documents import Document, corpus_root, find_documents, iter_documents
+from nexttoken.data.documents import (
+    BINARY_SNIFF_BYTES,
+    READ_BYTES,
+    Document,
+    as_parts,
+    corpus_root,
+    find_documents,
+    is_text_file,
+    iter_documents,
+)
 from nexttoken.data.parallel import available_cores, ordered_map
 from nexttoken.errors import DataError, setting
 
@@ -803,6 +828,127 @@ def measure_overlap_of_documents(
     )
 
 
+# A text file larger than this is scanned in ranges of about this size, by several workers at once.
+_RANGE_BYTES = 64 << 20
+# Bytes before a range read back for the words an n-gram across its start begins with.
+_LEAD_BYTES = 64 << 10
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A training source to scan: whole (``end`` None, as :func:`iter_documents` reads it), or the
+    bytes ``[start, end)`` of a large text file, cut just after a newline."""
+
+    source: Path
+    start: int = 0
+    end: int | None = None
+
+
+def _jobs(sources: Sequence[Path], workers: int) -> list[_Job]:
+    jobs = []
+    for source in sources:
+        size = source.stat().st_size if workers > 1 and is_text_file(source) else 0
+        if size > _RANGE_BYTES:
+            jobs += [_Job(source, start, end) for start, end in _line_ranges(source, size)]
+        else:
+            jobs.append(_Job(source))
+    return jobs
+
+
+def _line_ranges(source: Path, size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` byte ranges of about :data:`_RANGE_BYTES` covering the file, each cut just
+    after a newline (so each starts a character and a line); a file without newlines is one range."""
+    cuts = [0]
+    with open(source, "rb") as f:
+        while cuts[-1] + _RANGE_BYTES < size:
+            f.seek(cuts[-1] + _RANGE_BYTES)
+            newline = f.read(_LONGEST_LINE).find(b"\n")
+            if newline < 0 or cuts[-1] + _RANGE_BYTES + newline + 1 >= size:
+                break
+            cuts.append(cuts[-1] + _RANGE_BYTES + newline + 1)
+    return list(zip(cuts, [*cuts[1:], size]))
+
+
+def _scan_job(
+    job: _Job, root: Path, n: int, text_field: str, errors: str, eval_hashes=None, near_hashes=None
+):
+    """``(summary, newlines read before the range, newlines in the range)`` of one job (the lines in
+    a range's summary count from the first line it read)."""
+    if job.end is None:
+        return _scan_source(job.source, root, n, text_field, errors, eval_hashes, near_hashes), 0, 0
+    if eval_hashes is None:
+        eval_hashes, near_hashes = _WORKER_EVAL["hashes"], _WORKER_EVAL.get("near")
+    scan = _Scan(eval_hashes, n, near_hashes)
+    name = job.source.relative_to(root).as_posix()
+    lead = _lead_in(job.source, job.start, n - 1)
+    newlines = [0]
+    scan.read(as_parts(name, itertools.chain([lead], _range_texts(job, errors, newlines))))
+    _release_freed_memory()
+    scan.bytes = job.end - job.start
+    scan.documents = 1 if job.start == 0 else 0  # the file is one document, counted by its first range
+    return scan.summary(), lead.count("\n"), newlines[0]
+
+
+def _lead_in(source: Path, start: int, count: int) -> str:
+    """The last ``count`` words before byte ``start`` (and what separates them), read back at most
+    :data:`_LEAD_BYTES`; after a newline, so they begin a line only where the text does."""
+    if start == 0 or count == 0:
+        return ""
+    with open(source, "rb") as f:
+        f.seek(max(0, start - _LEAD_BYTES))
+        data = f.read(start - max(0, start - _LEAD_BYTES))
+    if start > _LEAD_BYTES:  # the first bytes read may be part of a word (or of a character): not a word
+        data = data[min((i for i in (data.find(b" "), data.find(b"\n")) if i >= 0), default=len(data)) :]
+    text = data.decode("utf-8", errors="replace")
+    return text[_start_of_last_words(text, count) :]
+
+
+def _range_texts(job: _Job, errors: str, newlines: list[int]) -> Iterator[str]:
+    """The text of the job's bytes, in parts of about :data:`READ_BYTES`; ``newlines[0]`` counts them."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    with open(job.source, "rb") as f:
+        f.seek(job.start)
+        if job.start == 0 and b"\0" in f.read(BINARY_SNIFF_BYTES):
+            raise DataError(
+                f"{job.source} is a binary file (it has NUL bytes), not text; pass UTF-8 text files"
+            )
+        f.seek(job.start)
+        position = job.start
+        while position < job.end:
+            block = f.read(min(READ_BYTES, job.end - position))
+            if not block:
+                break
+            try:
+                text = decoder.decode(block, final=position + len(block) >= job.end)
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{job.source} is not valid UTF-8 (near byte offset {position + error.start}: {error.reason}); "
+                    f"convert it to UTF-8, or pass {setting('data.replace_invalid_utf8')} true to replace bad "
+                    "bytes with U+FFFD"
+                ) from None
+            position += len(block)
+            newlines[0] += block.count(b"\n")
+            if text:
+                yield text
+
+
+def _file_lines(
+    jobs: Sequence[_Job], results: Iterable[tuple[ScanSummary, int, int]]
+) -> Iterator[ScanSummary]:
+    """The summaries, with a range's training lines counted from its file's first line."""
+    before = 0  # newlines of the file in its earlier ranges
+    for job, (summary, lead, newlines) in zip(jobs, results):
+        if job.end is None:
+            yield summary
+            continue
+        if job.start == 0:
+            before = 0
+        shift = before - lead
+        where = {index: (name, line + shift) for index, (name, line) in summary.where.items()}
+        yield dataclasses.replace(summary, where=where)
+        before += newlines
+
+
 def scan_training(
     train_sources: Sequence[Path],
     evaluation: EvalNgrams,
@@ -812,14 +958,16 @@ def scan_training(
     workers: int | None = None,
     top: int = 5,
 ) -> OverlapResult:
-    """Stream the training sources (as :func:`find_documents` gives them) past ``evaluation``'s n-grams."""
+    """Stream the training sources (as :func:`find_documents` gives them) past ``evaluation``'s n-grams:
+    in ``workers`` processes (default one per core), over sources, and over ranges of a large text file."""
     root = corpus_root(train_sources)
     n = evaluation.n
     workers = available_cores() if workers is None else workers
-    workers = min(workers, len(train_sources))
+    jobs = _jobs(train_sources, workers)
+    workers = min(workers, len(jobs))
     if workers <= 1:
         job = partial(
-            _scan_source,
+            _scan_job,
             root=root,
             n=n,
             text_field=text_field,
@@ -827,14 +975,14 @@ def scan_training(
             eval_hashes=evaluation.hashes,
             near_hashes=evaluation.near_hashes,
         )
-        scans: Iterator[ScanSummary] = ordered_map(job, train_sources, 0)
+        results = ordered_map(job, jobs, 0)
     else:
-        job = partial(_scan_source, root=root, n=n, text_field=text_field, errors=errors)
-        scans = ordered_map(
+        job = partial(_scan_job, root=root, n=n, text_field=text_field, errors=errors)
+        results = ordered_map(
             job,
-            train_sources,
+            jobs,
             workers,
             initializer=_start_scan_worker,
             initargs=(evaluation.hashes, evaluation.near_hashes),
         )
-    return evaluation.result(scans, top)
+    return evaluation.result(_file_lines(jobs, results), top)
