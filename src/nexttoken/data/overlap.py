@@ -39,7 +39,7 @@ newline, each range read with the last n - 1 words before it so no n-gram across
 
 **Words back to characters** (:func:`word_character_spans`, :func:`covered_character_spans`,
 :func:`overlapping_tokens`): which characters of a document, and which of its tokens, the covered
-words come from, for ``nexttoken eval --train-data``'s split of the score.
+words come from, for the split of ``nexttoken eval``'s score by overlap with training.
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ class DocumentOverlap:
 
     ``partial_words``: words no shared n-gram covers but a near-copy one does (an n-gram that occurs
     in training with its middle word changed). ``covered``: per word, whether an n-gram that occurs
-    in training exactly or as a near copy covers it (what ``eval --train-data`` splits the score by).
+    in training exactly or as a near copy covers it (what ``nexttoken eval`` splits its score by).
     """
 
     name: str
@@ -819,7 +819,7 @@ def measure_overlap_of_documents(
     workers: int | None = None,
     top: int = 5,
 ) -> OverlapResult:
-    """:func:`measure_overlap` for evaluation documents already read (``nexttoken eval --train-data``
+    """:func:`measure_overlap` for evaluation documents already read (``nexttoken eval``
     scores the same documents it measures)."""
     evaluation = EvalNgrams(documents, n)
     train_sources = find_documents(train_paths, setting_name="train_data")
