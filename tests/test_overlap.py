@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from nexttoken.cli import main
-from nexttoken.data.documents import Document
 from nexttoken.data import overlap
+from nexttoken.data.documents import Document
 from nexttoken.data.overlap import EvalNgrams, measure_overlap, normalize, words
 
 DATA = Path(__file__).parents[1] / ".." / "shared" / "data"

@@ -282,14 +282,13 @@ def document_start_lines(args: argparse.Namespace, tokenizer) -> tuple[str, str 
     if mode != "no" or trained_start is None:
         return line, None
     token = tokenizer.eos_token if trained_start == tokenizer.eos_id else tokenizer.bos_token
-    learned = (
-        "this checkpoint was trained with"
-        if is_checkpoint(str(args.model))
-        else "this model's tokenizer puts (so its training had)"
-    )
+    if is_checkpoint(str(args.model)):
+        learned = f"this checkpoint was trained with {token} before every document"
+    else:
+        learned = f"this model's tokenizer puts {token} before every text (as its training documents began)"
     return line, (
-        f"warning: {learned} {token} before every document, and --bos no scores without it: each "
-        "document's start is scored out of the layout the model learned (drop --bos no to score as trained)"
+        f"warning: {learned}, and --bos no scores without it: each document's start is scored out of "
+        "the layout the model learned (drop --bos no to score it as trained)"
     )
 
 
