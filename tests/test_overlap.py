@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nexttoken.cli import main
+from nexttoken.data import overlap
 from nexttoken.data.documents import Document
 from nexttoken.data.overlap import EvalNgrams, measure_overlap, normalize, words
 
@@ -42,6 +43,22 @@ def plain_covered(train_texts: list[str], eval_text: str, n: int) -> int:
     covered = [False] * len(tokens)
     for i in range(len(tokens) - n + 1):
         if tuple(tokens[i : i + n]) in train:
+            covered[i : i + n] = [True] * n
+    return sum(covered)
+
+
+def plain_near_covered(train_texts: list[str], eval_text: str, n: int) -> int:
+    """Covered words of ``eval_text`` when an n-gram may also differ from training's in its middle word."""
+    middle = n // 2
+    train = set()
+    for text in train_texts:
+        tokens = plain_words(text)
+        for i in range(len(tokens) - n + 1):
+            train.add(tuple(tokens[i : i + middle] + ["*"] + tokens[i + middle + 1 : i + n]))
+    tokens = plain_words(eval_text)
+    covered = [False] * len(tokens)
+    for i in range(len(tokens) - n + 1):
+        if tuple(tokens[i : i + middle] + ["*"] + tokens[i + middle + 1 : i + n]) in train:
             covered[i : i + n] = [True] * n
     return sum(covered)
 
@@ -84,6 +101,9 @@ def test_hashed_ngrams_agree_with_a_set_of_word_tuples(n):
         for document, text in zip(result.documents, evals):
             assert document.eval_words == len(plain_words(text))
             assert document.overlap_words == plain_covered(train, text, n)
+            # Near copies (the middle word changed) from n = 3 on: the words they add to the exact ones.
+            near = plain_near_covered(train, text, n) if n >= 3 else document.overlap_words
+            assert document.partial_words == near - document.overlap_words
 
 
 # --------------------------------------------------------------------------- recall
@@ -124,8 +144,18 @@ def test_a_reformatted_copy_is_found_an_unrelated_text_is_clean(contaminated):
     assert result["exact.txt"].spans[0].train_document == "copy.txt"
     assert result["exact.txt"].spans[0].words == result["exact.txt"].eval_words
     assert result["unrelated.txt"].overlap_fraction == 0.0 and result["unrelated.txt"].eval_words > 2000
-    # A word changed every 10 words leaves no 13 words in a row: 13-grams cannot see it.
+    # A word changed every 10 words leaves no 13 words in a row: exact 13-grams cannot see it, but
+    # 13-grams with their middle word changed can, so the copy is partial, not clean.
     assert result["edited.txt"].overlap_fraction == 0.0
+    assert result["edited.txt"].partial_fraction > 0.9 and result["edited.txt"].kind == "partial"
+    assert result["exact.txt"].kind == "copied"
+    assert result["unrelated.txt"].partial_fraction == 0.0 and result["unrelated.txt"].kind == "clean"
+
+
+def test_unrelated_real_texts_share_nothing_not_even_near_copies():
+    result = measure_overlap(SHAKESPEARE, DATA / "wikitext-2" / "valid.txt", workers=0)
+    assert result.eval_words > 150_000
+    assert result.overlap_words == 0 and result.partial_words == 0
 
 
 def test_an_edited_copy_is_partial_below_the_gap_between_edits(contaminated):
@@ -141,21 +171,44 @@ def test_workers_give_the_same_answer(contaminated):
     assert one == two
 
 
-def test_a_copy_across_the_read_boundary_of_a_large_file_is_found_at_its_line(tmp_path):
+COPIED = "the quick brown fox jumps over the lazy dog " * 4
+
+
+def large_file_with_a_copy(tmp_path) -> tuple[int, int]:
+    """A 1.5 MB training file with ``COPIED`` wrapped at 20 characters starting 100 bytes before the
+    first 1 MB read's end: ``(byte offset, line index)`` where it starts."""
     filler = [f"line {i} of filler text with number {i * 7919 % 10007}" for i in range(40_000)]
-    copied = "the quick brown fox jumps over the lazy dog " * 4
     offset, at = 0, 0
-    while offset < (1 << 20) - 100:  # the copy starts 100 bytes before the first read's end
+    while offset < (1 << 20) - 100:
         offset += len(filler[at]) + 1
         at += 1
-    copy_lines = textwrap.wrap(copied, 20)
-    assert offset < (1 << 20) < offset + len(copied)
+    copy_lines = textwrap.wrap(COPIED, 20)
+    assert offset < (1 << 20) < offset + len(COPIED)
     (tmp_path / "train.txt").write_text("\n".join(filler[:at] + copy_lines + filler[at:]))
-    (tmp_path / "eval.txt").write_text("Before.\n" + copied.upper())
+    (tmp_path / "eval.txt").write_text("Before.\n" + COPIED.upper())
+    return offset, at
+
+
+def test_a_copy_across_the_read_boundary_of_a_large_file_is_found_at_its_line(tmp_path):
+    offset, at = large_file_with_a_copy(tmp_path)
+    copied = COPIED
     result = measure_overlap(tmp_path / "train.txt", tmp_path / "eval.txt", workers=0)
     span = result.documents[0].spans[0]
     assert result.overlap_words == len(copied.split()) == span.words
     assert (span.eval_line, span.train_document, span.train_line) == (2, "train.txt", at + 1)
+
+
+def test_a_large_file_scanned_in_ranges_by_workers_gives_the_same_answer_and_lines(tmp_path, monkeypatch):
+    offset, at = large_file_with_a_copy(tmp_path)
+    one = measure_overlap(tmp_path / "train.txt", tmp_path / "eval.txt", workers=0).to_dict()
+    # The first range is cut after the copy's second line: the copy spans two workers' ranges.
+    monkeypatch.setattr(overlap, "_RANGE_BYTES", offset + 30)
+    size = (tmp_path / "train.txt").stat().st_size
+    ranges = overlap._line_ranges(tmp_path / "train.txt", size)
+    assert len(ranges) >= 2 and any(offset < end < offset + len(COPIED) for _, end in ranges)
+    two = measure_overlap(tmp_path / "train.txt", tmp_path / "eval.txt", workers=2).to_dict()
+    assert one == two and one["train_documents"] == 1 and one["train_bytes"] == size
+    assert one["longest_spans"][0]["train_line"] == at + 1
 
 
 # --------------------------------------------------------------------------- the command

@@ -7,6 +7,7 @@ The arguments shared with ``nexttoken inspect`` (windows, dtype, device, BOS) ar
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,14 +16,21 @@ from nexttoken.commands.spelling import tool_flag
 from nexttoken.data.chat import CONVERSATION_FIELDS, DATA_FORMATS, TRAIN_ON, read_conversations
 from nexttoken.data.documents import find_documents, is_text_file, load_documents
 from nexttoken.data.formats import choose_data_format
+from nexttoken.data.overlap import (
+    DEFAULT_N,
+    OverlapResult,
+    covered_character_spans,
+    measure_overlap_of_documents,
+)
 from nexttoken.data.records import Record, RecordSource
-from nexttoken.errors import UserError
+from nexttoken.data.tokenizers import as_tokenizer, describe_scored_start, document_start
+from nexttoken.errors import UserError, spelled
 from nexttoken.io import write_atomically
 from nexttoken.models.hf import chat_tokenizer_of
-from nexttoken.models.load import ADAPTER_HELP, DTYPE_CHOICES, load_model
+from nexttoken.models.load import ADAPTER_HELP, DTYPE_CHOICES, is_checkpoint, load_model
 from nexttoken.scoring.lmeval.results import results_json, results_path, results_table
 from nexttoken.scoring.responses import ResponseEvalResult, evaluate_records
-from nexttoken.scoring.text import BOS_MODES, EvalResult, evaluate_texts
+from nexttoken.scoring.text import BOS_MODES, EvalResult, evaluate_texts, start_token
 from nexttoken.scoring.windows import check_window_settings
 
 # The data settings eval takes, as its own arguments (the rest: nexttoken.commands.spelling).
@@ -33,6 +41,8 @@ DATA_ARGUMENTS = {
     "data.format": "--format",
     "data.chat_template": "--chat-template",
     "data.train_on": "--train-on",
+    "eval_path": "DATA",
+    "data.overlap_n": "--overlap-n",
 }
 
 
@@ -131,6 +141,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--json", action="store_true", help="print one JSON object on stdout instead of a table"
     )
     add_response_arguments(parser)
+    add_overlap_arguments(parser)
     add_task_arguments(parser)
 
 
@@ -171,7 +182,7 @@ def format_rows(rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def format_table(result: EvalResult) -> str:
+def format_table(result: EvalResult, extra_rows: Sequence[tuple[str, str]] = ()) -> str:
     first = (
         "scored (a start token is prepended to each document)"
         if result.bos_prepended
@@ -192,6 +203,7 @@ def format_table(result: EvalResult) -> str:
         ("bits per byte", f"{result.bits_per_byte:.4f}"),
         ("word perplexity", f"{result.word_perplexity:.4f}"),
         ("speed", f"{result.tokens_per_second:,.1f} tokens/s ({result.seconds:.1f} s)"),
+        *extra_rows,
     ]
     return format_rows(rows)
 
@@ -212,15 +224,26 @@ def run_eval(args: argparse.Namespace) -> int:
     sources = find_documents(args.data)
     data_format, format_line = choose_data_format(sources, args.format, args.text_field)
     if data_format != "text":
+        if args.train_data:
+            raise UserError("--train-data applies to text DATA; score chat/instruction records without it")
         return run_response_eval(args, sources, data_format, format_line)
     documents = load_documents(sources, text_field=args.text_field)
+    overlap = spans = None
+    if args.train_data:  # measured before the model loads: a bad training path stops us first
+        overlap = measure_overlap_of_documents(
+            args.train_data, documents, args.overlap_n, text_field=args.text_field
+        )
+        spans = overlap_spans(documents, overlap)
     model, tokenizer = load_model_of(args)
+    start_line_text, warning = document_start_lines(args, tokenizer)
     print(
         f"nexttoken eval: {len(documents)} document(s); "
-        f"{settings_note(args.context, args.stride, model.max_context)}",
+        f"{settings_note(args.context, args.stride, model.max_context)}; {start_line_text}",
         file=sys.stderr,
         flush=True,
     )
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     result = evaluate_texts(
         model,
         tokenizer,
@@ -231,9 +254,108 @@ def run_eval(args: argparse.Namespace) -> int:
         bos=args.bos or "auto",
         progress=args.progress,
         model_name=str(args.model) + (f" + {args.adapter}" if args.adapter else ""),
+        overlap_spans=spans,
     )
-    print(result.to_json() if args.json else format_table(result), flush=True)
+    if args.json:
+        report = result.to_dict()
+        report.pop("split", None)
+        report["document_start"] = start_line_text
+        if overlap is not None:
+            report["overlap"] = overlap_report(overlap, result)
+        print(json.dumps(report, allow_nan=False), flush=True)
+    else:
+        rows = [("document start", start_line_text.removeprefix("document start: "))]
+        if overlap is not None:
+            rows += overlap_rows(overlap, result)
+        print(format_table(result, rows), flush=True)
     return 0
+
+
+# --------------------------------------------------------------------------- what starts a document
+def document_start_lines(args: argparse.Namespace, tokenizer) -> tuple[str, str | None]:
+    """The ``document start: ...`` line, and a warning when the model learned documents that start
+    with a token and ``--bos no`` scores them without it."""
+    tokenizer = as_tokenizer(tokenizer)
+    mode = args.bos or "auto"
+    line = spelled(describe_scored_start(tokenizer, start_token(tokenizer, mode), mode), spell)
+    trained_start = document_start(tokenizer)
+    if mode != "no" or trained_start is None:
+        return line, None
+    token = tokenizer.eos_token if trained_start == tokenizer.eos_id else tokenizer.bos_token
+    if is_checkpoint(str(args.model)):
+        learned = f"this checkpoint was trained with {token} before every document"
+    else:
+        learned = f"this model's tokenizer puts {token} before every text (as its training documents began)"
+    return line, (
+        f"warning: {learned}, and --bos no scores without it: each document's start is scored out of "
+        "the layout the model learned (drop --bos no to score it as trained)"
+    )
+
+
+# --------------------------------------------------------------------------- --train-data
+def add_overlap_arguments(parser: argparse.ArgumentParser) -> None:
+    """``[--train-data TRAIN]... [--overlap-n N]``: the score split into overlapping and clean tokens."""
+    group = parser.add_argument_group("overlap with a training corpus (text DATA)")
+    group.add_argument(
+        "--train-data",
+        action="append",
+        default=None,
+        metavar="TRAIN",
+        help="a training corpus (files or folders, any data format; repeatable): split the score into "
+        "the tokens of text that occurs in it (shared or near-copy n-grams) and the clean rest",
+    )
+    group.add_argument(
+        "--overlap-n", type=int, default=DEFAULT_N, metavar="N", help="words per n-gram (default: 13)"
+    )
+
+
+def overlap_spans(documents, overlap: OverlapResult) -> list[list[tuple[int, int]]]:
+    """Per document, the characters that occur in training: the runs of covered words. A document
+    whose words cannot be placed on its characters exactly is overlapping as a whole when any of
+    its words is covered (so its clean part is never one it shares with training)."""
+    spans = []
+    for document, measured in zip(documents, overlap.documents, strict=True):
+        covered = measured.covered
+        placed = covered_character_spans(document.text, covered) if covered is not None else None
+        if placed is None:
+            placed = [(0, len(document.text))] if covered is not None and covered.any() else []
+        spans.append(placed)
+    return spans
+
+
+def overlap_report(overlap: OverlapResult, result: EvalResult) -> dict:
+    """``--json``'s ``overlap``: the measure, the score's overlapping and clean parts, per document too."""
+    measure = overlap.to_dict()
+    split = result.split.to_dict()
+    for document, parts in zip(measure["documents"], split["documents"], strict=True):
+        document.update(parts)
+    measure["overlapping"], measure["clean"] = split["overlapping"], split["clean"]
+    return measure
+
+
+def overlap_rows(overlap: OverlapResult, result: EvalResult) -> list[tuple[str, str]]:
+    classes = overlap.classes()
+    rows = [
+        (
+            "train overlap",
+            f"{overlap.n}-grams: {overlap.overlap_fraction:.2%} of the words shared with training, "
+            f"{overlap.partial_fraction:.2%} more in near copies; documents: {classes['copied']:,} copied, "
+            f"{classes['partial']:,} partial, {classes['clean']:,} clean",
+        )
+    ]
+    for label, part in (("overlapping", result.split.overlapping), ("clean", result.split.clean)):
+        numbers = part.to_dict()
+        if part.tokens:
+            rows.append(
+                (
+                    label,
+                    f"{part.tokens:,} tokens ({part.bytes:,} bytes): perplexity {numbers['perplexity']:.4f}, "
+                    f"{numbers['bits_per_byte']:.4f} bits per byte",
+                )
+            )
+        else:
+            rows.append((label, f"no tokens ({part.bytes:,} bytes)"))
+    return rows
 
 
 # --------------------------------------------------------------------------- chat and instruction records
@@ -378,6 +500,8 @@ def run_tasks(args: argparse.Namespace) -> int:
             "--tasks runs lm-eval tasks on their own data; score text files in a separate "
             f"`nexttoken eval MODEL {' '.join(args.data[:2])}` run without --tasks"
         )
+    if args.train_data:
+        raise UserError("--train-data applies to text DATA, not to --tasks; drop one of them")
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     if not names:
         raise UserError("--tasks: name at least one task, e.g. --tasks hellaswag or --tasks mytask")

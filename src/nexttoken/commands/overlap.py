@@ -80,7 +80,11 @@ def overlap_table(result: OverlapResult, top: int = 5) -> str:
     lines = [
         f"{result.n}-gram overlap: {result.overlap_fraction:.2%} of the evaluation words "
         f"({result.overlap_words:,} of {result.eval_words:,}) are in {result.n}-grams that occur in training",
-        f"evaluation documents  {len(result.documents):,} ({with_overlap:,} share {result.n}-grams with training)",
+        f"near copies: {result.partial_fraction:.2%} more ({result.partial_words:,} words) are in {result.n}-grams "
+        "that occur in training with their middle word changed",
+        f"evaluation documents  {len(result.documents):,} ({with_overlap:,} share {result.n}-grams with training; "
+        + ", ".join(f"{count:,} {kind}" for kind, count in result.classes().items())
+        + ")",
         f"training corpus       {result.train_documents:,} document{'s' if result.train_documents != 1 else ''}, "
         f"{result.train_bytes / 1e6:,.1f} MB",
     ]

@@ -311,6 +311,34 @@ def document_start(tokenizer: Tokenizer) -> int | None:
     return tokenizer.bos_id if tokenizer.adds_bos else None
 
 
+def describe_scored_start(tokenizer: Tokenizer, start: int | None, mode: str = "auto") -> str:
+    """``document start: TOKEN (why)`` for scoring: what goes before each evaluated document (``start``,
+    as the caller resolved it under ``mode``, auto/yes/no; without one the first token is not scored)
+    and why, in one line. Training's stream is worded by :func:`nexttoken.data.chat.describe_document_start`
+    (there, documents without a start token are still kept apart by the EOS) (the setting named with
+    :func:`setting`, for a command to spell)."""
+    bos = setting("bos")
+    if start is None:
+        if mode == "no":
+            return f"document start: nothing ({bos} no: each document's first token is not scored)"
+        return (
+            "document start: nothing (the tokenizer adds no BOS, so each document's first token is not "
+            f"scored; {bos} yes prepends one)"
+        )
+    token = tokenizer.eos_token if start == tokenizer.eos_id else tokenizer.bos_token
+    if tokenizer.kind in BUILTIN_KINDS and start == tokenizer.eos_id:
+        why = "nexttoken's tokenizer: the EOS that ends each training document starts the next"
+    elif tokenizer.adds_bos and start == tokenizer.bos_id:
+        why = "the tokenizer's BOS: it puts it before every text it encodes"
+    else:
+        why = f"{bos} yes: the tokenizer's BOS, which it does not add itself"
+    template = tokenizer.chat_template
+    if template is not None and start == tokenizer.bos_id:
+        writes = "bos_token" in template or (token is not None and token in template)
+        why += "; its chat template " + ("writes one too" if writes else "does not add one")
+    return f"document start: {token} ({why})"
+
+
 def document_frame(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """``(before, after)``: the tokens around each document's own tokens in a training stream.
 

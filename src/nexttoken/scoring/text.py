@@ -26,7 +26,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from nexttoken.data.tokenizers import Tokenizer, as_tokenizer, document_start
+from nexttoken.data.overlap import overlapping_tokens
+from nexttoken.data.tokenizers import Tokenizer, as_tokenizer, document_start, token_byte_counts
 from nexttoken.errors import UserError, setting
 from nexttoken.metrics import summarize
 from nexttoken.models.hf import as_causal_lm
@@ -121,6 +122,52 @@ class EvalResult(JSONResult):
     device: str
     seconds: float
     tokens_per_second: float
+    # With ``overlap_spans``: the score split into the overlapping and the clean tokens.
+    split: ScoreSplit | None = None
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if self.split is None:
+            del out["split"]
+        else:
+            out["split"] = self.split.to_dict()
+        return out
+
+
+@dataclass
+class ScorePart:
+    """One part of a score as the reduction contract's three sums: ``nll_sum`` (nats), ``tokens``
+    (scored tokens), ``bytes`` (UTF-8 bytes of the text its tokens cover, scored or not)."""
+
+    nll_sum: float
+    tokens: int
+    bytes: int
+
+    def to_dict(self) -> dict:
+        out: dict = {"nll_sum": self.nll_sum, "tokens": self.tokens, "bytes": self.bytes}
+        numbers = summarize(self.nll_sum, self.tokens, self.bytes) if self.tokens else {}
+        for key in ("loss", "perplexity", "bits_per_byte"):
+            value = numbers.get(key)
+            out[key] = value if value is not None and math.isfinite(value) else None
+        return out
+
+
+@dataclass
+class ScoreSplit:
+    """A score split by token: ``overlapping`` (tokens that share a character with text that occurs
+    in training) and ``clean`` (the rest), in all and per document. The parts' sums add up to the
+    whole score's exactly: every scored token is in one part (the per-owner sums of one pass)."""
+
+    overlapping: ScorePart
+    clean: ScorePart
+    documents: list[tuple[ScorePart, ScorePart]]
+
+    def to_dict(self) -> dict:
+        return {
+            "overlapping": self.overlapping.to_dict(),
+            "clean": self.clean.to_dict(),
+            "documents": [{"overlapping": o.to_dict(), "clean": c.to_dict()} for o, c in self.documents],
+        }
 
 
 def _document(start: int | None, ids: Sequence[int]) -> Tensor:
@@ -138,8 +185,13 @@ def evaluate_texts(
     bos: BosMode = "auto",
     progress: bool = False,
     model_name: str | None = None,
+    overlap_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> EvalResult:
     """Score every token of every text once with sliding windows (see the module doc).
+
+    ``overlap_spans``: per text, the characters ``[start, end)`` that occur in training
+    (:func:`nexttoken.data.overlap.covered_character_spans`); the result's ``split`` then holds the
+    score of the tokens that share a character with them and of the rest (:class:`ScoreSplit`).
 
     ``context`` (tokens per window) defaults to the model's maximum, ``stride`` to ``context // 2``,
     ``batch_size`` (windows per forward pass) to about 1k tokens' worth on CPU. ``bos``: ``auto`` |
@@ -152,8 +204,13 @@ def evaluate_texts(
     model, tokenizer = as_causal_lm(model), as_tokenizer(tokenizer)
     context, stride = resolve_windows(model, context, stride)
     start = start_token(tokenizer, bos)
-    docs = [_document(start, tokenizer.encode(text)) for text in texts]
-    rows = document_rows(docs, context, stride)
+    if overlap_spans is None:
+        docs = [_document(start, tokenizer.encode(text)) for text in texts]
+        rows = document_rows(docs, context, stride)
+    else:
+        docs, rows, token_bytes, overlapping = _split_rows(
+            tokenizer, texts, start, context, stride, overlap_spans
+        )
     total = sum(r.columns.numel() for r in rows)
     if total == 0:
         raise UserError(
@@ -163,10 +220,15 @@ def evaluate_texts(
     param = model.lm_head.weight
     batch_size = resolve_batch_size(batch_size, context, param.device)
     began = time.perf_counter()
+    owners = len(docs) if overlap_spans is None else 2 * len(docs)
     with progress_bar(total, progress, "eval") as bar:
-        scores = score_rows(model, rows, len(docs), batch_size=batch_size, progress=bar.update)
+        scores = score_rows(model, rows, owners, batch_size=batch_size, progress=bar.update)
     seconds = time.perf_counter() - began
     nll_sum, tokens = scores.nll_sum, scores.total_tokens
+    split = None
+    if overlap_spans is not None:
+        split = _split(scores, token_bytes, overlapping)
+        nll_sum = split.overlapping.nll_sum + split.clean.nll_sum  # the whole is its two parts
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_words = sum(len(t.split()) for t in texts)
     numbers = summarize(nll_sum, tokens, n_bytes)
@@ -192,6 +254,46 @@ def evaluate_texts(
         device=str(param.device),
         seconds=seconds,
         tokens_per_second=tokens / seconds if seconds > 0 else math.nan,
+        split=split,
+    )
+
+
+def _split_rows(tokenizer: Tokenizer, texts, start, context, stride, overlap_spans):
+    """The documents and their rows with each read owned by ``2 * document + overlapping``, where
+    ``overlapping`` says whether the token it scores shares a character with ``overlap_spans``; and
+    per document, the bytes each token covers and which tokens overlap."""
+    if len(overlap_spans) != len(texts):
+        raise ValueError(f"{len(overlap_spans)} lists of overlap spans for {len(texts)} texts")
+    docs, token_bytes, overlapping = [], [], []
+    for text, spans in zip(texts, overlap_spans):
+        ids, offsets = tokenizer.encode_with_offsets(text)
+        docs.append(_document(start, ids))
+        token_bytes.append(token_byte_counts(text, offsets, [False] * len(ids)))
+        overlapping.append(torch.from_numpy(overlapping_tokens(offsets, spans)))
+    shift_by = 1 if start is not None else 0  # document position p is text token p - shift_by
+    windows = [w for d, ids in enumerate(docs) for w in make_windows(len(ids), context, stride, doc=d)]
+    rows = window_rows(docs, windows)
+    for w, row in zip(windows, rows):
+        row.owners = 2 * row.owners + overlapping[w.doc][w.begin + row.columns + 1 - shift_by].long()
+    return docs, rows, token_bytes, overlapping
+
+
+def _split(scores, token_bytes, overlapping) -> ScoreSplit:
+    nll, tokens = scores.nll.view(-1, 2), scores.tokens.view(-1, 2)  # per document: (clean, overlapping)
+    documents = []
+    for d, (counts, mask) in enumerate(zip(token_bytes, overlapping)):
+        mask = mask.numpy()
+        overlap_bytes = int(counts[mask].sum())
+        documents.append(
+            (
+                ScorePart(float(nll[d, 1]), int(tokens[d, 1]), overlap_bytes),
+                ScorePart(float(nll[d, 0]), int(tokens[d, 0]), int(counts.sum()) - overlap_bytes),
+            )
+        )
+    return ScoreSplit(
+        ScorePart(float(nll[:, 1].sum()), int(tokens[:, 1].sum()), sum(o.bytes for o, _ in documents)),
+        ScorePart(float(nll[:, 0].sum()), int(tokens[:, 0].sum()), sum(c.bytes for _, c in documents)),
+        documents,
     )
 
 
