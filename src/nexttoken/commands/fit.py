@@ -140,6 +140,7 @@ RUN_LENGTH_FLAGS = (
     "--trainer.max_steps",
     "--trainer.max_time",
     "--trainer.max_epochs",
+    "--model.decay_steps",  # a continued run's decay: its length decides the run's (docs/training.md)
 )
 
 
@@ -217,6 +218,7 @@ class NextTokenCLI(LightningCLI):
             if key in config.data and given["data"][key] == defaults.data[key]:
                 config.data[key] = value  # not given: the checkpoint's data settings
         config.model.block_size = config.data.block_size  # linked: the model's context is the data's
+        self._continue_with_new_decay(config, given["model"], defaults.model)
         conflicts = []
         for group, keys in SHAPE_SETTINGS.items():
             for key in keys:
@@ -233,6 +235,17 @@ class NextTokenCLI(LightningCLI):
                 f"checkpoint {config.ckpt_path} does not match this run: {'; '.join(conflicts)}; "
                 "drop those flags to continue the checkpoint's run, or start a new run without --ckpt_path"
             )
+
+    def _continue_with_new_decay(self, config, given, defaults) -> None:
+        """A run continued from a checkpoint takes its model settings from it, except the decay's length
+        given now: from ``decay-start.ckpt``, ``--model.decay_steps N`` decays over the next N steps
+        (the run then ends N steps after the checkpoint unless ``--trainer.max_steps`` says otherwise)."""
+        for key in CONTINUATION_SETTINGS:
+            if given.get(key) != defaults.get(key):
+                config.model[key] = given[key]
+        steps_given = any(a.split("=", 1)[0] == "--trainer.max_steps" for a in self._args)
+        if given.get("decay_steps") is not None and not steps_given:
+            config.trainer.max_steps = self._resume_step + given["decay_steps"]
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
@@ -359,6 +372,9 @@ class NextTokenCLI(LightningCLI):
         if trainer.is_global_zero:
             write_report(trainer, module, data, run_dir, spell)
 
+
+# The model settings a continued run may change from its checkpoint's: the length of the decay.
+CONTINUATION_SETTINGS = ("decay_fraction", "decay_steps")
 
 # The settings that decide the network's shape and its token ids: a checkpoint only fits if they agree.
 # (The model's block_size is not among them: it follows the data's, checked there.)
