@@ -218,7 +218,7 @@ class NextTokenCLI(LightningCLI):
             if key in config.data and given["data"][key] == defaults.data[key]:
                 config.data[key] = value  # not given: the checkpoint's data settings
         config.model.block_size = config.data.block_size  # linked: the model's context is the data's
-        self._continue_with_new_decay(config, given["model"], defaults.model)
+        self._continue_with_new_decay(config, given["model"], defaults.model, checkpoint)
         conflicts = []
         for group, keys in SHAPE_SETTINGS.items():
             for key in keys:
@@ -236,16 +236,26 @@ class NextTokenCLI(LightningCLI):
                 "drop those flags to continue the checkpoint's run, or start a new run without --ckpt_path"
             )
 
-    def _continue_with_new_decay(self, config, given, defaults) -> None:
+    def _continue_with_new_decay(self, config, given, defaults, checkpoint: dict) -> None:
         """A run continued from a checkpoint takes its model settings from it, except the decay's length
         given now: from ``decay-start.ckpt``, ``--model.decay_steps N`` decays over the next N steps
-        (the run then ends N steps after the checkpoint unless ``--trainer.max_steps`` says otherwise)."""
+        (the run ends N steps after the checkpoint; a ``--trainer.max_steps`` given must agree)."""
         for key in CONTINUATION_SETTINGS:
             if given.get(key) != defaults.get(key):
                 config.model[key] = given[key]
+        decay_steps = given.get("decay_steps")
+        if decay_steps is None or decay_steps == checkpoint.get("hyper_parameters", {}).get("decay_steps"):
+            return  # no new decay (a run resumed with its own settings goes on as it was)
         steps_given = any(a.split("=", 1)[0] == "--trainer.max_steps" for a in self._args)
-        if given.get("decay_steps") is not None and not steps_given:
-            config.trainer.max_steps = self._resume_step + given["decay_steps"]
+        if not steps_given:
+            config.trainer.max_steps = self._resume_step + decay_steps
+        elif config.trainer.max_steps - decay_steps != self._resume_step:
+            raise UserError(
+                f"--model.decay_steps {decay_steps} with --trainer.max_steps {config.trainer.max_steps} would "
+                f"start the decay at step {config.trainer.max_steps - decay_steps}, not at the checkpoint's step "
+                f"{self._resume_step}; drop --trainer.max_steps (the run then ends at step "
+                f"{self._resume_step + decay_steps})"
+            )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
