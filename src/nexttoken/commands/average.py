@@ -21,6 +21,9 @@ from nexttoken.commands.spelling import tool_flag
 from nexttoken.errors import UserError
 
 
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+
+
 def spell(setting: str) -> str:
     """How ``nexttoken average`` writes a setting an error names (``weights`` is ``--weights``)."""
     return tool_flag(setting)
@@ -117,10 +120,11 @@ def average_checkpoints(
     return averaged
 
 
-def validation_scores(paths: list[Path]) -> list[dict[str, float]]:
+def validation_scores(paths: list[Path], precision: str = "auto") -> list[dict[str, float]]:
     """Each checkpoint's score on its run's held-out data, as ``nexttoken validate --ckpt_path`` gets
     it: the run's data module and model from the settings the (first) checkpoint keeps, the module's
-    validation step, the precision ``nexttoken validate`` would pick."""
+    validation step, in ``precision`` (``auto``: what ``nexttoken validate`` and ``fit`` pick, so the
+    numbers are the run's own validations')."""
     import lightning as L
 
     from nexttoken.checkpoints import read_checkpoint
@@ -137,7 +141,7 @@ def validation_scores(paths: list[Path]) -> list[dict[str, float]]:
     module = CausalLMModule(**settings("hyper_parameters"))
     trainer = L.Trainer(
         devices=1,
-        precision=auto_precision()[0],
+        precision=auto_precision()[0] if precision == "auto" else precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -179,6 +183,12 @@ def add_average_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="of the scoring; auto: what `nexttoken fit` picks (give the run's own if it set one)",
+    )
+    parser.add_argument(
         "--no-score", dest="score", action="store_false", help="write the average without scoring anything"
     )
 
@@ -190,7 +200,7 @@ def run_average(args: argparse.Namespace) -> int:
     shares = [w / sum(weights) for w in weights] if weights else [1 / len(inputs)] * len(inputs)
     print(f"averaged {len(inputs)} checkpoints into {out} (training state of step {averaged['global_step']})")
     if args.score:
-        scores = validation_scores([*inputs, out])
+        scores = validation_scores([*inputs, out], args.precision)
         rows = [
             (str(p), int(entry["global_step"]), share, score)
             for p, entry, share, score in zip(inputs, averaged["averaged_from"], shares, scores)
