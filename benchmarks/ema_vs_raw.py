@@ -62,7 +62,9 @@ class RawAndExtraAverages(L.Callback):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=10.0, help="wall time of training (default 10)")
     parser.add_argument("--ema", type=float, default=0.995, help="--model.ema of the run (default 0.995)")
     parser.add_argument("--extra", default="0.99,0.999", help="other decays averaged beside it, by hand")
@@ -149,7 +151,9 @@ def main() -> None:
     for name, score in scores.items():
         if name != "raw":
             bpb = score["bits_per_byte"]
-            print(f"ema_vs_raw bits_per_byte: raw={raw:.4f} {name.split()[0]}={bpb:.4f} ratio={bpb / raw:.4f}")
+            print(
+                f"ema_vs_raw bits_per_byte: raw={raw:.4f} {name.split()[0]}={bpb:.4f} ratio={bpb / raw:.4f}"
+            )
 
 
 if __name__ == "__main__":

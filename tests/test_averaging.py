@@ -57,7 +57,9 @@ def ema_run(tmp_path_factory):
     corpus = write_corpus(tmp / "corpus", n_docs=4)
     args = fit_args(corpus, tmp / "runs", tmp / "cache", STEPS, "--model.ema", str(DECAY))
     args[args.index("--trainer.val_check_interval") + 1] = "3"
-    cli = run_lightning_cli([*args, "--trainer.precision", "32-true", "--trainer.callbacks+=test_averaging.RawWeights"])
+    cli = run_lightning_cli(
+        [*args, "--trainer.precision", "32-true", "--trainer.callbacks+=test_averaging.RawWeights"]
+    )
     (raw,) = [c for c in cli.trainer.callbacks if isinstance(c, RawWeights)]
     return cli, raw, tmp / "runs" / "version_0"
 
@@ -116,7 +118,9 @@ def test_average_writes_the_weighted_average_and_scores_it(ema_run, tmp_path, ca
     text.write_text("The queen of the river was the light of the castle.\n" * 4)
     assert main(["eval", str(out), str(text)]) == 0
     corpus = run_dir.parents[1] / "corpus"
-    resumed = fit_args(corpus, tmp_path / "runs", run_dir.parents[1] / "cache", STEPS + 1, "--ckpt_path", str(out))
+    resumed = fit_args(
+        corpus, tmp_path / "runs", run_dir.parents[1] / "cache", STEPS + 1, "--ckpt_path", str(out)
+    )
     assert main([*resumed, "--trainer.precision", "32-true"]) == 0
     trained_on = torch.load(tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert trained_on["global_step"] == STEPS + 1
@@ -156,7 +160,10 @@ def test_average_refuses_bad_input(ema_run, tmp_path, capfd, make, extra, expect
     "flags, expect",
     [
         (["--model.decay_steps", "5"], "--model.decay_steps applies to --model.schedule wsd"),
-        (["--model.schedule", "wsd", "--model.decay_fraction", "1.5"], "--model.decay_fraction must be in (0, 1]"),
+        (
+            ["--model.schedule", "wsd", "--model.decay_fraction", "1.5"],
+            "--model.decay_fraction must be in (0, 1]",
+        ),
         (["--model.ema", "1.0"], "--model.ema is the average's decay"),
     ],
 )

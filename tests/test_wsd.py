@@ -55,7 +55,9 @@ def test_steps_follow_the_formula_and_mark_the_decay_start(fraction, start):
 def test_decay_steps_is_the_run_s_last_steps():
     optimizer, sched = schedule(warmup_steps=2, max_steps=30, decay_steps=7)
     lrs = run(optimizer, sched, 30)
-    assert lrs == pytest.approx([LR * wsd_by_hand(s, warmup=2, decay_start=23, decay_length=7) for s in range(30)])
+    assert lrs == pytest.approx(
+        [LR * wsd_by_hand(s, warmup=2, decay_start=23, decay_length=7) for s in range(30)]
+    )
     assert sched.decay_start_step == 23
 
 
@@ -123,4 +125,6 @@ def test_a_run_continued_from_decay_start_is_the_run_with_that_decay(tmp_path):
     assert sorted(loss_b) == [7, 8, 9] and all(loss_b[s] == loss_c[s] for s in (7, 8, 9))
     peak = 3e-3
     for step, lr in lr_b.items():
-        assert lr == pytest.approx(peak * wsd_by_hand(step, warmup=1, decay_start=7, decay_length=3), rel=1e-6)
+        assert lr == pytest.approx(
+            peak * wsd_by_hand(step, warmup=1, decay_start=7, decay_length=3), rel=1e-6
+        )

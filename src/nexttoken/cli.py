@@ -2,7 +2,7 @@
 
 ``fit`` and ``validate`` are LightningCLI subcommands, so every Trainer flag and YAML config
 works as Lightning users expect (``--print_config``, ``--config``, ``--trainer.max_steps`` ...).
-``eval``, ``inspect``, ``generate``, ``chat`` and ``export`` are plain commands around a trained model,
+``eval``, ``inspect``, ``generate``, ``chat``, ``export`` and ``average`` are plain commands around a trained model,
 and ``overlap`` one around the data;
 their options go anywhere among their arguments. Bad input, a refused option included, ends in one
 line on stderr and exit status 2 (``--debug`` shows the traceback), naming settings as the command

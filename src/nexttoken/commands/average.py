@@ -20,7 +20,6 @@ from pathlib import Path
 from nexttoken.commands.spelling import tool_flag
 from nexttoken.errors import UserError
 
-
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 
 
@@ -38,7 +37,9 @@ def parse_weights(text: str | None, count: int) -> list[float] | None:
     except ValueError:
         raise UserError(f"--weights {text!r}: give numbers separated by commas, e.g. 1,2,1") from None
     if len(weights) != count:
-        raise UserError(f"--weights {text!r} has {len(weights)} numbers for {count} checkpoints; give one each")
+        raise UserError(
+            f"--weights {text!r} has {len(weights)} numbers for {count} checkpoints; give one each"
+        )
     if min(weights) < 0 or sum(weights) <= 0:
         raise UserError(f"--weights {text!r}: the weights must be non-negative and not all zero")
     return weights
@@ -68,7 +69,11 @@ def check_one_run(paths: list[Path], checkpoints: list[dict]) -> None:
         differ = [key for key in first_shape if shape[key] != first_shape[key]]
         if differ:
             key = differ[0]
-            what = key if key.startswith("the ") else f"{key} {shape[key]} ({first_path.name}: {first_shape[key]})"
+            what = (
+                key
+                if key.startswith("the ")
+                else f"{key} {shape[key]} ({first_path.name}: {first_shape[key]})"
+            )
             raise UserError(
                 f"{path} is not of the same run as {first_path}: {what} differs; average checkpoints of one run"
             )
@@ -98,7 +103,9 @@ def average_checkpoints(
     if len(paths) < 2:
         raise UserError("give at least two checkpoints to average, then the new checkpoint's path")
     if out.suffix != ".ckpt":
-        raise UserError(f"{out}: the new checkpoint's name must end in .ckpt (the last path is where it goes)")
+        raise UserError(
+            f"{out}: the new checkpoint's name must end in .ckpt (the last path is where it goes)"
+        )
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; choose a new path, or pass --overwrite (nothing was written)")
     if any(p.resolve() == out.resolve() for p in paths):

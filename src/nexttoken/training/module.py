@@ -626,7 +626,11 @@ def check_schedule_settings(
     if schedule not in Schedule.__args__:
         raise UserError(f"{setting('model.schedule')} must be cosine or wsd, got {schedule!r}")
     if schedule != "wsd":
-        given = [name for name, value in (("decay_fraction", decay_fraction), ("decay_steps", decay_steps)) if value is not None]
+        given = [
+            name
+            for name, value in (("decay_fraction", decay_fraction), ("decay_steps", decay_steps))
+            if value is not None
+        ]
         if given:
             raise UserError(
                 f"{setting('model.' + given[0])} applies to {setting('model.schedule')} wsd, but the schedule is "
@@ -637,7 +641,9 @@ def check_schedule_settings(
     if decay_steps is not None and decay_steps < 1:
         raise UserError(f"{setting('model.decay_steps')} must be at least 1, got {decay_steps}")
     if ema is not None and not 0.0 < ema < 1.0:
-        raise UserError(f"{setting('model.ema')} is the average's decay, between 0 and 1 (e.g. 0.999), got {ema}")
+        raise UserError(
+            f"{setting('model.ema')} is the average's decay, between 0 and 1 (e.g. 0.999), got {ema}"
+        )
     if ema is not None and lora is not None:
         raise UserError(
             f"{setting('model.ema')} averages every weight, and a LoRA run's checkpoints hold the adapters only; "
