@@ -173,3 +173,20 @@ def test_bad_settings_are_one_line(tmp_path, capfd, flags, expect):
     assert main(fit_args(corpus, tmp_path / "runs", tmp_path / "cache", 2, *flags)) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and expect in err[-1], err
+
+
+@pytest.mark.slow
+def test_an_ema_run_resumes_with_its_average(ema_run, tmp_path):
+    """Cut after step 3 and resumed: the EMA goes on from the checkpoint's, and the step-6 validation
+    (of the average) equals the uninterrupted run's."""
+    _, _, run_dir = ema_run
+    corpus, cache = run_dir.parents[1] / "corpus", run_dir.parents[1] / "cache"
+    args = fit_args(
+        corpus, tmp_path / "runs", cache, STEPS, "--model.ema", str(DECAY), "--trainer.precision", "32-true"
+    )
+    args[args.index("--trainer.val_check_interval") + 1] = "3"
+    stop = ["--trainer.callbacks+=test_cli.StopAtStep", "--trainer.callbacks.step=3"]
+    assert main([*args, *stop]) == 0
+    assert main([*args, "--ckpt_path", "last"]) == 0
+    resumed, full = metric_rows(tmp_path / "runs" / "version_0", "val/loss"), metric_rows(run_dir, "val/loss")
+    assert resumed[STEPS - 1] == pytest.approx(full[STEPS - 1], rel=1e-6)
