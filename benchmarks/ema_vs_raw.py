@@ -57,8 +57,15 @@ class RawAndExtraAverages(L.Callback):
         self.raw = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
     def state_dict_of(self, pl_module, decay: float) -> dict[str, torch.Tensor]:
-        names = [n for n, _ in pl_module.named_parameters()]
-        return {**self.raw, **dict(zip(names, (a.clone() for a in self.averages[decay])))}
+        """The module's state dict with the EMA of ``decay`` as its parameters. Through the module
+        itself: a tied head and embedding are one parameter but two state-dict entries."""
+        params = list(pl_module.parameters())
+        held = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(params, self.averages[decay])
+            state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            torch._foreach_copy_(params, held)
+        return state
 
 
 def main() -> None:
@@ -67,7 +74,11 @@ def main() -> None:
     )
     parser.add_argument("--minutes", type=float, default=10.0, help="wall time of training (default 10)")
     parser.add_argument("--ema", type=float, default=0.995, help="--model.ema of the run (default 0.995)")
-    parser.add_argument("--extra", default="0.99,0.999", help="other decays averaged beside it, by hand")
+    parser.add_argument(
+        "--extra",
+        default="0.995,0.99,0.999",
+        help="decays averaged beside it, by hand (the run's own among them checks the product's EMA)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--data", default=str(DATA))
     args = parser.parse_args()
