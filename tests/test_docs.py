@@ -19,7 +19,7 @@ from nexttoken.errors import UserError
 
 ROOT = Path(__file__).parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-COMMANDS = ("fit", "validate", "eval", "inspect", "generate", "chat", "export", "overlap")
+COMMANDS = ("fit", "validate", "eval", "inspect", "generate", "chat", "export", "overlap", "average")
 
 # A placeholder value where a flag expects a number (`--context N`, `--top K`).
 NUMBER_PLACEHOLDER = re.compile(r"^[A-Z]$")

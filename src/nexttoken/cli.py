@@ -2,7 +2,7 @@
 
 ``fit`` and ``validate`` are LightningCLI subcommands, so every Trainer flag and YAML config
 works as Lightning users expect (``--print_config``, ``--config``, ``--trainer.max_steps`` ...).
-``eval``, ``inspect``, ``generate``, ``chat`` and ``export`` are plain commands around a trained model,
+``eval``, ``inspect``, ``generate``, ``chat``, ``export`` and ``average`` are plain commands around a trained model,
 and ``overlap`` one around the data;
 their options go anywhere among their arguments. Bad input, a refused option included, ends in one
 line on stderr and exit status 2 (``--debug`` shows the traceback), naming settings as the command
@@ -32,6 +32,7 @@ commands:
   generate   sample text from a checkpoint, a Hugging Face folder or a GGUF file (--chat: a reply)
   chat       talk with a model through its chat template (history kept across turns)
   export     write a checkpoint as a Hugging Face folder (config, safetensors, tokenizer)
+  average    average checkpoints of one run into a new one, each scored on the run's held-out data
   overlap    how much of an evaluation text occurs in a training corpus (shared 13-grams, and where)
 
 global options:
@@ -52,12 +53,13 @@ COMMAND_MODULES = {
     "chat": "generate",
     "export": "export",
     "overlap": "overlap",
+    "average": "average",
 }
 
 
 def _tool_commands() -> dict:
+    from nexttoken.commands import average, export, generate, overlap
     from nexttoken.commands import eval as evaluation
-    from nexttoken.commands import export, generate, overlap
     from nexttoken.commands import inspect as surprisal
 
     return {
@@ -78,6 +80,11 @@ def _tool_commands() -> dict:
             overlap.add_overlap_arguments,
             overlap.run_overlap,
             "shared n-grams of an evaluation text and a training corpus",
+        ),
+        "average": (
+            average.add_average_arguments,
+            average.run_average,
+            "average checkpoints of one run into a new checkpoint",
         ),
     }
 

@@ -140,6 +140,7 @@ RUN_LENGTH_FLAGS = (
     "--trainer.max_steps",
     "--trainer.max_time",
     "--trainer.max_epochs",
+    "--model.decay_steps",  # a continued run's decay: its length decides the run's (docs/training.md)
 )
 
 
@@ -219,6 +220,7 @@ class NextTokenCLI(LightningCLI):
             if key in config.data and given["data"][key] == defaults.data[key] and not on_command_line:
                 config.data[key] = value  # not given: the checkpoint's data settings
         config.model.block_size = config.data.block_size  # linked: the model's context is the data's
+        self._continue_with_new_decay(config, given["model"], defaults.model, checkpoint)
         conflicts = []
         for group, keys in SHAPE_SETTINGS.items():
             for key in keys:
@@ -234,6 +236,27 @@ class NextTokenCLI(LightningCLI):
             raise UserError(
                 f"checkpoint {config.ckpt_path} does not match this run: {'; '.join(conflicts)}; "
                 "drop those flags to continue the checkpoint's run, or start a new run without --ckpt_path"
+            )
+
+    def _continue_with_new_decay(self, config, given, defaults, checkpoint: dict) -> None:
+        """A run continued from a checkpoint takes its model settings from it, except the decay's length
+        given now: from ``decay-start.ckpt``, ``--model.decay_steps N`` decays over the next N steps
+        (the run ends N steps after the checkpoint; a ``--trainer.max_steps`` given must agree)."""
+        for key in CONTINUATION_SETTINGS:
+            if given.get(key) != defaults.get(key):
+                config.model[key] = given[key]
+        decay_steps = given.get("decay_steps")
+        if decay_steps is None or decay_steps == checkpoint.get("hyper_parameters", {}).get("decay_steps"):
+            return  # no new decay (a run resumed with its own settings goes on as it was)
+        steps_given = any(a.split("=", 1)[0] == "--trainer.max_steps" for a in self._args)
+        if not steps_given:
+            config.trainer.max_steps = self._resume_step + decay_steps
+        elif config.trainer.max_steps - decay_steps != self._resume_step:
+            raise UserError(
+                f"--model.decay_steps {decay_steps} with --trainer.max_steps {config.trainer.max_steps} would "
+                f"start the decay at step {config.trainer.max_steps - decay_steps}, not at the checkpoint's step "
+                f"{self._resume_step}; drop --trainer.max_steps (the run then ends at step "
+                f"{self._resume_step + decay_steps})"
             )
 
     def before_instantiate_classes(self) -> None:
@@ -367,6 +390,9 @@ class NextTokenCLI(LightningCLI):
         if trainer.is_global_zero:
             write_report(trainer, module, data, run_dir, spell)
 
+
+# The model settings a continued run may change from its checkpoint's: the length of the decay.
+CONTINUATION_SETTINGS = ("decay_fraction", "decay_steps")
 
 # The settings that decide the network's shape and its token ids: a checkpoint only fits if they agree.
 # (The model's block_size is not among them: it follows the data's, checked there.)

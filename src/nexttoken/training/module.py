@@ -24,7 +24,7 @@ from nexttoken.models.gpt import PRESETS
 from nexttoken.models.load import build_network, is_checkpoint, is_hf_model, load_checkpoint
 from nexttoken.models.lora import LoraSettings
 from nexttoken.models.protocol import CausalLM
-from nexttoken.schedule import timer_clock
+from nexttoken.schedule import DEFAULT_DECAY_FRACTION, WarmupStableDecay, timer_clock
 from nexttoken.training.gradients import clip_by_norm, global_grad_norm
 from nexttoken.training.log_throttle import LogThrottle
 from nexttoken.training.nonfinite import NonFiniteGuard, OnNonFinite
@@ -37,6 +37,7 @@ FUSED_LOSS_MIN_VOCAB_RATIO = 8
 FALLBACK_SCHEDULE_STEPS = 100_000
 
 FusedLoss = Literal["auto", "on", "off"]
+Schedule = Literal["cosine", "wsd"]
 # torch.compile, when left to "auto": measured on a 2-core CPU at small GPT shapes it makes a step
 # only 5-8% faster and costs 1-2 minutes of compilation on a cold inductor cache, which a run repays
 # only after 500-15,000 steps (benchmarks/README.md, small_model_speed.py --compile-check): off on
@@ -74,6 +75,14 @@ class CausalLMModule(L.LightningModule):
         lora: train LoRA adapters with these settings and freeze the pretrained ``model`` (None: train
             every weight; ``lora: {r: 16}``, see :class:`~nexttoken.models.lora.LoraSettings`).
             Checkpoints then hold the adapters, the optimizer state, and the base model's path and sha256.
+        schedule: ``cosine`` (warmup, then cosine to ``min_lr``) or ``wsd`` (warmup, the peak, then a
+            late 1 - sqrt decay to ``min_lr``; ``decay-start.ckpt`` keeps the weights at its start).
+        decay_fraction: ``wsd``: the share of the run after warmup that decays (default 0.2), in steps,
+            on the clock, or whichever runs out first.
+        decay_steps: ``wsd``: decay over the run's last this many optimizer steps instead; a run
+            continued from ``decay-start.ckpt`` with it decays from there over this many steps.
+        ema: validate, report and checkpoint an exponential moving average of the weights with this
+            decay (``nexttoken.training.averaging``); None: the raw weights.
     """
 
     def __init__(
@@ -96,8 +105,13 @@ class CausalLMModule(L.LightningModule):
         compile: bool | Literal["auto"] = "auto",
         trust_remote_code: bool = False,
         lora: LoraSettings | None = None,
+        schedule: Schedule = "cosine",
+        decay_fraction: float | None = None,
+        decay_steps: int | None = None,
+        ema: float | None = None,
     ) -> None:
         super().__init__()
+        check_schedule_settings(schedule, decay_fraction, decay_steps, ema, lora)
         if fused_loss not in FusedLoss.__args__:
             raise UserError(
                 f"{setting('model.fused_loss')} must be one of {', '.join(FusedLoss.__args__)}, got "
@@ -145,6 +159,24 @@ class CausalLMModule(L.LightningModule):
         self._nonfinite = NonFiniteGuard(on_nonfinite)
         self._log_throttle = LogThrottle()
         self.compiled, self.compile_reason = False, ""
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The callbacks the settings ask for while training: the decay-start checkpoint of ``wsd``,
+        the EMA of the weights (``ema``)."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if self._trainer is None or self._trainer.state.fn != TrainerFn.FITTING:
+            return []
+        callbacks: list[L.Callback] = []
+        if self.hparams.schedule == "wsd":
+            from nexttoken.training.decay_start import DecayStartCheckpoint
+
+            callbacks.append(DecayStartCheckpoint())
+        if self.hparams.ema is not None:
+            from nexttoken.training.averaging import ExponentialMovingAverage
+
+            callbacks.append(ExponentialMovingAverage(self.hparams.ema))
+        return callbacks
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -469,7 +501,48 @@ class CausalLMModule(L.LightningModule):
             # optimizer (it unscales inside its own step): use the foreach kernel there.
             fused=False if str(self.trainer.precision) in ("16-mixed", "16") else None,
         )
+        if hp.schedule == "wsd":
+            schedule = self._warmup_stable_decay(optimizer, schedule, clock)
+        if hp.ema is not None:
+            from nexttoken.training.averaging import describe_ema
+
+            self.schedule_notes.append(describe_ema(hp.ema))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _warmup_stable_decay(self, optimizer, cosine, clock) -> WarmupStableDecay:
+        """The ``wsd`` schedule in place of the cosine ``build_optimizer`` made, with its warmup, length
+        and floor."""
+        hp = self.hparams
+        if hp.decay_steps is not None and cosine.max_steps is None:
+            raise UserError(
+                f"{setting('model.decay_steps')} needs a step limit ({setting('trainer.max_steps')}); on a "
+                f"time limit alone use {setting('model.decay_fraction')}"
+            )
+        fraction = DEFAULT_DECAY_FRACTION if hp.decay_fraction is None else hp.decay_fraction
+        schedule = WarmupStableDecay(
+            optimizer,
+            warmup_steps=cosine.warmup_steps,
+            max_steps=cosine.max_steps,
+            min_lr_ratio=cosine.min_lr_ratio,
+            decay_fraction=fraction,
+            decay_steps=hp.decay_steps,
+            clock=clock,
+        )
+        steps = schedule.steps_decay()
+        if hp.decay_steps is not None:
+            length = f"the last {hp.decay_steps:,} steps"
+        else:
+            length = f"the last {fraction:g} of the run after warmup" + (
+                f" ({steps[1]:,} steps" + (" or the clock, whichever comes first)" if clock else ")")
+                if steps
+                else " (on the clock)"
+            )
+        start = f", from step {steps[0]:,}" if steps and not (clock and hp.decay_steps is None) else ""
+        self.schedule_notes.append(
+            f"schedule: warmup-stable-decay: the peak, then 1 - sqrt down to the floor over {length}{start}; "
+            "the checkpoint at the decay's start is kept (decay-start.ckpt)"
+        )
+        return schedule
 
     def peak_lr(self) -> float:
         """``model.lr``, or the default for what trains (``DEFAULT_LR``)."""
@@ -544,3 +617,35 @@ class CausalLMModule(L.LightningModule):
                 f"{(missing or ['-'])[0]}; {len(extra)} unexpected, e.g. {(extra or ['-'])[0]}); "
                 "use the run's model settings (its config.yaml)"
             )
+
+
+def check_schedule_settings(
+    schedule: str, decay_fraction: float | None, decay_steps: int | None, ema: float | None, lora: Any
+) -> None:
+    """The schedule's and the averaging's settings, checked before anything is built."""
+    if schedule not in Schedule.__args__:
+        raise UserError(f"{setting('model.schedule')} must be cosine or wsd, got {schedule!r}")
+    if schedule != "wsd":
+        given = [
+            name
+            for name, value in (("decay_fraction", decay_fraction), ("decay_steps", decay_steps))
+            if value is not None
+        ]
+        if given:
+            raise UserError(
+                f"{setting('model.' + given[0])} applies to {setting('model.schedule')} wsd, but the schedule is "
+                f"{schedule}"
+            )
+    if decay_fraction is not None and not 0.0 < decay_fraction <= 1.0:
+        raise UserError(f"{setting('model.decay_fraction')} must be in (0, 1], got {decay_fraction}")
+    if decay_steps is not None and decay_steps < 1:
+        raise UserError(f"{setting('model.decay_steps')} must be at least 1, got {decay_steps}")
+    if ema is not None and not 0.0 < ema < 1.0:
+        raise UserError(
+            f"{setting('model.ema')} is the average's decay, between 0 and 1 (e.g. 0.999), got {ema}"
+        )
+    if ema is not None and lora is not None:
+        raise UserError(
+            f"{setting('model.ema')} averages every weight, and a LoRA run's checkpoints hold the adapters only; "
+            f"drop {setting('model.ema')} or {setting('model.lora')}"
+        )

@@ -197,6 +197,9 @@ def write_report(
         text = f"no validation score: validation is off ({setting('trainer.limit_val_batches')} 0)"
     else:
         text = format_report(validation, compressors, module.hparams.vocab_size, examples)
+    ema = getattr(getattr(module, "hparams", None), "ema", None)
+    if validation is not None and ema is not None:  # what was scored (nexttoken.training.averaging)
+        text += f"\nweights scored: the EMA of the weights (decay {ema:g}), as in every validation of the run"
     metrics_csv = run_dir / "metrics.csv"
     if trainer.logger is not None:
         trainer.logger.save()
@@ -219,6 +222,7 @@ def write_report(
         "validation": validation,
         "compressors_bits_per_byte": compressors,
         "global_step": trainer.global_step,
+        "weights_scored": "raw" if ema is None else f"ema {ema:g}",
     }
     if hasattr(data, "trust_report"):
         summary.update(trust)
