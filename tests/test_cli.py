@@ -105,10 +105,13 @@ def test_fit_end_to_end_writes_checkpoints_logs_curves_report(corpus, tmp_path, 
         assert chatter not in out, chatter
     # The start summary, once, in this order; the data line's numbers are the token cache's.
     lines = out.splitlines()
-    summary = lines[:8]
+    summary = lines[:11]
     assert [line.split(":")[0] for line in summary] == [
         "data",
         "validation",
+        "overlap",
+        "duplicates",
+        "document start",
         "model",
         "precision",
         "MFU peak",
@@ -122,7 +125,8 @@ def test_fit_end_to_end_writes_checkpoints_logs_curves_report(corpus, tmp_path, 
     assert f", {val_tokens:,} tokens (" in summary[0] and "token cache built in" in summary[0]
     # All of this small held-out set is scored (the cap binds only above 250,000 tokens).
     assert summary[1].startswith(f"validation: all {val_tokens - 1:,} held-out tokens (")
-    summary = [summary[0], *summary[2:]]
+    assert summary[2].startswith("overlap: 0 of 2 held-out documents share 13-grams with training, 0.0%")
+    summary = [summary[0], *summary[5:]]
     assert summary[2].startswith(f"precision: {auto_precision()[0]} (auto:")
     # The peak that MFU is a share of, in the math the matmuls run in, and where it comes from.
     math = {"bf16-mixed": "bf16", "32-true": "fp32"}[auto_precision()[0]]
