@@ -34,9 +34,14 @@ VOCAB = 259  # the bytes tokenizer's
 ROW = 256
 
 
+def chatml():
+    """The bytes tokenizer's ChatML template (also read by ddp_gradient_script.py)."""
+    return resolve_chat_template(build_tokenizer("bytes"))
+
+
 @pytest.fixture(scope="module")
 def template():
-    return resolve_chat_template(build_tokenizer("bytes"))
+    return chatml()
 
 
 def records(n: int = 8) -> list[dict]:
