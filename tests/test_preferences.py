@@ -312,7 +312,7 @@ def test_settings_are_checked():
     with pytest.raises(UserError, match="objective must be one of"):
         CausalLMModule(model="tiny", objective="kto")
     with pytest.raises(UserError, match="reference base is the LoRA base"):
-        make_module(objective="dpo", reference="base")
+        CausalLMModule(model="tiny", objective="dpo", reference="base")
 
 
 # --------------------------------------------------------------------------- validation
@@ -346,3 +346,112 @@ def test_pair_set_reads_consecutive_examples(template):
     pairs = encoded_pairs(template, 3)
     stored = PairSet(PairSet.flatten(pairs))
     assert len(stored) == 3 and stored[2][1] is pairs[2][1]
+
+
+def test_lora_reference_is_the_base_with_its_adapters_off(template, tiny_llama_dir):
+    """With LoRA the reference is the base model itself, adapters switched off: no second copy, the
+    base's own log-probabilities, and unchanged by training the adapters."""
+    from nexttoken.models.load import load_model
+
+    pairs = [p for p in encoded_pairs(template, 4) if max(len(p[0]), len(p[1])) <= 64]
+    batch = collate_pairs(pairs, range(len(pairs)), pad_id=0, packed_width=None)
+    torch.manual_seed(0)
+    module = SGDModule(model=str(tiny_llama_dir), vocab_size=320, lora={"r": 4}, objective="dpo", lr=1.0)
+    module.configure_model()
+    assert module._reference == [] and "adapters switched off" in module.reference_note
+    base = load_model(str(tiny_llama_dir), dtype="float32", device="cpu")[0]
+    before = module.reference_logps(batch)
+    torch.testing.assert_close(before.chosen, reply_logps(base, batch).chosen, atol=1e-6, rtol=0)
+    policy_before = reply_logps(module.model, batch).chosen
+    loader = DataLoader([batch] * 3, batch_size=None, collate_fn=lambda b: b)
+    quiet_trainer(max_steps=3).fit(module, train_dataloaders=loader)
+    after = module.reference_logps(batch)
+    assert torch.equal(before.chosen, after.chosen) and torch.equal(before.rejected, after.rejected)
+    assert not torch.allclose(policy_before, reply_logps(module.model, batch).chosen)
+
+
+# --------------------------------------------------------------------------- nexttoken fit
+def write_pairs(path, n: int = 24, **changes) -> None:
+    rows = [{**r, **changes} for r in records(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def pref_fit_args(path, tmp_path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--data.path",
+        str(path),
+        "--data.tokenizer",
+        "bytes",
+        "--data.block_size",
+        "64",
+        "--data.batch_size",
+        "4",
+        "--data.val_fraction",
+        "0.25",
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--model.n_layer",
+        "1",
+        "--model.n_head",
+        "2",
+        "--model.n_embd",
+        "32",
+        "--trainer.max_steps",
+        "3",
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_fit_trains_on_pairs_and_reports_the_scoreboard(tmp_path, capsys, objective):
+    from nexttoken.cli import main
+
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path)
+    assert main(pref_fit_args(path, tmp_path, "--model.objective", objective)) == 0
+    out = capsys.readouterr().out
+    assert "format: preference (auto" in out and "data: train 19 pairs" in out and "validation 5 pairs" in out
+    assert f"objective: {objective}" in out
+    assert ("reference: a frozen copy of the starting weights" in out) == (objective == "dpo")
+    report = json.loads(next((tmp_path / "runs").glob("version_*/report.json")).read_text())
+    validation = report["validation"]
+    assert validation["pairs"] == 5 and 0 <= validation["accuracy"] <= 1
+    assert validation["loss"] == pytest.approx(validation["sums"]["loss"] / 5)
+    assert (next((tmp_path / "runs").glob("version_*")) / "curves.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, changes, message",
+    [
+        (("--model.objective", "dpo", "--model.beta", "0"), {}, "--model.beta must be above 0"),
+        (("--model.objective", "dpo", "--model.reference", "base"), {}, "--model.reference base is the LoRA"),
+        ((), {}, "the data are preference pairs; train on them with --model.objective"),
+        (("--model.objective", "dpo"), {"chosen": "same", "rejected": "same"}, "identical chosen and rejected"),
+    ],
+)
+def test_fit_refuses_bad_preference_settings(tmp_path, capsys, extra, changes, message):
+    from nexttoken.cli import main
+
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, **changes)
+    assert main(pref_fit_args(path, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert not list((tmp_path / "runs").glob("version_*"))
+
+
+def test_fit_names_the_record_missing_rejected(tmp_path, capsys):
+    from nexttoken.cli import main
+
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path)
+    lines = path.read_text().splitlines()
+    lines[4] = json.dumps({"prompt": "x", "chosen": "y"})
+    path.write_text("\n".join(lines) + "\n")
+    assert main(pref_fit_args(path, tmp_path, "--model.objective", "dpo")) == 2
+    assert "pairs.jsonl line 5 has no 'rejected'" in capsys.readouterr().err

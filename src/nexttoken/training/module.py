@@ -143,6 +143,12 @@ class CausalLMModule(L.LightningModule):
                 "nexttoken checkpoint (.ckpt) nor a local Hugging Face model folder or .gguf file"
             )
         settings = LoraSettings.of(lora)  # a checkpoint's hyperparameters hold them as plain values
+        if reference == "base" and settings is None:
+            raise UserError(
+                f"{setting('model.reference')} base is the LoRA base with its adapters switched off, but "
+                f"this run trains every weight; use {setting('model.reference')} copy or add "
+                f"{setting('model.lora.r')}"
+            )
         if settings is not None and model in PRESETS:
             raise UserError(
                 f"{setting('model.lora.r')} adapts a pretrained model, but {setting('model.model')} {model} is a "
@@ -207,28 +213,12 @@ class CausalLMModule(L.LightningModule):
 
     def _setup_preference(self, datamodule: Any) -> None:
         """Check that the objective fits the data, and make the reference model of dpo/ipo."""
+        self.check_data_format(getattr(datamodule, "data_format", None))
         hp = self.hparams
-        data_format = getattr(datamodule, "data_format", None)
-        if data_format == "preference" and not self.preference:
-            raise UserError(
-                f"the data are preference pairs; train on them with {setting('model.objective')} dpo, ipo, "
-                "simpo or orpo"
-            )
-        if self.preference and data_format is not None and data_format != "preference":
-            raise UserError(
-                f"{setting('model.objective')} {hp.objective} trains on preference pairs (records with "
-                f"'chosen' and 'rejected'), but the data are {data_format}"
-            )
         if hp.objective not in NEEDS_REFERENCE:
             return
         mode = hp.reference if hp.reference != "auto" else ("base" if self.lora is not None else "copy")
         if mode == "base":
-            if self.lora is None:
-                raise UserError(
-                    f"{setting('model.reference')} base is the LoRA base with its adapters switched off, but "
-                    f"this run trains every weight; use {setting('model.reference')} copy or add "
-                    f"{setting('model.lora.r')}"
-                )
             self.reference_note = "reference: the LoRA base with the adapters switched off (no second copy)"
             return
         import copy
@@ -240,6 +230,19 @@ class CausalLMModule(L.LightningModule):
             f"reference: a frozen copy of the starting weights, {size / 2**20:,.1f} MiB more memory "
             f"({setting('model.reference')})"
         )
+
+    def check_data_format(self, data_format: str | None) -> None:
+        """Preference objectives train on preference pairs, and preference pairs need one."""
+        if data_format == "preference" and not self.preference:
+            raise UserError(
+                f"the data are preference pairs; train on them with {setting('model.objective')} dpo, ipo, "
+                "simpo or orpo"
+            )
+        if self.preference and data_format is not None and data_format != "preference":
+            raise UserError(
+                f"{setting('model.objective')} {hp.objective} trains on preference pairs (records with "
+                f"'chosen' and 'rejected'), but the data are {data_format}"
+            )
 
     def _compile_choice(self) -> tuple[bool, str]:
         mode = self.hparams.compile
