@@ -431,7 +431,11 @@ def test_fit_trains_on_pairs_and_reports_the_scoreboard(tmp_path, capsys, object
         (("--model.objective", "dpo", "--model.beta", "0"), {}, "--model.beta must be above 0"),
         (("--model.objective", "dpo", "--model.reference", "base"), {}, "--model.reference base is the LoRA"),
         ((), {}, "the data are preference pairs; train on them with --model.objective"),
-        (("--model.objective", "dpo"), {"chosen": "same", "rejected": "same"}, "identical chosen and rejected"),
+        (
+            ("--model.objective", "dpo"),
+            {"chosen": "same", "rejected": "same"},
+            "identical chosen and rejected",
+        ),
     ],
 )
 def test_fit_refuses_bad_preference_settings(tmp_path, capsys, extra, changes, message):

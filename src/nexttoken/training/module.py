@@ -240,7 +240,7 @@ class CausalLMModule(L.LightningModule):
             )
         if self.preference and data_format is not None and data_format != "preference":
             raise UserError(
-                f"{setting('model.objective')} {hp.objective} trains on preference pairs (records with "
+                f"{setting('model.objective')} {self.hparams.objective} trains on preference pairs (records with "
                 f"'chosen' and 'rejected'), but the data are {data_format}"
             )
 
