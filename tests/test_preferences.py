@@ -422,7 +422,31 @@ def test_fit_trains_on_pairs_and_reports_the_scoreboard(tmp_path, capsys, object
     validation = report["validation"]
     assert validation["pairs"] == 5 and 0 <= validation["accuracy"] <= 1
     assert validation["loss"] == pytest.approx(validation["sums"]["loss"] / 5)
-    assert (next((tmp_path / "runs").glob("version_*")) / "curves.png").is_file()
+    run = next((tmp_path / "runs").glob("version_*"))
+    assert (run / "curves.png").is_file()
+    if objective == "dpo":
+        check_eval_scoreboard(run / "checkpoints" / "last.ckpt", path, capsys)
+
+
+def check_eval_scoreboard(checkpoint, path, capsys) -> None:
+    """``nexttoken eval``: the model as its own reference gives DPO's loss log 2 and zero rewards
+    (ties: accuracy 0); without one, the summed log-probs are the model's own, computed by hand."""
+    from nexttoken.cli import main
+    from nexttoken.models.load import load_model
+
+    assert main(["eval", str(checkpoint), str(path), "--reference", str(checkpoint), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pairs"] == 24 and result["loss"] == pytest.approx(math.log(2), abs=1e-12)
+    assert (result["accuracy"], result["margin"], result["chosen_reward"]) == (0, 0, 0)
+    assert main(["eval", str(checkpoint), str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model, tokenizer = load_model(str(checkpoint), dtype="float32", device="cpu")
+    pairs = [encode_pair(resolve_chat_template(tokenizer), to_pair(r, "r")) for r in records(24)]
+    with torch.no_grad():
+        expected = by_hand_logps(model.eval(), pairs)
+    assert result["chosen_logp"] == pytest.approx(float(expected[:, 0].mean()), abs=1e-5)
+    assert result["accuracy"] == float((expected[:, 0] > expected[:, 1]).double().mean())
+    assert result["loss"] is None and set(result["sums"]) >= {"pairs", "loss", "chosen_tokens"}
 
 
 @pytest.mark.parametrize(

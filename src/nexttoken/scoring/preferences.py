@@ -8,12 +8,22 @@ by :func:`nexttoken.scoring.core.score_rows`: never a mean, never over the promp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from nexttoken.data.preferences import PairBatch
+from nexttoken.data.chat import Example
+from nexttoken.data.preferences import (
+    PairBatch,
+    PairFitReport,
+    PreferencePair,
+    collate_pairs,
+    encode_pair,
+    fit_pairs_to_block,
+)
 from nexttoken.loss import IGNORE_INDEX
 from nexttoken.models.protocol import CausalLM
 from nexttoken.scoring.core import Row, score_rows
@@ -110,3 +120,32 @@ class PairSums:
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+def score_pairs(
+    model: CausalLM, pairs: Sequence[tuple[Example, Example]], batch_size: int | None = None
+) -> ReplyLogps:
+    """Every pair's reply log-probabilities (no gradient), ``batch_size`` pairs per forward pass
+    (default: 8; each pair's two replies side by side, padded)."""
+    size = batch_size or 8
+    parts = [
+        reply_logps(model, collate_pairs(pairs, range(first, min(first + size, len(pairs))), 0, None))
+        for first in range(0, len(pairs), size)
+    ]
+    return ReplyLogps(
+        *(torch.cat([getattr(p, name) for p in parts]).cpu() for name in ReplyLogps.__dataclass_fields__)
+    )
+
+
+def encode_pairs_for(
+    tokenizer: Any, pairs: Sequence[PreferencePair], chat_template: str | None, max_context: int | None
+) -> tuple[list[tuple[Example, Example]], PairFitReport]:
+    """``pairs`` rendered with the tokenizer's chat template (or ``chat_template``),
+    cut from the left to the model's context, without those left with nothing scored or identical."""
+    from nexttoken.data.chat import resolve_chat_template
+    from nexttoken.data.tokenizers import as_tokenizer
+
+    template = resolve_chat_template(as_tokenizer(tokenizer), chat_template)
+    encoded = [encode_pair(template, pair) for pair in pairs]
+    longest = max(max(len(c), len(r)) for c, r in encoded) - 1
+    return fit_pairs_to_block(encoded, min(longest, max_context or longest))
