@@ -483,3 +483,52 @@ def test_fit_names_the_record_missing_rejected(tmp_path, capsys):
     path.write_text("\n".join(lines) + "\n")
     assert main(pref_fit_args(path, tmp_path, "--model.objective", "dpo")) == 2
     assert "pairs.jsonl line 5 has no 'rejected'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the real model
+@pytest.mark.slow
+def test_parity_on_smollm2_with_its_own_forward_and_the_papers_formula(smollm2_gguf):
+    """SmolLM2-135M-Instruct, its own chat template, 4 pairs: the DPO loss and rewards fit computes
+    for a batch equal the transformers model's own forward (each reply alone, log-softmax in float64,
+    summed over the reply's tokens) put through DPO's formula, to 1e-5; the policy is nudged first
+    so that it differs from its frozen reference."""
+    from nexttoken.data.tokenizers import load_local_tokenizer
+
+    tokenizer = load_local_tokenizer(smollm2_gguf)
+    template = resolve_chat_template(tokenizer)
+    pairs = [encode_pair(template, to_pair(r, "r")) for r in records(4)]
+    module = CausalLMModule(
+        model=str(smollm2_gguf), vocab_size=tokenizer.vocab_size, objective="dpo", beta=0.1
+    )
+    module.tokenizer = tokenizer
+    module.configure_model()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for p in module.model.model.model.layers[-1].mlp.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    batch = collate_pairs(pairs, range(4), pad_id=0, packed_width=None)
+    with torch.no_grad():
+        _, loss, chosen, rejected = module.pair_terms(batch, grad=False)
+
+    def own_forward(hf_model) -> torch.Tensor:
+        out = []
+        for pair in pairs:
+            row = []
+            for example in pair:
+                tokens = torch.from_numpy(example.tokens)
+                logp = hf_model(tokens[None, :-1]).logits[0].double().log_softmax(-1)
+                row.append(
+                    logp.gather(-1, tokens[1:, None])[:, 0][torch.from_numpy(example.scored[1:])].sum()
+                )
+            out.append(torch.stack(row))
+        return torch.stack(out)
+
+    with torch.no_grad():
+        policy = own_forward(module.model.model.eval())
+        reference = own_forward(module._reference[0].model)
+    rewards = 0.1 * (policy - reference)
+    expected_loss = -F.logsigmoid(rewards[:, 0] - rewards[:, 1])
+    assert float((rewards[:, 0] - rewards[:, 1]).abs().max()) > 1e-3  # the nudge really moved the policy
+    torch.testing.assert_close(chosen, rewards[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rejected, rewards[:, 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=0)
