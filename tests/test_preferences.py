@@ -532,3 +532,100 @@ def test_parity_on_smollm2_with_its_own_forward_and_the_papers_formula(smollm2_g
     torch.testing.assert_close(chosen, rewards[:, 0], atol=1e-5, rtol=0)
     torch.testing.assert_close(rejected, rewards[:, 1], atol=1e-5, rtol=0)
     torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=0)
+
+
+# ChatML as SmolLM2 writes it, but with the newline between turns put before the next turn instead of
+# after <|im_end|>: TRL scores every token after the prompt (its completion runs to the end of the
+# rendered text), nexttoken the reply through its end-of-turn token, so with SmolLM2's own template TRL
+# would also score the "\n" after <|im_end|>. With this one both score exactly the reply and <|im_end|>.
+CHATML_NO_TRAILING_NEWLINE = (
+    "{% for message in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.slow
+def test_dpo_loss_equals_trls_dpo_trainer_on_smollm2(smollm2_gguf, tmp_path):
+    """TRL's DPOTrainer and nexttoken's fit give the same DPO loss (beta 0.1) for the same model,
+    reference, 4 conversational pairs and template, to 1e-5."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from nexttoken.data.tokenizers import load_local_tokenizer
+
+    template_file = tmp_path / "chatml.jinja"
+    template_file.write_text(CHATML_NO_TRAILING_NEWLINE)
+    tokenizer = load_local_tokenizer(smollm2_gguf)
+    ours = resolve_chat_template(tokenizer, template_file)
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in records(4)
+    ]
+    pairs = [encode_pair(ours, to_pair(r, "r")) for r in rows]
+    module = CausalLMModule(
+        model=str(smollm2_gguf), vocab_size=tokenizer.vocab_size, objective="dpo", beta=0.1
+    )
+    module.tokenizer = tokenizer
+    module.configure_model()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for p in module.model.model.model.layers[-1].mlp.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        _, loss, _, _ = module.pair_terms(
+            collate_pairs(pairs, range(4), pad_id=0, packed_width=None), grad=False
+        )
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    hf_tokenizer.chat_template = CHATML_NO_TRAILING_NEWLINE
+    config = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=0.1,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        max_length=None,
+    )
+    trainer = DPOTrainer(
+        model=module.model.model,
+        ref_model=module._reference[0].model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=hf_tokenizer,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(trainer.model, batch)
+    assert float(loss.mean()) == pytest.approx(float(trl_loss), abs=1e-5)
+    assert float(loss.mean()) > math.log(2) + 1e-4 or float(loss.mean()) < math.log(2) - 1e-4  # not a tie
+
+
+def test_fit_refuses_a_preference_objective_on_chat_data(tmp_path, capsys):
+    from nexttoken.cli import main
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": r["prompt"]},
+                        {"role": "assistant", "content": r["chosen"]},
+                    ]
+                }
+            )
+            + "\n"
+            for r in records(24)
+        )
+    )
+    assert main(pref_fit_args(path, tmp_path, "--model.objective", "simpo")) == 2
+    err = capsys.readouterr().err
+    assert "--model.objective simpo trains on preference pairs" in err and "the data are chat" in err, err
+    assert not list((tmp_path / "runs").glob("version_*"))

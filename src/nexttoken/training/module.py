@@ -170,6 +170,7 @@ class CausalLMModule(L.LightningModule):
         self.val_metrics = NextTokenMetrics()
         self._window_nll = torch.zeros((), dtype=torch.float64)
         self._window_tokens = torch.zeros((), dtype=torch.int64)
+        self._window_reply_tokens = torch.zeros((), dtype=torch.int64)
         # The scored tokens trained on so far: every micro-batch, process and part of the run (it is
         # kept in the checkpoint), summed on the device.
         self._tokens_seen = torch.zeros((), dtype=torch.int64)
@@ -426,7 +427,7 @@ class CausalLMModule(L.LightningModule):
         self._window_nll = self._window_nll.to(total.device) + total.detach().double()
         self._window_tokens = self._window_tokens.to(total.device) + pairs
         scored = (policy.chosen_tokens + policy.rejected_tokens).sum().to(total.device)
-        self._tokens_seen = self._tokens_seen.to(total.device) + scored
+        self._window_reply_tokens = self._window_reply_tokens.to(total.device) + scored
         # As for tokens: a constant now (the first micro-batch's pairs), the window's pair count at
         # on_before_optimizer_step, so the step follows the per-pair mean over the whole window.
         return total.float() / self._loss_scale
@@ -459,8 +460,12 @@ class CausalLMModule(L.LightningModule):
         # waiting for it: a non-finite step is skipped inside the optimizer's own kernel (optimizers
         # without that are checked on the host at once) and reported at the next check.
         self._nonfinite.before_step(self, optimizer, loss, factor)
-        if not self.preference:  # (a preference step counted its replies' tokens itself)
-            self._tokens_seen = self._tokens_seen.to(window_tokens.device) + window_tokens.to(torch.int64)
+        if self.preference:  # window_tokens counts pairs; train/tokens_seen counts the replies' scored tokens
+            window_tokens = self._window_reply_tokens.clone()
+            if self.trainer.world_size > 1:
+                window_tokens = self.trainer.strategy.reduce(window_tokens.double(), reduce_op="sum")
+            self._window_reply_tokens = torch.zeros_like(self._window_reply_tokens)
+        self._tokens_seen = self._tokens_seen.to(window_tokens.device) + window_tokens.to(torch.int64)
         log = self._log_throttle(self.trainer, self.trainer.global_step + 1)  # self.log costs Python time
         # The norm of the window's true gradient (rescaled above), before clipping; clipping reuses it.
         self._grad_norm = self.grad_norm() if log or self.trainer.gradient_clip_val else None
