@@ -144,8 +144,9 @@ def plot_curves(
         steps, values = zip(*series["val/chosen_response_loss"])
         ax_loss.plot(steps, values, label="chosen replies' response loss (nats/token)", marker="s")
     ax_loss.set_xlabel("optimizer step")
-    ax_loss.set_ylabel("loss (nats/token)")
-    ax_loss.set_title("next-token loss")
+    preference = "val/accuracy" in series  # preference pairs: the loss is per pair
+    ax_loss.set_ylabel("loss (per pair)" if preference else "loss (nats/token)")
+    ax_loss.set_title("preference loss" if preference else "next-token loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
     if "val/bits_per_byte" in series:
@@ -158,7 +159,6 @@ def plot_curves(
     for (name, bpb), style in zip((compressors or {}).items(), styles * 3):
         ax_bpb.axhline(bpb, linestyle=style, color="0.4", linewidth=1, label=f"{name} ({bpb:.2f})")
     ax_bpb.set_xlabel("optimizer step")
-    preference = "val/accuracy" in series
     ax_bpb.set_ylabel("accuracy" if preference else "bits per byte")
     ax_bpb.set_title(
         "validation preference accuracy (higher is better)"
