@@ -628,3 +628,24 @@ def test_fit_refuses_a_preference_objective_on_chat_data(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--model.objective simpo trains on preference pairs" in err and "the data are chat" in err, err
     assert not list((tmp_path / "runs").glob("version_*"))
+
+
+def test_a_cached_reference_trains_as_the_copy_does(tmp_path, capsys):
+    """``--model.reference cached`` (the starting weights' log-probabilities computed once) and
+    ``copy`` (a frozen model run every step) give the same run: the same validation numbers."""
+    from nexttoken.cli import main
+
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path)
+    reports = {}
+    for mode in ("copy", "cached"):
+        root = tmp_path / mode
+        args = pref_fit_args(path, root, "--model.objective", "dpo", "--model.reference", mode)
+        assert main([*args, "--trainer.precision", "32-true"]) == 0
+        out = capsys.readouterr().out
+        assert ("computed once" in out) == (mode == "cached")
+        reports[mode] = json.loads(next((root / "runs").glob("version_*/report.json")).read_text())[
+            "validation"
+        ]
+    for key in ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_logp"):
+        assert reports["cached"][key] == pytest.approx(reports["copy"][key], abs=1e-5), key

@@ -46,7 +46,7 @@ FUSED_LOSS_MIN_VOCAB_RATIO = 8
 FALLBACK_SCHEDULE_STEPS = 100_000
 
 FusedLoss = Literal["auto", "on", "off"]
-Reference = Literal["auto", "copy", "base"]
+Reference = Literal["auto", "copy", "base", "cached"]
 # torch.compile, when left to "auto": measured on a 2-core CPU at small GPT shapes it makes a step
 # only 5-8% faster and costs 1-2 minutes of compilation on a cold inductor cache, which a run repays
 # only after 500-15,000 steps (benchmarks/README.md, small_model_speed.py --compile-check): off on
@@ -89,8 +89,10 @@ class CausalLMModule(L.LightningModule):
         beta, gamma, orpo_lambda, label_smoothing: the preference objectives' constants (``beta``
             by default 0.1, 2.0 for SimPO; ``gamma``: SimPO's margin; ``label_smoothing``: DPO's).
         reference: the frozen reference of ``dpo``/``ipo``: ``copy`` (a frozen copy of the starting
-            weights), ``base`` (LoRA only: the base with the adapters switched off, no copy), or
-            ``auto`` (``base`` with LoRA, else ``copy``).
+            weights), ``base`` (LoRA only: the base with the adapters switched off, no copy),
+            ``cached`` (the starting weights' log-probabilities of every training and validation pair,
+            computed once before training and held with the pairs; no model held), or ``auto``
+            (``base`` with LoRA, else ``copy``).
     """
 
     def __init__(
@@ -186,6 +188,8 @@ class CausalLMModule(L.LightningModule):
         # or handed to the optimizer); None with reference "base" (the adapters switched off).
         self._reference: list[CausalLM] = []
         self.reference_note: str | None = None
+        # reference "cached": per split, every pair's reference log-probabilities, indexed by pair.
+        self._cached_reference: dict[str, ReplyLogps] = {}
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -207,7 +211,7 @@ class CausalLMModule(L.LightningModule):
             self.base_fingerprint = weights_fingerprint(self.hparams.model)
         self._setup_preference(datamodule)
         self.compiled, self.compile_reason = self._compile_choice()
-        if self.compiled and not self.preference:
+        if self.compiled:
             # The network and the loss in one graph: elementwise work around the head (and the
             # fused loss, which calls model.hidden) is compiled too, not only model.forward.
             self._compiled_nll_sum = torch.compile(self._nll_sum)
@@ -222,6 +226,9 @@ class CausalLMModule(L.LightningModule):
         if mode == "base":
             self.reference_note = "reference: the LoRA base with the adapters switched off (no second copy)"
             return
+        if mode == "cached":
+            self._cache_reference(datamodule)
+            return
         import copy
 
         reference = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -230,6 +237,35 @@ class CausalLMModule(L.LightningModule):
         self.reference_note = (
             f"reference: a frozen copy of the starting weights, {size / 2**20:,.1f} MiB more memory "
             f"({setting('model.reference')})"
+        )
+
+    def _cache_reference(self, datamodule: Any) -> None:
+        """The starting weights' log-probabilities of every pair of both splits, computed now (before
+        any step, and before a checkpoint's weights would be loaded) and kept in memory."""
+        import time
+
+        from nexttoken.data.preferences import PairSet
+        from nexttoken.scoring.preferences import score_pairs
+
+        examples = getattr(datamodule, "examples", None)
+        if examples is None:
+            raise UserError(
+                f"{setting('model.reference')} cached needs the preference pairs of the data; use "
+                f"{setting('model.reference')} copy"
+            )
+        started = time.perf_counter()
+        for split in ("train", "val"):
+            self._cached_reference[split] = score_pairs(self.model, PairSet(getattr(examples, split)))
+        seconds = time.perf_counter() - started
+        n = sum(len(c.chosen) for c in self._cached_reference.values())
+        size = sum(
+            getattr(c, name).numel() * getattr(c, name).element_size()
+            for c in self._cached_reference.values()
+            for name in ReplyLogps.__dataclass_fields__
+        )
+        self.reference_note = (
+            f"reference: the starting weights' log-probabilities of all {n:,} pairs, computed once in "
+            f"{seconds:.1f} s and held in {size / 2**10:,.1f} KiB ({setting('model.reference')} cached)"
         )
 
     def check_data_format(self, data_format: str | None) -> None:
@@ -247,6 +283,8 @@ class CausalLMModule(L.LightningModule):
 
     def _compile_choice(self) -> tuple[bool, str]:
         mode = self.hparams.compile
+        if self.preference:  # the pairs' scoring path (score_rows) runs uncompiled
+            return False, "preference objectives run uncompiled"
         if mode is True or mode is False:
             return mode, "set by you"
         trainer = self._trainer
@@ -394,6 +432,14 @@ class CausalLMModule(L.LightningModule):
         """The frozen reference's reply log-probabilities (None for objectives without one)."""
         if self.hparams.objective not in NEEDS_REFERENCE:
             return None
+        if self._cached_reference:  # by pair: validation batches index the validation split
+            cached = self._cached_reference[
+                "val" if self.trainer.validating or self.trainer.sanity_checking else "train"
+            ]
+            index = batch.pair_ids.cpu()
+            return ReplyLogps(
+                *(getattr(cached, name)[index].to(self.device) for name in ReplyLogps.__dataclass_fields__)
+            )
         if self._reference:
             reference = self._reference[0]
             if reference.lm_head.weight.device != self.device:
