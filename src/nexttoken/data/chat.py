@@ -57,19 +57,9 @@ TrainOn = Literal["responses", "all", "last_response"]
 DATA_FORMATS: tuple[str, ...] = DataFormat.__args__
 TRAIN_ON: tuple[str, ...] = TrainOn.__args__
 ROLES = ("system", "user", "assistant")
-# Every field a conversation may be read from (chat or instruction records).
-# (and ``chosen``/``rejected``: preference pairs, :mod:`nexttoken.data.preferences`).
-CONVERSATION_FIELDS = (
-    "messages",
-    "prompt",
-    "response",
-    "instruction",
-    "input",
-    "output",
-    "system",
-    "chosen",
-    "rejected",
-)
+# Every field a conversation (chat or instruction records) or a preference pair may be read from.
+CONVERSATION_FIELDS = ("messages", "prompt", "response", "instruction", "input", "output", "system")
+CONVERSATION_FIELDS += ("chosen", "rejected")  # preference pairs: nexttoken.data.preferences
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,6 @@ from nexttoken.data.sft import pack, positions
 from nexttoken.errors import DataError, setting
 from nexttoken.loss import IGNORE_INDEX
 
-PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "system")
-
 
 @dataclass
 class PreferencePair:
