@@ -3,7 +3,8 @@
 # (an unpinned torch would pull a multi-GB CUDA build), then the package with its test extras and
 # lm-evaluation-harness (the optional `tasks` extra, which `nexttoken eval --tasks` and its tests use)
 # and the TensorBoard and MLflow loggers (the `tensorboard` and `mlflow` extras, for `--trainer.logger`
-# and its tests; mlflow adds ~40 packages and ~15 s to the install).
+# and its tests; mlflow adds ~40 packages and ~15 s to the install). The test extra holds TRL, for the
+# DPO parity test against its DPOTrainer; installed after torch, it keeps the CPU build.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."

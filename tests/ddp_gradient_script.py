@@ -3,7 +3,9 @@ ranks whose micro-batches hold very different numbers of ignored positions, plai
 so the parameter change is minus the gradient. Rank 0 saves that change to argv[1].
 
 With ``sft`` as argv[2], the micro-batches are chat examples of different lengths instead: rank 0
-reads four as two padded batches of two, rank 1 four as one packed row of three and one alone."""
+reads four as two padded batches of two, rank 1 four as one packed row of three and one alone.
+With ``pref``, preference pairs under DPO: rank 0 reads pairs [0], [1, 2], rank 1 [3, 4, 5, 6]
+(packed) and [7]."""
 
 import sys
 
@@ -66,8 +68,30 @@ def make_sft_module() -> SFTModule:
     return make_module(VOCAB, SFTModule)
 
 
+def pref_rank_batches(rank: int) -> list:
+    from nexttoken.data.preferences import collate_pairs
+    from test_preferences import ROW, chatml, encoded_pairs
+
+    pairs = encoded_pairs(chatml())
+    layouts = [([0], None), ([1, 2], None)] if rank == 0 else [([3, 4, 5, 6], ROW), ([7], None)]
+    return [collate_pairs(pairs, group, pad_id=0, packed_width=width) for group, width in layouts]
+
+
+def make_pref_module():
+    from test_preferences import make_module
+
+    class PrefModule(SGDModule):
+        def train_dataloader(self):
+            return DataLoader(pref_rank_batches(self.global_rank), batch_size=None, collate_fn=lambda b: b)
+
+    return make_module(PrefModule, objective="dpo")
+
+
 if __name__ == "__main__":
-    module = make_sft_module() if sys.argv[2:] == ["sft"] else make_module()
+    kind = sys.argv[2:]
+    module = (
+        make_sft_module() if kind == ["sft"] else make_pref_module() if kind == ["pref"] else make_module()
+    )
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     trainer = L.Trainer(
         accelerator="cpu",

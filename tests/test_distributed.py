@@ -54,6 +54,18 @@ def test_ddp_sft_gradient_is_the_global_token_mean(tmp_path):
         torch.testing.assert_close(delta[name], grad, atol=1e-6, rtol=1e-5)
 
 
+def test_ddp_preference_gradient_is_the_global_pair_mean(tmp_path):
+    """8 preference pairs over 2 processes and 2 micro-batches each (1, 2, 4 packed, 1 pairs): the
+    step's gradient is that of the mean DPO loss over all 8, as one process computes it by hand."""
+    from test_preferences import by_hand_gradient, chatml, encoded_pairs
+
+    out = tmp_path / "delta.pt"
+    run([sys.executable, str(TESTS / "ddp_gradient_script.py"), str(out), "pref"])
+    delta = torch.load(out, weights_only=True)
+    for name, grad in by_hand_gradient(encoded_pairs(chatml()), "dpo").items():
+        torch.testing.assert_close(delta[name], grad.float(), atol=1e-6, rtol=1e-4)
+
+
 def test_ddp_fit_and_validation_equal_one_process(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", n_docs=6)
     cache = tmp_path / "cache"

@@ -27,12 +27,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N records")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--show", type=int, default=5, help="print this many replies")
+    parser.add_argument("--adapter", default=None, help="a LoRA run's checkpoint to apply to MODEL")
     args = parser.parse_args()
 
     with open(args.data, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()][: args.limit]
     conversations, _ = read_conversations(records, source=args.data)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, adapter=args.adapter)
     template = resolve_chat_template(tokenizer)
     started, correct = time.perf_counter(), 0
     for i, conversation in enumerate(conversations):

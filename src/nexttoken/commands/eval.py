@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -223,6 +224,8 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     sources = find_documents(args.data)
     data_format, format_line = choose_data_format(sources, args.format, args.text_field)
+    if data_format == "preference":
+        return run_preference_eval(args, sources, format_line)
     if data_format != "text":
         if args.train_data:
             raise UserError("--train-data applies to text DATA; score chat/instruction records without it")
@@ -381,6 +384,14 @@ def add_response_arguments(parser: argparse.ArgumentParser) -> None:
         default="responses",
         help="the tokens scored: every reply (responses), the last one, or all",
     )
+    pairs = parser.add_argument_group("preference pairs (records with 'chosen' and 'rejected')")
+    pairs.add_argument(
+        "--reference",
+        default=None,
+        metavar="MODEL",
+        help="the reference model of DPO's rewards (beta times the policy's minus its summed log-prob)",
+    )
+    pairs.add_argument("--beta", type=float, default=0.1, metavar="B", help="DPO's beta (default 0.1)")
 
 
 def read_records(sources: Sequence[Path]) -> list[Record]:
@@ -423,6 +434,79 @@ def run_response_eval(args: argparse.Namespace, sources: Sequence[Path], data_fo
     )
     print(result.to_json() if args.json else format_response_table(result), flush=True)
     return 0
+
+
+def run_preference_eval(args: argparse.Namespace, sources: Sequence[Path], line: str) -> int:
+    """``nexttoken eval MODEL pairs.jsonl [--reference MODEL] [--beta B]``: the preference scoreboard."""
+    import torch
+
+    from nexttoken.data.preferences import read_pairs
+    from nexttoken.scoring.preferences import PairSums, encode_pairs_for, score_pairs
+    from nexttoken.training.objectives import dpo
+
+    if not args.beta > 0:
+        raise UserError(f"--beta must be above 0, got {args.beta}")
+    pairs = read_pairs(read_records(sources))  # bad records stop us before the model loads
+    model, tokenizer = load_model_of(args)
+    pairs, report = encode_pairs_for(tokenizer, pairs, args.chat_template, model.max_context)
+    for note in [line, *report.lines(), f"{len(pairs):,} pair(s) scored"]:
+        print(f"nexttoken eval: {note}", file=sys.stderr, flush=True)
+    policy = score_pairs(model, pairs, args.batch_size)
+    sums = PairSums()
+    if args.reference is not None:
+        reference_model, _ = load_model(
+            args.reference, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+        )
+        reference = score_pairs(reference_model, pairs, args.batch_size)
+        sums.add(policy, *dpo(policy, reference, args.beta))
+    else:  # no reference: no reward, no loss; accuracy compares the replies' own log-probabilities
+        sums.add(policy, torch.full_like(policy.chosen, math.nan), policy.chosen, policy.rejected)
+    means = sums.means()
+    result = {
+        "model": str(args.model) + (f" + {args.adapter}" if args.adapter else ""),
+        "reference": args.reference,
+        "beta": args.beta if args.reference is not None else None,
+        **means,
+        "sums": sums.to_dict(),
+        "dropped": {
+            "no_scored": report.no_scored,
+            "identical": report.identical,
+            "marker_text": report.marker_text,
+        },
+        "truncated": report.truncated,
+    }
+    if args.reference is None:
+        for name in ("loss", "margin", "chosen_reward", "rejected_reward"):
+            result[name] = None
+    if args.json:
+        print(json.dumps(result, indent=2), flush=True)
+    else:
+        print(format_preference_table(result), flush=True)
+    return 0
+
+
+def format_preference_table(result: dict) -> str:
+    rows = [("model", result["model"]), ("pairs", f"{result['pairs']:,}")]
+    if result["reference"] is not None:
+        rows += [
+            ("reference", f"{result['reference']} (beta {result['beta']:g})"),
+            ("DPO loss", f"{result['loss']:.4f} (per pair)"),
+            ("reward accuracy", f"{result['accuracy']:.4f} (chosen reward above rejected; a tie is wrong)"),
+            ("margin", f"{result['margin']:.4f}"),
+            ("chosen reward", f"{result['chosen_reward']:.4f}"),
+            ("rejected reward", f"{result['rejected_reward']:.4f}"),
+        ]
+    else:
+        rows += [
+            ("accuracy", f"{result['accuracy']:.4f} (chosen reply's summed log-prob higher; a tie is wrong)"),
+            ("per token", f"{result['accuracy_per_token']:.4f} (the same, per scored token)"),
+        ]
+    rows += [
+        ("chosen log-prob", f"{result['chosen_logp']:.4f} (summed over the reply, per pair)"),
+        ("rejected log-prob", f"{result['rejected_logp']:.4f}"),
+        ("chosen loss", f"{result['chosen_response_loss']:.4f} nats/token"),
+    ]
+    return format_rows(rows)
 
 
 def format_response_table(result: ResponseEvalResult) -> str:

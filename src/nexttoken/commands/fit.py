@@ -373,6 +373,8 @@ class NextTokenCLI(LightningCLI):
     def before_fit(self) -> None:
         fit_called()  # nexttoken.training.phases: the set-up ends, the data phase starts
         self._prepare_data_now()
+        # The objective must fit the data (preference pairs or not) before a run folder exists.
+        self.model.check_data_format(self.datamodule.data_format)
 
     def before_validate(self) -> None:
         self._prepare_data_now()

@@ -52,13 +52,14 @@ from nexttoken.data.records import Record
 from nexttoken.data.tokenizers import BUILTIN_KINDS, Tokenizer, document_start, token_byte_counts
 from nexttoken.errors import DataError, setting
 
-DataFormat = Literal["auto", "text", "chat", "instruction"]
+DataFormat = Literal["auto", "text", "chat", "instruction", "preference"]
 TrainOn = Literal["responses", "all", "last_response"]
 DATA_FORMATS: tuple[str, ...] = DataFormat.__args__
 TRAIN_ON: tuple[str, ...] = TrainOn.__args__
 ROLES = ("system", "user", "assistant")
-# Every field a conversation may be read from (chat or instruction records).
+# Every field a conversation (chat or instruction records) or a preference pair may be read from.
 CONVERSATION_FIELDS = ("messages", "prompt", "response", "instruction", "input", "output", "system")
+CONVERSATION_FIELDS += ("chosen", "rejected")  # preference pairs: nexttoken.data.preferences
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ def detect_format(record: Mapping[str, Any], where: str = "the first record") ->
     if not isinstance(record, Mapping):
         raise DataError(f"{where} is a {type(record).__name__}, not a record of named fields")
     keys = set(record)
+    if {"chosen", "rejected"} <= keys:
+        return "preference", "the records have 'chosen' and 'rejected'"
     if "messages" in keys:
         return "chat", "the records have 'messages'"
     if {"prompt", "response"} <= keys:

@@ -70,6 +70,7 @@ from nexttoken.data.loaders import (
 from nexttoken.data.overlap import DEFAULT_N
 from nexttoken.data.packing import num_train_blocks
 from nexttoken.data.parallel import available_cores
+from nexttoken.data.preferences import PairSet, PairTrainBatches, PairValBatches
 from nexttoken.data.sft import ExampleCounts, Truncation, count_examples
 from nexttoken.data.sft_cache import (
     ExampleData,
@@ -127,8 +128,8 @@ class TextDataModule(L.LightningDataModule):
         bpe_sample_mb: the BPE tokenizer is trained on a uniform, seeded sample of this many
             megabytes (10^6 bytes) of the training split, or all of it when it is smaller.
         format: ``auto`` (text files are text; records go by their fields: ``messages`` is chat,
-            ``prompt`` + ``response`` or ``instruction`` + ``output`` is instruction), ``text``,
-            ``chat`` or ``instruction``.
+            ``prompt`` + ``response`` or ``instruction`` + ``output`` is instruction, ``chosen`` +
+            ``rejected`` is preference pairs), ``text``, ``chat``, ``instruction`` or ``preference``.
         chat_template: a Jinja chat template file for chat/instruction data; default: the
             tokenizer's own (ChatML for ``bytes`` and ``bpe``).
         train_on: chat/instruction tokens the loss scores: every assistant reply and its end-of-turn
@@ -599,8 +600,11 @@ class TextDataModule(L.LightningDataModule):
     def _example_train_loader(self, rank: int, world_size: int, accumulate: int) -> ResumableDataLoader:
         hp = self.hparams
         examples = self.examples.train
+        batches = ExampleTrainBatches
+        if self.data_format == "preference":  # pairs stored as consecutive examples
+            examples, batches = PairSet(examples), PairTrainBatches
         try:
-            dataset = ExampleTrainBatches(
+            dataset = batches(
                 examples,
                 hp.block_size,
                 hp.batch_size,
@@ -621,8 +625,9 @@ class TextDataModule(L.LightningDataModule):
     def make_val_loader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         hp = self.hparams
         if self.examples is not None:
-            dataset = ExampleValBatches(
-                self.examples.val,
+            preference = self.data_format == "preference"
+            dataset = (PairValBatches if preference else ExampleValBatches)(
+                PairSet(self.examples.val) if preference else self.examples.val,
                 hp.block_size,
                 hp.val_batch_size or hp.batch_size,
                 packing=hp.packing,

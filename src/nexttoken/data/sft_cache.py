@@ -166,6 +166,11 @@ class ExampleData:
 
     def fit_report(self) -> FitReport:
         """What fitting to the block did, over both splits."""
+        if self.meta["data_format"] == "preference":
+            from nexttoken.data.preferences import PairFitReport
+
+            train, val = (PairFitReport(**self.meta["fit"][split]) for split in SPLITS)
+            return train.merged(val)
         train, val = (FitReport(**self.meta["fit"][split]) for split in SPLITS)
         return train.merged(val)
 
@@ -225,7 +230,13 @@ def get_or_build_examples(
         started = time.perf_counter()
         bar = progress_bar(corpus.size(), "reading conversations")
         try:
-            conversations = read_split_conversations(corpus, fmt, on_read=bar.update)
+            if fmt == "preference":  # each pair: its two conversations, chosen then rejected
+                from nexttoken.data.preferences import read_split_pairs
+
+                pairs = read_split_pairs(corpus, on_read=bar.update)
+                conversations = {s: [c for p in pairs[s] for c in p.conversations()] for s in SPLITS}
+            else:
+                conversations = read_split_conversations(corpus, fmt, on_read=bar.update)
         finally:
             bar.close()
         encoder = tokenizer
@@ -242,9 +253,10 @@ def get_or_build_examples(
         }
         meta["fit"], meta["counts"] = {}, {}
         for split in SPLITS:
-            examples = list(encode_in_parallel(bound, conversations[split], train_on, workers))
+            mask = "last_response" if fmt == "preference" else train_on
+            examples = list(encode_in_parallel(bound, conversations[split], mask, workers))
             try:
-                kept, report = fit_to_block(examples, block_size, truncation)
+                kept, report = _fit(examples, fmt, block_size, truncation)
             except DataError as e:  # e.args[0]: its text as raised, the settings it names still marked
                 raise DataError(
                     f"{'training' if split == 'train' else 'validation'} split: {e.args[0]}"
@@ -259,6 +271,16 @@ def get_or_build_examples(
 
     meta, built = build_once(directory, lambda: exists(directory), lambda: read_meta(directory), write)
     return ExampleData(directory, meta, built)
+
+
+def _fit(examples: list[Example], fmt: str, block_size: int, truncation: str) -> tuple[list[Example], Any]:
+    """The examples fitted to the block; preference pairs (consecutive chosen, rejected) as pairs."""
+    if fmt != "preference":
+        return fit_to_block(examples, block_size, truncation)
+    from nexttoken.data.preferences import PairSet, fit_pairs_to_block
+
+    kept, report = fit_pairs_to_block(list(zip(examples[::2], examples[1::2])), block_size)
+    return PairSet.flatten(kept), report
 
 
 def _sample_messages(conversation: Conversation) -> list[dict[str, str]]:

@@ -20,12 +20,13 @@ with ``A`` (r x in) random and ``B`` (out x r) zero at the start, so training be
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -448,3 +449,19 @@ def apply_adapter_folder(network: CausalLM, folder: str | Path, base: str | Path
         network, {from_folder(k.removeprefix(PEFT_PREFIX)): v for k, v in state.items()}, str(folder)
     )
     return matched
+
+
+@contextlib.contextmanager
+def adapters_off(network: nn.Module) -> Iterator[None]:
+    """Within the block, every adapter of ``network`` is switched off: the base model alone (the
+    frozen reference of preference tuning, with no second copy of the weights)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in network.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)

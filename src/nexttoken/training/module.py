@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from nexttoken.data.preferences import PairBatch
 from nexttoken.errors import UserError, setting
 from nexttoken.loss import count_scored, fused_next_token_loss, next_token_loss
 from nexttoken.metrics import NextTokenMetrics
@@ -25,9 +26,17 @@ from nexttoken.models.load import build_network, is_checkpoint, is_hf_model, loa
 from nexttoken.models.lora import LoraSettings
 from nexttoken.models.protocol import CausalLM
 from nexttoken.schedule import DEFAULT_DECAY_FRACTION, WarmupStableDecay, timer_clock
+from nexttoken.scoring.preferences import PairSums, ReplyLogps, reply_logps
 from nexttoken.training.gradients import clip_by_norm, global_grad_norm
 from nexttoken.training.log_throttle import LogThrottle
 from nexttoken.training.nonfinite import NonFiniteGuard, OnNonFinite
+from nexttoken.training.objectives import (
+    DEFAULT_BETA,
+    NEEDS_REFERENCE,
+    Objective,
+    check_settings,
+    pair_losses,
+)
 from nexttoken.training.optim import build_optimizer, group_name
 
 # The fused linear+cross-entropy path pays once the vocabulary is much wider than the model
@@ -38,6 +47,7 @@ FALLBACK_SCHEDULE_STEPS = 100_000
 
 FusedLoss = Literal["auto", "on", "off"]
 Schedule = Literal["cosine", "wsd"]
+Reference = Literal["auto", "copy", "base", "cached"]
 # torch.compile, when left to "auto": measured on a 2-core CPU at small GPT shapes it makes a step
 # only 5-8% faster and costs 1-2 minutes of compilation on a cold inductor cache, which a run repays
 # only after 500-15,000 steps (benchmarks/README.md, small_model_speed.py --compile-check): off on
@@ -83,6 +93,15 @@ class CausalLMModule(L.LightningModule):
             continued from ``decay-start.ckpt`` with it decays from there over this many steps.
         ema: validate, report and checkpoint an exponential moving average of the weights with this
             decay (``nexttoken.training.averaging``); None: the raw weights.
+        objective: ``sft`` (next-token loss on the scored tokens), or on preference pairs ``dpo``,
+            ``ipo``, ``simpo`` or ``orpo`` (:mod:`nexttoken.training.objectives`).
+        beta, gamma, orpo_lambda, label_smoothing: the preference objectives' constants (``beta``
+            by default 0.1, 2.0 for SimPO; ``gamma``: SimPO's margin; ``label_smoothing``: DPO's).
+        reference: the frozen reference of ``dpo``/``ipo``: ``copy`` (a frozen copy of the starting
+            weights), ``base`` (LoRA only: the base with the adapters switched off, no copy),
+            ``cached`` (the starting weights' log-probabilities of every training and validation pair,
+            computed once before training and held with the pairs; no model held), or ``auto``
+            (``base`` with LoRA, else ``copy``).
     """
 
     def __init__(
@@ -109,6 +128,12 @@ class CausalLMModule(L.LightningModule):
         decay_fraction: float | None = None,
         decay_steps: int | None = None,
         ema: float | None = None,
+        objective: Objective = "sft",
+        beta: float | None = None,
+        gamma: float = 1.0,
+        orpo_lambda: float = 0.1,
+        label_smoothing: float = 0.0,
+        reference: Reference = "auto",
     ) -> None:
         super().__init__()
         check_schedule_settings(schedule, decay_fraction, decay_steps, ema, lora)
@@ -116,6 +141,11 @@ class CausalLMModule(L.LightningModule):
             raise UserError(
                 f"{setting('model.fused_loss')} must be one of {', '.join(FusedLoss.__args__)}, got "
                 f"{fused_loss!r}"
+            )
+        check_settings(objective, beta, gamma, orpo_lambda, label_smoothing)
+        if reference not in Reference.__args__:
+            raise UserError(
+                f"{setting('model.reference')} must be one of {', '.join(Reference.__args__)}, got {reference!r}"
             )
         if on_nonfinite not in OnNonFinite.__args__:
             raise UserError(f"{setting('model.on_nonfinite')} must be stop or skip, got {on_nonfinite!r}")
@@ -129,6 +159,12 @@ class CausalLMModule(L.LightningModule):
                 "nexttoken checkpoint (.ckpt) nor a local Hugging Face model folder or .gguf file"
             )
         settings = LoraSettings.of(lora)  # a checkpoint's hyperparameters hold them as plain values
+        if reference == "base" and settings is None:
+            raise UserError(
+                f"{setting('model.reference')} base is the LoRA base with its adapters switched off, but "
+                f"this run trains every weight; use {setting('model.reference')} copy or add "
+                f"{setting('model.lora.r')}"
+            )
         if settings is not None and model in PRESETS:
             raise UserError(
                 f"{setting('model.lora.r')} adapts a pretrained model, but {setting('model.model')} {model} is a "
@@ -150,6 +186,7 @@ class CausalLMModule(L.LightningModule):
         self.val_metrics = NextTokenMetrics()
         self._window_nll = torch.zeros((), dtype=torch.float64)
         self._window_tokens = torch.zeros((), dtype=torch.int64)
+        self._window_reply_tokens = torch.zeros((), dtype=torch.int64)
         # The scored tokens trained on so far: every micro-batch, process and part of the run (it is
         # kept in the checkpoint), summed on the device.
         self._tokens_seen = torch.zeros((), dtype=torch.int64)
@@ -159,6 +196,14 @@ class CausalLMModule(L.LightningModule):
         self._nonfinite = NonFiniteGuard(on_nonfinite)
         self._log_throttle = LogThrottle()
         self.compiled, self.compile_reason = False, ""
+        self.preference = objective != "sft"
+        self.val_pairs = PairSums()
+        # The frozen reference model of dpo/ipo (in a list: not a submodule, so never trained, saved
+        # or handed to the optimizer); None with reference "base" (the adapters switched off).
+        self._reference: list[CausalLM] = []
+        self.reference_note: str | None = None
+        # reference "cached": per split, every pair's reference log-probabilities, indexed by pair.
+        self._cached_reference: dict[str, ReplyLogps] = {}
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The callbacks the settings ask for while training: the decay-start checkpoint of ``wsd``,
@@ -196,14 +241,82 @@ class CausalLMModule(L.LightningModule):
 
             self.lora_modules = attach_lora(self.model, self.lora)
             self.base_fingerprint = weights_fingerprint(self.hparams.model)
+        self._setup_preference(datamodule)
         self.compiled, self.compile_reason = self._compile_choice()
         if self.compiled:
             # The network and the loss in one graph: elementwise work around the head (and the
             # fused loss, which calls model.hidden) is compiled too, not only model.forward.
             self._compiled_nll_sum = torch.compile(self._nll_sum)
 
+    def _setup_preference(self, datamodule: Any) -> None:
+        """Check that the objective fits the data, and make the reference model of dpo/ipo."""
+        self.check_data_format(getattr(datamodule, "data_format", None))
+        hp = self.hparams
+        if hp.objective not in NEEDS_REFERENCE:
+            return
+        mode = hp.reference if hp.reference != "auto" else ("base" if self.lora is not None else "copy")
+        if mode == "base":
+            self.reference_note = "reference: the LoRA base with the adapters switched off (no second copy)"
+            return
+        if mode == "cached":
+            self._cache_reference(datamodule)
+            return
+        import copy
+
+        reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        size = sum(t.numel() * t.element_size() for t in (*reference.parameters(), *reference.buffers()))
+        self._reference = [reference]
+        self.reference_note = (
+            f"reference: a frozen copy of the starting weights, {size / 2**20:,.1f} MiB more memory "
+            f"({setting('model.reference')})"
+        )
+
+    def _cache_reference(self, datamodule: Any) -> None:
+        """The starting weights' log-probabilities of every pair of both splits, computed now (before
+        any step, and before a checkpoint's weights would be loaded) and kept in memory."""
+        import time
+
+        from nexttoken.data.preferences import PairSet
+        from nexttoken.scoring.preferences import score_pairs
+
+        examples = getattr(datamodule, "examples", None)
+        if examples is None:
+            raise UserError(
+                f"{setting('model.reference')} cached needs the preference pairs of the data; use "
+                f"{setting('model.reference')} copy"
+            )
+        started = time.perf_counter()
+        for split in ("train", "val"):
+            self._cached_reference[split] = score_pairs(self.model, PairSet(getattr(examples, split)))
+        seconds = time.perf_counter() - started
+        n = sum(len(c.chosen) for c in self._cached_reference.values())
+        size = sum(
+            getattr(c, name).numel() * getattr(c, name).element_size()
+            for c in self._cached_reference.values()
+            for name in ReplyLogps.__dataclass_fields__
+        )
+        self.reference_note = (
+            f"reference: the starting weights' log-probabilities of all {n:,} pairs, computed once in "
+            f"{seconds:.1f} s and held in {size / 2**10:,.1f} KiB ({setting('model.reference')} cached)"
+        )
+
+    def check_data_format(self, data_format: str | None) -> None:
+        """Preference objectives train on preference pairs, and preference pairs need one."""
+        if data_format == "preference" and not self.preference:
+            raise UserError(
+                f"the data are preference pairs; train on them with {setting('model.objective')} dpo, ipo, "
+                "simpo or orpo"
+            )
+        if self.preference and data_format is not None and data_format != "preference":
+            raise UserError(
+                f"{setting('model.objective')} {self.hparams.objective} trains on preference pairs (records with "
+                f"'chosen' and 'rejected'), but the data are {data_format}"
+            )
+
     def _compile_choice(self) -> tuple[bool, str]:
         mode = self.hparams.compile
+        if self.preference:  # the pairs' scoring path (score_rows) runs uncompiled
+            return False, "preference objectives run uncompiled"
         if mode is True or mode is False:
             return mode, "set by you"
         trainer = self._trainer
@@ -329,11 +442,77 @@ class CausalLMModule(L.LightningModule):
         lines += [f"  {pattern}" for pattern in describe_modules(self.lora_modules)]
         return "\n".join(lines)
 
+    def objective_line(self) -> str:
+        """The preference objective, its constants, and (dpo/ipo) the reference and what it costs."""
+        hp = self.hparams
+        beta = DEFAULT_BETA[hp.objective] if hp.beta is None else hp.beta
+        constants = {
+            "dpo": f"beta {beta:g}, label smoothing {hp.label_smoothing:g}",
+            "ipo": f"beta {beta:g}",
+            "simpo": f"beta {beta:g}, gamma {hp.gamma:g}",
+            "orpo": f"lambda {hp.orpo_lambda:g}",
+        }[hp.objective]
+        line = f"objective: {hp.objective} ({constants}); loss = the per-pair mean over each step's pairs"
+        return line + (f"\n{self.reference_note}" if self.reference_note else "")
+
     def model_summary_line(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
         return f"{self.hparams.model} ({n / 1e6:.2f}M parameters, vocab {self.hparams.vocab_size})"
 
+    # ----------------------------------------------------------------- preference pairs
+    def reference_logps(self, batch: PairBatch) -> ReplyLogps | None:
+        """The frozen reference's reply log-probabilities (None for objectives without one)."""
+        if self.hparams.objective not in NEEDS_REFERENCE:
+            return None
+        if self._cached_reference:  # by pair: validation batches index the validation split
+            cached = self._cached_reference[
+                "val" if self.trainer.validating or self.trainer.sanity_checking else "train"
+            ]
+            index = batch.pair_ids.cpu()
+            return ReplyLogps(
+                *(getattr(cached, name)[index].to(self.device) for name in ReplyLogps.__dataclass_fields__)
+            )
+        if self._reference:
+            reference = self._reference[0]
+            if reference.lm_head.weight.device != self.device:
+                reference.to(self.device)
+            return reply_logps(reference, batch)
+        from nexttoken.models.lora import adapters_off
+
+        with adapters_off(self.model):
+            return reply_logps(self.model, batch)
+
+    def pair_terms(self, batch: PairBatch, grad: bool) -> tuple[ReplyLogps, Tensor, Tensor, Tensor]:
+        """``(policy log-probs, loss, chosen reward, rejected reward)`` per pair of ``batch``."""
+        hp = self.hparams
+        reference = self.reference_logps(batch)
+        policy = reply_logps(self.model, batch, grad=grad)
+        loss, chosen, rejected = pair_losses(
+            hp.objective,
+            policy,
+            reference,
+            beta=hp.beta,
+            gamma=hp.gamma,
+            orpo_lambda=hp.orpo_lambda,
+            label_smoothing=hp.label_smoothing,
+        )
+        return policy, loss, chosen, rejected
+
+    def _preference_step(self, batch: PairBatch) -> Tensor:
+        policy, loss, _, _ = self.pair_terms(batch, grad=True)
+        total = loss.sum()
+        pairs = torch.tensor(batch.n_pairs, device=total.device)
+        self._window_nll = self._window_nll.to(total.device) + total.detach().double()
+        self._window_tokens = self._window_tokens.to(total.device) + pairs
+        scored = (policy.chosen_tokens + policy.rejected_tokens).sum().to(total.device)
+        self._window_reply_tokens = self._window_reply_tokens.to(total.device) + scored
+        # As for tokens: a constant now (the first micro-batch's pairs), the window's pair count at
+        # on_before_optimizer_step, so the step follows the per-pair mean over the whole window.
+        return total.float() / self._loss_scale
+
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        if isinstance(batch, PairBatch):
+            return self._preference_step(batch)
         input_ids, targets, *document_ids = batch  # (input_ids, targets[, document_ids])
         nll = self.nll_sum(input_ids, targets, *document_ids)
         tokens = count_scored(targets)
@@ -359,13 +538,19 @@ class CausalLMModule(L.LightningModule):
         # waiting for it: a non-finite step is skipped inside the optimizer's own kernel (optimizers
         # without that are checked on the host at once) and reported at the next check.
         self._nonfinite.before_step(self, optimizer, loss, factor)
+        if self.preference:  # window_tokens counts pairs; train/tokens_seen counts the replies' scored tokens
+            window_tokens = self._window_reply_tokens.clone()
+            if self.trainer.world_size > 1:
+                window_tokens = self.trainer.strategy.reduce(window_tokens.double(), reduce_op="sum")
+            self._window_reply_tokens = torch.zeros_like(self._window_reply_tokens)
         self._tokens_seen = self._tokens_seen.to(window_tokens.device) + window_tokens.to(torch.int64)
         log = self._log_throttle(self.trainer, self.trainer.global_step + 1)  # self.log costs Python time
         # The norm of the window's true gradient (rescaled above), before clipping; clipping reuses it.
         self._grad_norm = self.grad_norm() if log or self.trainer.gradient_clip_val else None
         if log:
             self.log("train/loss", loss, prog_bar=True)
-            self.log("train/perplexity", loss.exp(), prog_bar=False)
+            if not self.preference:
+                self.log("train/perplexity", loss.exp(), prog_bar=False)
             # float64: exact to 2**53 tokens (Lightning keeps a float64 as it is, and rounds ints to float32).
             self.log("train/tokens_seen", self._tokens_seen.double())
             if self._grad_norm is not None:
@@ -434,18 +619,26 @@ class CausalLMModule(L.LightningModule):
             # The constant must be the same on every rank: DDP averages the ranks' gradients BEFORE
             # on_before_optimizer_step rescales them. Micro-batches of chat examples differ in
             # shape from rank to rank, so take the largest first micro-batch of any rank.
-            scale = torch.tensor(batch[1].numel(), device=self.device)
+            units = batch.n_pairs if isinstance(batch, PairBatch) else batch[1].numel()
+            scale = torch.tensor(units, device=self.device)
             if self.trainer.world_size > 1:
                 scale = self.trainer.strategy.reduce(scale, reduce_op="max")
             self._loss_scale = int(scale)
 
     # ----------------------------------------------------------------- validation
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        if isinstance(batch, PairBatch):
+            with torch.no_grad():
+                self.val_pairs.add(*self.pair_terms(batch, grad=False))
+            return
         input_ids, targets, n_bytes, *document_ids = batch  # (input_ids, targets, n_bytes[, document_ids])
         nll = self.nll_sum(input_ids, targets, *document_ids)
         self.val_metrics.update(nll, count_scored(targets), n_bytes.sum())
 
     def on_validation_epoch_end(self) -> None:
+        if self.preference:
+            self._end_preference_validation()
+            return
         if int(self.val_metrics.tokens) == 0 and self.trainer.world_size == 1:
             return
         # compute() sums the three states over every process, then divides once.
@@ -457,6 +650,29 @@ class CausalLMModule(L.LightningModule):
         for name, value in results.items():
             self.log(f"val/{name}", value.float(), prog_bar=name in ("loss", "perplexity"))
         self.last_validation = {**{k: float(v) for k, v in results.items()}, **scored}
+        self.last_validation_step = self.trainer.global_step
+
+    def _end_preference_validation(self) -> None:
+        sums = self.val_pairs.to_dict()
+        self.val_pairs = PairSums()
+        if self.trainer.world_size > 1:  # every process's sums added, then divided once
+            names = list(sums)
+            values = torch.tensor([float(sums[k]) for k in names], dtype=torch.float64, device=self.device)
+            values = self.trainer.strategy.reduce(values, reduce_op="sum")
+            sums = {
+                k: (int(v) if isinstance(sums[k], int) else float(v)) for k, v in zip(names, values.tolist())
+            }
+        if self.trainer.sanity_checking or not sums["pairs"]:
+            return
+        means = PairSums(**sums).means()
+        for name, value in means.items():
+            if name != "pairs":
+                self.log(
+                    f"val/{name}",
+                    torch.tensor(value, dtype=torch.float32),
+                    prog_bar=name in ("loss", "accuracy"),
+                )
+        self.last_validation = {**means, "sums": sums}
         self.last_validation_step = self.trainer.global_step
 
     # ----------------------------------------------------------------- optimizer

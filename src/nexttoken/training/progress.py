@@ -189,6 +189,7 @@ def start_summary(
         *data_lines(data, validation_time(trainer, module, data, peak=speed.peak if peak else None)),
         f"model: {module.model_summary_line()}",
         *([module.lora_summary(audit)] if getattr(module, "lora", None) is not None else []),
+        *([module.objective_line()] if getattr(module, "preference", False) else []),
         precision,
         # Once here, not on every progress line: what the MFU shown during the run is a share of.
         *([f"MFU peak: {peak}"] if peak is not None else []),
@@ -274,6 +275,15 @@ def data_lines(data: Any, time_note: str | None = None) -> list[str]:
         examples = data.examples
         cache = "reused" if data.cache_hit else f"built in {examples.meta['seconds']:.1f} s"
         train, val = examples.counts("train"), examples.counts("val")
+        if data.data_format == "preference":  # two examples per pair, chosen and rejected
+            lines.append(
+                f"data: train {_count(train.examples // 2, 'pair')} ({train.response_tokens:,} reply tokens, "
+                f"{train.prompt_tokens_ignored:,} prompt tokens ignored); validation "
+                f"{_count(val.examples // 2, 'pair')} ({val.response_tokens:,} reply tokens); "
+                f"{'packed' if data.hparams.packing else 'padded'} rows of {data.hparams.block_size} tokens; "
+                f"example cache {cache} ({examples.directory})"
+            )
+            return lines + examples.fit_report().lines()
         lines.append(
             f"data: train {_count(train.examples, 'example')} ({train.response_tokens:,} response tokens, "
             f"{train.prompt_tokens_ignored:,} prompt tokens ignored); validation "

@@ -94,6 +94,23 @@ def format_report(
     return "\n".join(lines)
 
 
+def format_preference_report(validation: dict[str, float]) -> str:
+    """The preference scoreboard of the held-out pairs (per-pair means of sums divided once)."""
+    return "\n".join(
+        [
+            f"validation over {validation['pairs']:,} held-out preference pairs:",
+            f"  loss                  {validation['loss']:.4f}  (per pair)",
+            f"  accuracy              {validation['accuracy']:.4f}  (chosen reward above rejected; a tie is wrong)",
+            f"  margin                {validation['margin']:.4f}",
+            f"  chosen reward         {validation['chosen_reward']:.4f}",
+            f"  rejected reward       {validation['rejected_reward']:.4f}",
+            f"  chosen log-prob       {validation['chosen_logp']:.4f}  (summed over the reply, per pair)",
+            f"  rejected log-prob     {validation['rejected_logp']:.4f}",
+            f"  chosen response loss  {validation['chosen_response_loss']:.4f} nats/token",
+        ]
+    )
+
+
 def read_metrics(metrics_csv: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Series ``name -> [(step, value), ...]`` from Lightning's CSVLogger ``metrics.csv``."""
     series: dict[str, list[tuple[int, float]]] = {}
@@ -123,20 +140,31 @@ def plot_curves(
         if name in series:
             steps, values = zip(*series[name])
             ax_loss.plot(steps, values, label=label, marker="o" if label == "validation" else None)
+    if "val/chosen_response_loss" in series:  # preference tuning: is the chosen replies' likelihood kept?
+        steps, values = zip(*series["val/chosen_response_loss"])
+        ax_loss.plot(steps, values, label="chosen replies' response loss (nats/token)", marker="s")
     ax_loss.set_xlabel("optimizer step")
-    ax_loss.set_ylabel("loss (nats/token)")
-    ax_loss.set_title("next-token loss")
+    preference = "val/accuracy" in series  # preference pairs: the loss is per pair
+    ax_loss.set_ylabel("loss (per pair)" if preference else "loss (nats/token)")
+    ax_loss.set_title("preference loss" if preference else "next-token loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
     if "val/bits_per_byte" in series:
         steps, values = zip(*series["val/bits_per_byte"])
         ax_bpb.plot(steps, values, marker="o", color="tab:green", label="model")
+    if "val/accuracy" in series:  # preference pairs: the right panel shows the reward accuracy
+        steps, values = zip(*series["val/accuracy"])
+        ax_bpb.plot(steps, values, marker="o", color="tab:green", label="reward accuracy")
     styles = ("--", "-.", ":")
     for (name, bpb), style in zip((compressors or {}).items(), styles * 3):
         ax_bpb.axhline(bpb, linestyle=style, color="0.4", linewidth=1, label=f"{name} ({bpb:.2f})")
     ax_bpb.set_xlabel("optimizer step")
-    ax_bpb.set_ylabel("bits per byte")
-    ax_bpb.set_title("validation bits per byte (lower is better)")
+    ax_bpb.set_ylabel("accuracy" if preference else "bits per byte")
+    ax_bpb.set_title(
+        "validation preference accuracy (higher is better)"
+        if preference
+        else "validation bits per byte (lower is better)"
+    )
     if ax_bpb.get_legend_handles_labels()[0]:
         ax_bpb.legend(fontsize=8)
     ax_bpb.grid(alpha=0.3)
@@ -195,6 +223,8 @@ def write_report(
     timings = {"compressors": time.perf_counter() - started}
     if validation is None:
         text = f"no validation score: validation is off ({setting('trainer.limit_val_batches')} 0)"
+    elif "accuracy" in validation:
+        text = format_preference_report(validation)
     else:
         text = format_report(validation, compressors, module.hparams.vocab_size, examples)
     ema = getattr(getattr(module, "hparams", None), "ema", None)
