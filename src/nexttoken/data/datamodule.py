@@ -532,6 +532,8 @@ class TextDataModule(L.LightningDataModule):
                 if scored > cap:
                     self._scored_val_examples = max(count, 1)
                     break
+            if self.data_format == "preference":  # whole pairs: a pair is two consecutive examples
+                self._scored_val_examples += self._scored_val_examples % 2
         return self._scored_val_examples
 
     def scored_val_counts(self) -> ExampleCounts:
@@ -625,17 +627,17 @@ class TextDataModule(L.LightningDataModule):
     def make_val_loader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         hp = self.hparams
         if self.examples is not None:
-            preference = self.data_format == "preference"
-            dataset = (PairValBatches if preference else ExampleValBatches)(
-                PairSet(self.examples.val) if preference else self.examples.val,
-                hp.block_size,
-                hp.val_batch_size or hp.batch_size,
-                packing=hp.packing,
-                pad_id=self.tokenizer.eos_id,
-                rank=rank,
-                world_size=world_size,
-                max_examples=self.scored_val_examples(),
+            settings = dict(
+                packing=hp.packing, pad_id=self.tokenizer.eos_id, rank=rank, world_size=world_size
             )
+            batch_size, scored = hp.val_batch_size or hp.batch_size, self.scored_val_examples()
+            if self.data_format == "preference":
+                pairs = PairSet(FirstExamples(self.examples.val, scored))
+                dataset = PairValBatches(pairs, hp.block_size, batch_size, **settings)
+            else:
+                dataset = ExampleValBatches(
+                    self.examples.val, hp.block_size, batch_size, max_examples=scored, **settings
+                )
         else:
             cache = self._require_setup()
             dataset = ValBatches(

@@ -40,7 +40,7 @@ from torch.utils.data import IterableDataset
 
 from nexttoken.data.chat import ChatTemplate, Conversation, Example, Message, to_conversation
 from nexttoken.data.loaders import EpochBatches, _worker_share
-from nexttoken.data.packing import shift, train_batches, val_batches
+from nexttoken.data.packing import shift, train_batches, train_rows, val_batches
 from nexttoken.data.sft import pack, positions
 from nexttoken.errors import DataError, setting
 from nexttoken.loss import IGNORE_INDEX
@@ -310,14 +310,23 @@ def _groups(n: int, batch_size: int, order: np.ndarray) -> list[list[int]]:
 
 
 def pair_train_plan(
-    n_pairs: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+    n_pairs: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    accumulate: int = 1,
 ) -> list[list[int]]:
-    """One rank's micro-batches of pair indices for one epoch: a seeded shuffle each epoch, groups
-    of ``batch_size`` pairs dealt out to ranks (disjoint, the same number on every rank)."""
-    order = np.random.default_rng([seed, epoch, 2]).permutation(n_pairs)
-    groups = _groups(n_pairs, batch_size, order)
-    plan = train_batches(len(groups), 1, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
-    return [groups[g] for (g,) in plan.tolist()]
+    """One rank's micro-batches of pair indices for one epoch. Pairs are dealt out as plain-text
+    blocks are (:func:`~nexttoken.data.packing.train_batches`): one seeded permutation of the pairs
+    per epoch whatever the ranks and batch size, disjoint across ranks, ``accumulate`` batches per
+    optimizer step, so a run resumed with another split of the same global batch continues it."""
+    plan = train_batches(
+        n_pairs, batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size, accumulate=accumulate
+    )
+    return plan.tolist()
 
 
 def pair_val_plan(n_pairs: int, batch_size: int, *, rank: int = 0, world_size: int = 1) -> list[list[int]]:
@@ -330,7 +339,10 @@ def pair_val_plan(n_pairs: int, batch_size: int, *, rank: int = 0, world_size: i
 
 
 class PairTrainBatches(EpochBatches):
-    """One rank's training micro-batches of pairs (:class:`PairBatch`), resumable mid-epoch."""
+    """One rank's training micro-batches of pairs (:class:`PairBatch`), resumable mid-epoch; the
+    epoch's global order is an order of pairs (:func:`pair_train_plan`)."""
+
+    unit = "pairs"
 
     def __init__(
         self,
@@ -343,9 +355,12 @@ class PairTrainBatches(EpochBatches):
         pad_id: int,
         rank: int = 0,
         world_size: int = 1,
+        accumulate: int = 1,
     ) -> None:
         self.pairs, self.block_size, self.batch_size, self.seed = pairs, block_size, batch_size, seed
         self.packing, self.pad_id, self.rank, self.world_size = packing, pad_id, rank, world_size
+        self.accumulate = accumulate
+        self.rows = train_rows(len(pairs), batch_size, world_size, accumulate)
         self.num_batches = len(self.batch_plan(epoch=0))
 
     def batch_plan(self, epoch: int) -> list[list[int]]:
@@ -356,18 +371,27 @@ class PairTrainBatches(EpochBatches):
             epoch=epoch,
             rank=self.rank,
             world_size=self.world_size,
+            accumulate=self.accumulate,
         )
 
     def layout(self) -> dict[str, Any]:
+        return {"pairs": len(self.pairs), "block_size": self.block_size, "seed": self.seed}
+
+    def split(self) -> dict[str, int]:
+        return {"world_size": self.world_size, "batch_size": self.rows, "accumulate": self.accumulate}
+
+    def legacy_layout(self) -> dict[str, Any]:
         return {
-            "pairs": len(self.pairs),
+            **self.layout(),
             "batches": self.num_batches,
-            "block_size": self.block_size,
             "batch_size": self.batch_size,
             "packing": self.packing,
-            "seed": self.seed,
             "world_size": self.world_size,
         }
+
+    @property
+    def per_batch(self) -> int:
+        return self.rows * self.world_size
 
     def make_batch(self, source: None, indices: list[int]) -> PairBatch:
         return collate_pairs(self.pairs, indices, self.pad_id, self.block_size if self.packing else None)
