@@ -71,7 +71,7 @@ def measure(name: str, path: Path, cache_root: Path, workers: int) -> None:
     cache.get_or_build(corpus, lambda: build_tokenizer("bytes"), workers=workers, progress=False)
     cache_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    again = corpus_checks(corpus, 13, cache_root)
+    again, _ = corpus_checks(corpus, 13, cache_root)
     cached_seconds = time.perf_counter() - started
     assert again.cached and again.overlap_words == checks.overlap_words
     print(

@@ -27,10 +27,12 @@ cache of a deduplicated or decontaminated corpus is keyed by the corpus, ``n`` a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -468,23 +470,38 @@ def _later_copies(hashes: np.ndarray, has_words: np.ndarray) -> tuple[np.ndarray
     return np.sort(order[repeat]).astype(np.int64), int(first_repeats.sum())
 
 
+def checks_folder(cache_root: Path, key: str) -> Path:
+    return Path(cache_root) / "checks" / key
+
+
+def discard_checks(cache_root: Path, key: str, made_root: bool) -> None:
+    """Remove the checks this run just built (``made_root``: and the cache folder it made for them),
+    when the run fails before it has a token cache: a failed ``fit`` leaves nothing behind."""
+    folder = checks_folder(cache_root, key)
+    shutil.rmtree(folder, ignore_errors=True)
+    Path(str(folder) + ".lock").unlink(missing_ok=True)
+    for empty in (folder.parent, *([Path(cache_root)] if made_root else [])):
+        with contextlib.suppress(OSError):
+            empty.rmdir()
+
+
 def corpus_checks(
     corpus: Corpus, n: int, cache_root: Path, identity: str | None = None, workers: int = 0
-) -> CorpusChecks:
-    """:func:`compute_checks`, computed once per corpus and ``n`` (under a lock, in ``cache_root/checks``)
-    and read back by every later run and process. ``identity``: the corpus's, if already at hand."""
+) -> tuple[CorpusChecks, bool]:
+    """``(checks, built)``: :func:`compute_checks`, computed once per corpus and ``n`` (under a lock,
+    in ``cache_root/checks``) and read back by every later run and process; ``built``: by this call.
+    ``identity``: the corpus's, if already at hand."""
     key = checks_key(identity or corpus.identity(), n)
-    folder = Path(cache_root) / "checks" / key
+    folder = checks_folder(cache_root, key)
 
     def write(staging: Path) -> CorpusChecks:
         checks = compute_checks(corpus, n, key, workers)
         checks.save(staging)
         return checks
 
-    checks, _ = build_once(
+    return build_once(
         folder, (folder / "meta.json").is_file, lambda: CorpusChecks.load(folder), write, doing="checking"
     )
-    return checks
 
 
 # --------------------------------------------------------------------------- the corpus, with drops

@@ -52,6 +52,7 @@ from nexttoken.data.contamination import (
     CheckedCorpus,
     CorpusChecks,
     corpus_checks,
+    discard_checks,
     duplicate_lines,
     held_out_token_share,
     overlap_lines,
@@ -303,9 +304,21 @@ class TextDataModule(L.LightningDataModule):
         hp = self.hparams
         given, spec = self._tokenizer_spec()
         identity = corpus.identity()
-        self.checks = corpus_checks(
+        made_root = not self.cache_root.exists()
+        self.checks, checks_built = corpus_checks(
             corpus, hp.overlap_n, self.cache_root, identity, workers=self._tokenizing_workers(corpus)
         )
+        try:
+            self._build_checked_tokens(corpus, identity, given, spec)
+        except BaseException:
+            if checks_built:
+                discard_checks(self.cache_root, self.checks.key, made_root)
+            raise
+
+    def _build_checked_tokens(
+        self, corpus: Corpus, identity: str, given: Tokenizer | None, spec: Any
+    ) -> None:
+        hp = self.hparams
         if (
             hp.decontaminate
             and self.checks.held_out_units
