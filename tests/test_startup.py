@@ -99,3 +99,41 @@ def test_the_quick_exit_keeps_the_status_the_output_the_threads_and_atexit():
     assert out.returncode == 3
     assert out.stdout == "buffered output; thread done\natexit ran\n"
     assert out.stderr == "on stderr"
+
+
+@pytest.mark.slow  # a whole fit in a fresh interpreter: 6-8 s on 2 free cores
+def test_a_run_as_its_own_process_accounts_for_its_time_from_the_process_start(tmp_path):
+    import json
+    import time
+
+    from test_cli import fit_args, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus")
+    args = fit_args(
+        corpus, tmp_path / "runs", tmp_path / "cache", 2, "--trainer.enable_progress_bar", "false"
+    )
+    started = time.perf_counter()
+    out = python(
+        "import gc, sys\n"
+        "from nexttoken.cli import main\n"
+        "status = main(sys.argv[1:], whole_process=True)\n"
+        "print(status, gc.get_freeze_count() > 10000, [m for m in ('transformers', 'scipy') if m in sys.modules])\n",
+        *args,
+    )
+    wall = time.perf_counter() - started
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().split("\n")[-1] == "0 True []"  # imports frozen; no transformers, no scipy
+    phases = json.loads((tmp_path / "runs" / "version_0" / "report.json").read_text())["phases"]
+    seconds = phases["seconds"]
+    assert list(seconds)[:5] == [
+        "interpreter",
+        "import torch",
+        "import torchmetrics",
+        "import lightning",
+        "import nexttoken",
+    ]
+    # From the process start, phase after phase, to the end of the report: within what the process
+    # took as seen from here (which also holds the start of the interpreter and its exit).
+    assert sum(seconds.values()) == pytest.approx(phases["total_seconds"], abs=0.005)
+    assert 0 < phases["total_seconds"] < wall
+    assert seconds["interpreter"] > 0

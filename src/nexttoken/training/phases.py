@@ -144,13 +144,13 @@ def format_phases(summary: dict[str, Any]) -> str:
     lines = ["time (seconds):"]
     for phase, seconds in summary["seconds"].items():
         note = summary["notes"].get(phase)
-        lines.append(f"  {phase:<17} {seconds:8.2f}" + (f"   ({note})" if note else ""))
+        lines.append(f"  {phase:<19} {seconds:8.2f}" + (f"   ({note})" if note else ""))
     lines.append(
-        f"  {'total':<17} {summary['total_seconds']:8.2f}   (process start to the end of the report)"
+        f"  {'total':<19} {summary['total_seconds']:8.2f}   (process start to the end of the report)"
     )
     if "overhead_seconds" in summary:
         lines.append(
-            f"  {'beyond the steps':<17} {summary['overhead_seconds']:8.2f}   "
+            f"  {'beyond the steps':<19} {summary['overhead_seconds']:8.2f}   "
             f"(the total less every step at {summary['step_seconds'] * 1e3:.1f} ms, the typical step)"
         )
     return "\n".join(lines)
