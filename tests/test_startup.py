@@ -77,6 +77,7 @@ def test_a_command_imports_only_its_own_module():
         "from nexttoken import cli\n"
         "cli.check_command_line(['overlap', 'eval.txt', 'corpus'])\n"
         "cli._parser('overlap').format_help()\n"
+        "cli._parser('export').format_help()\n"
         "print(sorted(m for m in ('torch', 'lightning', 'transformers', 'nexttoken.commands.eval',"
         " 'nexttoken.commands.fit') if m in sys.modules))\n"
         "print('nexttoken.commands.overlap' in sys.modules)\n"
