@@ -170,8 +170,8 @@ def run() -> None:
 def exit_now(status: int) -> None:
     """End the process with ``status`` as the interpreter's shutdown would (other threads joined,
     ``atexit`` handlers run, output flushed), skipping only its teardown of every module and object:
-    with torch and Lightning loaded that teardown took 1.2 s of a 9 s run (``benchmarks/run_overhead.py``)
-    and writes nothing. Under a profiler or tracer (cProfile, coverage) the interpreter ends as usual,
+    with torch and Lightning loaded that teardown took 1.2 s of a 9 s run (``benchmarks/run_overhead.py``),
+    only to free memory that the process's end frees anyway. Under a profiler or tracer (cProfile, coverage) the interpreter ends as usual,
     for it writes its results after this returns."""
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(status)
@@ -203,20 +203,23 @@ def _import_lightning_command(whole_process: bool = False) -> Callable:
     # took 2.5 s of a 35 s run at load 10, 0.16 s frozen (``gc.callbacks``).
     if whole_process:
         gc.disable()
-    import torch  # noqa: F401
+    try:
+        import torch  # noqa: F401
 
-    startup.mark("import torch")
-    if whole_process:
-        startup.import_torchmetrics_lean()
-    startup.mark("import torchmetrics")
-    import lightning.pytorch  # noqa: F401
+        startup.mark("import torch")
+        if whole_process:
+            startup.import_torchmetrics_lean()
+        startup.mark("import torchmetrics")
+        import lightning.pytorch  # noqa: F401
 
-    startup.mark("import lightning")
-    from nexttoken.commands.fit import run_lightning_cli
+        startup.mark("import lightning")
+        from nexttoken.commands.fit import run_lightning_cli
 
-    if whole_process:
-        gc.freeze()
-        gc.enable()
+        if whole_process:
+            gc.freeze()
+    finally:
+        if whole_process:
+            gc.enable()
     startup.mark("import nexttoken")
     return run_lightning_cli
 

@@ -130,6 +130,7 @@ class AutoThreads(L.Callback):
 
         if self._given is not None and sorted(self._given[0]) == self.candidates:
             medians, what = self._given  # timed moments ago: no second probe
+            self._given = None
             best = min(medians, key=medians.get)
             torch.set_num_threads(best)
         else:
