@@ -136,3 +136,35 @@ def test_auto_threads_respects_omp_num_threads(monkeypatch):
     auto = threads.AutoThreads()
     _fit([auto])
     assert calls == [] and auto.choice.endswith("(OMP_NUM_THREADS=1)")
+
+
+def test_auto_threads_takes_timings_just_made_instead_of_probing_again(monkeypatch, capsys):
+    from nexttoken.training import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    probes = []
+    monkeypatch.setattr(threads, "fastest_num_threads", lambda *a, **k: probes.append(1))
+    original = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        auto = threads.AutoThreads(reprobe_seconds=0)
+        auto.use_timings({1: 0.004, 2: 0.009}, "a validation batch's forward")
+        _fit([auto])
+        assert probes == [] and torch.get_num_threads() == 1 and auto.switches == [(0, 1)]
+        assert (
+            auto.choice
+            == "1 (auto: a validation batch's forward 1: 4 ms, 2: 9 ms; OMP_NUM_THREADS=N fixes it)"
+        )
+        assert f"threads: {auto.choice}" in capsys.readouterr().out
+        # Timings of other counts than it chooses from decide nothing: it probes.
+        auto = threads.AutoThreads(reprobe_seconds=0)
+        auto.use_timings({1: 0.004, 4: 0.009}, "a validation batch's forward")
+        monkeypatch.setattr(
+            threads, "fastest_num_threads", lambda *a, **k: probes.append(1) or (2, {1: 0.2, 2: 0.1})
+        )
+        _fit([auto])
+        assert probes == [1] and auto.choice.startswith("2 (auto: forward 1: 200 ms, 2: 100 ms")
+    finally:
+        torch.set_num_threads(original)

@@ -1,5 +1,3 @@
-import sys
+from nexttoken.cli import run
 
-from nexttoken.cli import main
-
-sys.exit(main())
+run()

@@ -13,9 +13,12 @@ spells them (:mod:`nexttoken.commands.spelling`); what else is printed is decide
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import os
 import re
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 
@@ -57,36 +60,34 @@ COMMAND_MODULES = {
 }
 
 
-def _tool_commands() -> dict:
-    from nexttoken.commands import average, export, generate, overlap
-    from nexttoken.commands import eval as evaluation
-    from nexttoken.commands import inspect as surprisal
+# The plain commands: the module under nexttoken.commands, the names of its argument and run functions,
+# and a description. Only the command that runs is imported (``nexttoken overlap`` never loads torch).
+TOOL_COMMANDS = {
+    "eval": ("eval", "add_eval_arguments", "run_eval", "score a causal LM on text"),
+    "inspect": ("inspect", "add_inspect_arguments", "run_inspect", "per-token surprisal as HTML"),
+    "generate": ("generate", "add_generate_arguments", "run_generate", "sample text from a model"),
+    "chat": ("generate", "add_chat_arguments", "run_chat", "talk with a model through its chat template"),
+    "export": ("export", "add_export_arguments", "run_export", "write a checkpoint as a Hugging Face folder"),
+    "overlap": (
+        "overlap",
+        "add_overlap_arguments",
+        "run_overlap",
+        "shared n-grams of an evaluation text and a training corpus",
+    ),
+    "average": (
+        "average",
+        "add_average_arguments",
+        "run_average",
+        "average checkpoints of one run into a new checkpoint",
+    ),
+}
 
-    return {
-        "eval": (evaluation.add_eval_arguments, evaluation.run_eval, "score a causal LM on text"),
-        "inspect": (surprisal.add_inspect_arguments, surprisal.run_inspect, "per-token surprisal as HTML"),
-        "generate": (generate.add_generate_arguments, generate.run_generate, "sample text from a model"),
-        "chat": (
-            generate.add_chat_arguments,
-            generate.run_chat,
-            "talk with a model through its chat template",
-        ),
-        "export": (
-            export.add_export_arguments,
-            export.run_export,
-            "write a checkpoint as a Hugging Face folder",
-        ),
-        "overlap": (
-            overlap.add_overlap_arguments,
-            overlap.run_overlap,
-            "shared n-grams of an evaluation text and a training corpus",
-        ),
-        "average": (
-            average.add_average_arguments,
-            average.run_average,
-            "average checkpoints of one run into a new checkpoint",
-        ),
-    }
+
+def _tool_command(name: str) -> tuple[Callable, Callable, str]:
+    """The plain command ``name``'s (add_arguments, run, description), importing its module only."""
+    module_name, add_arguments, run, description = TOOL_COMMANDS[name]
+    module = importlib.import_module(f"nexttoken.commands.{module_name}")
+    return getattr(module, add_arguments), getattr(module, run), description
 
 
 class _CommandParser(argparse.ArgumentParser):
@@ -110,14 +111,14 @@ def _parse_error_line(message: str) -> str:
 
 def _parser(name: str, parser_class: type[argparse.ArgumentParser] = _CommandParser):
     """The argument parser of the plain command ``name`` (``eval``, ``inspect`` ...)."""
-    add_arguments, _, description = _tool_commands()[name]
+    add_arguments, _, description = _tool_command(name)
     parser = parser_class(prog=f"nexttoken {name}", description=description)
     add_arguments(parser)
     return parser
 
 
 def _run_tool(name: str, argv: list[str]) -> int:
-    run = _tool_commands()[name][1]
+    run = _tool_command(name)[1]
     # Intermixed: options may come before, between and after the positionals
     # (`eval MODEL --adapter RUN.ckpt DATA`), which plain parse_args ends at the first option.
     return run(_parser(name).parse_intermixed_args(argv))
@@ -134,7 +135,10 @@ def _command_args(argv: list[str]) -> list[str]:
     return command_args
 
 
-def main(args: list[str] | None = None) -> int:
+def main(args: list[str] | None = None, *, whole_process: bool = False) -> int:
+    """Run the command line ``args`` (default ``sys.argv[1:]``); return the exit status.
+    ``whole_process``: this call is all the process does (:func:`run`), so what its start-up imports
+    may be frozen out of garbage collection for good."""
     argv = list(sys.argv[1:] if args is None else args)
     debug, verbose = "--debug" in argv, "--verbose" in argv
     command_args = _command_args(argv)
@@ -152,17 +156,80 @@ def main(args: list[str] | None = None) -> int:
     with console(verbose):
         try:
             if command in LIGHTNING_COMMANDS:
-                from nexttoken.commands.fit import run_lightning_cli
+                run_lightning_cli = _import_lightning_command(whole_process)
 
                 # The processes Lightning starts for DDP re-run this command line: keep the flags in it.
                 run_lightning_cli(command_args, argv, verbose=verbose)
                 return 0
-            if command in _tool_commands():
+            if command in TOOL_COMMANDS:
                 return _run_tool(command, command_args[1:])
             print(f"error: unknown command {command!r}; run `nexttoken --help` for the list", file=sys.stderr)
             return 2
         except Exception as error:  # noqa: BLE001 - the one place errors become messages
             return _report(error, debug, command)
+
+
+def run() -> None:
+    """The ``nexttoken`` program (the console script and ``python -m nexttoken``): :func:`main`, then
+    :func:`exit_now`."""
+    exit_now(main(whole_process=True))
+
+
+def exit_now(status: int) -> None:
+    """End the process with ``status`` as the interpreter's shutdown would (other threads joined,
+    ``atexit`` handlers run, output flushed), skipping only its teardown of every module and object:
+    with torch and Lightning loaded that teardown took 1.2 s of a 9 s run (``benchmarks/run_overhead.py``),
+    only to free memory that the process's end frees anyway. Under a profiler or tracer (cProfile, coverage) the interpreter ends as usual,
+    for it writes its results after this returns."""
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(status)
+    shutdown = getattr(threading, "_shutdown", None)  # what Py_Finalize calls: joins non-daemon threads
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # closed or replaced streams
+            pass
+    os._exit(status)
+
+
+def _import_lightning_command(whole_process: bool = False) -> Callable:
+    """Import what ``fit``/``validate`` run on, each big import marked as a start-up phase for the
+    run's report (:mod:`nexttoken.startup`). For a process of its own (``whole_process``): torchmetrics
+    without the integrations it never uses there, and the objects the imports make never collected
+    (in a longer-lived process, objects already there that only a collection would free would stay)."""
+    import gc
+
+    from nexttoken import startup
+
+    startup.clear_marks()
+    startup.mark("interpreter")  # Python itself, its site packages, this module
+    # The imports make about a million objects that live as long as the process: collecting cycles
+    # among them while they are made, and then in every full collection of the run, found none and
+    # took 2.5 s of a 35 s run at load 10, 0.16 s frozen (``gc.callbacks``).
+    if whole_process:
+        gc.disable()
+    try:
+        import torch  # noqa: F401
+
+        startup.mark("import torch")
+        if whole_process:
+            startup.import_torchmetrics_lean()
+        startup.mark("import torchmetrics")
+        import lightning.pytorch  # noqa: F401
+
+        startup.mark("import lightning")
+        from nexttoken.commands.fit import run_lightning_cli
+
+        if whole_process:
+            gc.freeze()
+    finally:
+        if whole_process:
+            gc.enable()
+    startup.mark("import nexttoken")
+    return run_lightning_cli
 
 
 def spelling(command: str) -> Callable[[str], str]:
@@ -207,7 +274,7 @@ def check_command_line(argv: list[str]) -> None:
     command, *rest = _command_args(argv)
     if command in ("--help", "-h", "help", "--version"):
         return
-    if command not in (*LIGHTNING_COMMANDS, *_tool_commands()):
+    if command not in (*LIGHTNING_COMMANDS, *TOOL_COMMANDS):
         raise UserError(f"unknown command {command!r}; run `nexttoken --help` for the list")
     if "--help" in rest or "-h" in rest:
         return

@@ -18,7 +18,6 @@ from pathlib import Path
 from nexttoken.commands.spelling import tool_flag
 from nexttoken.errors import UserError
 from nexttoken.io import atomic_folder
-from nexttoken.models.gpt2 import gpt_to_gpt2
 
 
 def spell(setting: str) -> str:
@@ -32,6 +31,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, merge: bool =
     was trained (:meth:`nexttoken.data.tokenizers.Tokenizer.save`). A LoRA run: a PEFT adapter folder,
     or with ``merge`` the whole model with the adapter merged in."""
     from nexttoken.models.gpt import GPT
+    from nexttoken.models.gpt2 import gpt_to_gpt2
     from nexttoken.models.load import load_checkpoint
     from nexttoken.models.lora import merge_lora, save_adapter_folder
 

@@ -1,9 +1,11 @@
 """Where a run's wall time goes, phase by phase, for the end-of-run report.
 
-    start-up      process start -> nexttoken's trainer defaults exist (Python, torch, Lightning imports)
+    interpreter   process start -> nexttoken's command runs (Python, its site packages)
+    import ...    torch, torchmetrics, Lightning, nexttoken's modules (marked by the command line,
+                  :mod:`nexttoken.startup`; a run started from Python has one start-up phase instead)
     arguments     -> ``fit`` is called (parsing, building the Trainer, module and data module objects)
     data          -> the data is ready (documents, tokenizer, token cache: hit or build)
-    model         -> training can start (the network, the optimizer, the strategy)
+    model         -> training can start (the network, the optimizer, the strategy, the start summary)
     sanity check  Lightning's validation of a few batches before training
     first step    the first training step (with one-off costs: thread probe, allocations, compilation)
     steps         the other training steps (validation during training excluded)
@@ -12,33 +14,19 @@
     final validation
     report        compressor baselines, curves, sample (measured by ``nexttoken.training.report``)
 
-The clock is ``time.perf_counter``; the process's start comes from ``/proc/self/stat`` where there is
-one (Linux), else from when this module was imported.
+Each phase starts where the previous one ended, so they add up to the time since the process started
+(the clock and the process start: :mod:`nexttoken.startup`).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import lightning as L
 
+from nexttoken.startup import PROCESS_START, startup_phases
 
-def process_age() -> float | None:
-    """Seconds since this process started, from /proc (Linux); None elsewhere."""
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime in ticks
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-_age = process_age()
-PROCESS_START = time.perf_counter() - (_age if _age is not None else 0.0)
 _FIT_CALLED: list[float] = []
 
 
@@ -54,9 +42,12 @@ class RunPhases(L.Callback):
     def __init__(self) -> None:
         super().__init__()
         self.created = time.perf_counter()
-        self.seconds: dict[str, float] = {"start-up": self.created - PROCESS_START}
+        marked, self._mark = startup_phases()
+        # Unmarked (a run started from Python): all that came before is one start-up phase.
+        self.seconds: dict[str, float] = marked or {"start-up": self.created - PROCESS_START}
+        if not marked:
+            self._mark = self.created
         self.notes: dict[str, str] = {}
-        self._mark = self.created
         self._validation_start: float | None = None
         self._first_batch = True
         self._train_steps = 0
@@ -133,7 +124,9 @@ class RunPhases(L.Callback):
 
     def summary(self, total_steps: int) -> dict[str, Any]:
         """Phases, the total so far, and the overhead: the total minus ``total_steps`` typical steps."""
-        total = time.perf_counter() - PROCESS_START
+        if self.seconds:  # up to now, so that the phases add up to the total
+            self._close(next(reversed(self.seconds)))
+        total = self._mark - PROCESS_START
         per_step = self.step_seconds()
         out: dict[str, Any] = {
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
@@ -151,13 +144,13 @@ def format_phases(summary: dict[str, Any]) -> str:
     lines = ["time (seconds):"]
     for phase, seconds in summary["seconds"].items():
         note = summary["notes"].get(phase)
-        lines.append(f"  {phase:<17} {seconds:8.2f}" + (f"   ({note})" if note else ""))
+        lines.append(f"  {phase:<19} {seconds:8.2f}" + (f"   ({note})" if note else ""))
     lines.append(
-        f"  {'total':<17} {summary['total_seconds']:8.2f}   (process start to the end of the report)"
+        f"  {'total':<19} {summary['total_seconds']:8.2f}   (process start to the end of the report)"
     )
     if "overhead_seconds" in summary:
         lines.append(
-            f"  {'beyond the steps':<17} {summary['overhead_seconds']:8.2f}   "
+            f"  {'beyond the steps':<19} {summary['overhead_seconds']:8.2f}   "
             f"(the total less every step at {summary['step_seconds'] * 1e3:.1f} ms, the typical step)"
         )
     return "\n".join(lines)

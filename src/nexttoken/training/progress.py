@@ -27,7 +27,7 @@ from nexttoken.data.parallel import available_cores
 from nexttoken.errors import parameter_name, setting, spelled
 from nexttoken.peak import Peak
 from nexttoken.training.optim import decay_audit
-from nexttoken.training.threads import fastest_num_threads, threads_set_by_user
+from nexttoken.training.threads import AutoThreads, fastest_num_threads, threads_set_by_user
 from nexttoken.training.throughput import ThroughputCallback
 
 
@@ -257,6 +257,10 @@ def _time_forward(trainer: L.Trainer, module: L.LightningModule, rows: int, widt
             _, medians = fastest_num_threads(forward, candidates, repeats=3)
     finally:
         torch.set_num_threads(original)
+    if tuned:  # the thread count's own probe at the first step would time the same again
+        for callback in trainer.callbacks:
+            if isinstance(callback, AutoThreads):
+                callback.use_timings(medians, "a validation batch's forward")
     return min(medians.values()) * rows / part
 
 

@@ -129,13 +129,12 @@ def plot_curves(
 ) -> Path:
     """Train and validation loss against optimizer step, with validation bits per byte beside it and
     each compressor's bits per byte on the same held-out bytes as a reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, without pyplot: no GUI backend to pick, no figure manager, a shorter import.
+    from matplotlib.figure import Figure
 
     series = read_metrics(metrics_csv)
-    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_bpb = fig.subplots(1, 2)
     for name, label in (("train/loss", "train"), ("val/loss", "validation")):
         if name in series:
             steps, values = zip(*series[name])
@@ -171,7 +170,6 @@ def plot_curves(
     fig.tight_layout()
     out_png = Path(out_png)
     write_atomically(out_png, lambda f: fig.savefig(f, dpi=100, format="png"))
-    plt.close(fig)
     return out_png
 
 

@@ -61,7 +61,8 @@ class AutoThreads(L.Callback):
 
     * At the first training batch: :func:`fastest_num_threads` over 1 thread and all cores, timing
       the model's forward pass on a quarter of that batch (without gradients, in a forked RNG), so
-      the run's own numbers are untouched.
+      the run's own numbers are untouched; unless the same was just timed (:meth:`use_timings`: the
+      start summary times a validation batch's forward under each count), whose timings decide.
     * Every ``reprobe_seconds`` of training (0: never) it runs ``probe_steps`` real training steps
       with the other thread count and keeps whichever was faster: on a shared machine the best
       choice changes as other programs come and go, and a wrong count can make every step several
@@ -85,6 +86,12 @@ class AutoThreads(L.Callback):
         self._back_to = 0
         self._start = 0.0
         self._first = True
+        self._given: tuple[dict[int, float], str] | None = None
+
+    def use_timings(self, medians: dict[int, float], what: str) -> None:
+        """Decide the first count from ``medians`` (seconds by thread count) of ``what`` (a forward
+        pass timed under each count) instead of timing one more at the first batch."""
+        self._given = (dict(medians), what)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         fixed = threads_set_by_user()
@@ -121,11 +128,18 @@ class AutoThreads(L.Callback):
                     input_ids
                 )
 
-        with torch.random.fork_rng(devices=[]):
-            forward()  # warm-up: first-call allocations, kernel selection
-            best, medians = fastest_num_threads(forward, self.candidates, repeats=1)
+        if self._given is not None and sorted(self._given[0]) == self.candidates:
+            medians, what = self._given  # timed moments ago: no second probe
+            self._given = None
+            best = min(medians, key=medians.get)
+            torch.set_num_threads(best)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                forward()  # warm-up: first-call allocations, kernel selection
+                best, medians = fastest_num_threads(forward, self.candidates, repeats=1)
+            what = "forward"
         timings = ", ".join(f"{n}: {t * 1e3:.0f} ms" for n, t in medians.items())
-        self.choice = f"{best} (auto: forward {timings}; OMP_NUM_THREADS=N fixes it)"
+        self.choice = f"{best} (auto: {what} {timings}; OMP_NUM_THREADS=N fixes it)"
         self.switches.append((trainer.global_step, best))
         pl_module.print(f"threads: {self.choice}")
 
