@@ -221,7 +221,7 @@ def fmt(curve: list[tuple[int, float]]) -> str:
 
 
 def lora_compare(args: argparse.Namespace) -> None:
-    """LoRA adapters (r 8 on every block matmul) on a shape-(a) GPT pretrained here with AdamW on
+    """LoRA adapters (r 8 on every block matmul) on a shape-(a) GPT pretrained here (300 AdamW steps) on
     tiny Shakespeare, fine-tuned on WikiText-2: the adapters with AdamW (the default) vs with Muon,
     each swept as above around 1e-3 (``--model.lr``'s default for LoRA)."""
     from nexttoken.models.lora import LoraSettings, attach_lora
@@ -235,12 +235,12 @@ def lora_compare(args: argparse.Namespace) -> None:
         byte_tokens(DATA / "tinyshakespeare.txt"), shape["block_size"], shape["batch_size"], 64
     )
     torch.manual_seed(0)
-    base = train(lambda: GPT(config), shakespeare, shakespeare.batches(600), 600, 600, lr=ADAMW_LR)["model"]
+    base = train(lambda: GPT(config), shakespeare, shakespeare.batches(300), 300, 300, lr=ADAMW_LR)["model"]
     base_state = base.state_dict()
     wiki = Blocks(
         byte_tokens(DATA / "wikitext-2" / "valid.txt"), shape["block_size"], shape["batch_size"], 64
     )
-    steps = args.steps or 300
+    steps = args.steps or 150
     batches = wiki.batches(steps, seed=1)
 
     def factory() -> GPT:
@@ -286,7 +286,7 @@ def lora_compare(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), action="append")
-    parser.add_argument("--steps", type=int, help="steps per run (default: a 600, b 200; lora 300)")
+    parser.add_argument("--steps", type=int, help="steps per run (default: a 600, b 200; lora 150)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)"
     )
