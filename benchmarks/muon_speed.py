@@ -188,7 +188,7 @@ def compare(shape_name: str, args: argparse.Namespace) -> None:
         "muon",
         lambda lr: train(factory, blocks, batches, steps, every, lr=adamw_lr, optimizer="muon", muon_lr=lr),
         ADAMW_LR,
-        args.factors,
+        args.muon_factors or args.factors,
     )
     target = adamw["curve"][-1][1]
     reached = steps_to(muon["curve"], target)
@@ -296,6 +296,11 @@ def main() -> None:
         type=lambda text: tuple(float(x) for x in text.split(",")),
         default=SWEEP,
         help="the sweep's factors of the default learning rate (default 0.5,1,2; 1: no sweep)",
+    )
+    parser.add_argument(
+        "--muon-factors",
+        type=lambda text: tuple(float(x) for x in text.split(",")),
+        help="Muon's own factors when they differ (1 with --factors 0.5,1,2: AdamW swept, Muon at its default)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
