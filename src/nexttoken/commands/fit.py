@@ -397,7 +397,8 @@ class NextTokenCLI(LightningCLI):
 CONTINUATION_SETTINGS = ("decay_fraction", "decay_steps")
 
 # The settings that decide the network's shape and its token ids: a checkpoint only fits if they agree.
-# (The model's block_size is not among them: it follows the data's, checked there.)
+# (The model's block_size is not among them: it follows the data's, checked there.) The optimizer too:
+# its state in the checkpoint fits only the optimizer that wrote it.
 SHAPE_SETTINGS = {
     "model": (
         "model",
@@ -406,6 +407,7 @@ SHAPE_SETTINGS = {
         "n_embd",
         "bias",
         "lora",
+        "optimizer",
     ),
     "data": ("tokenizer", "vocab_size", "block_size"),
 }

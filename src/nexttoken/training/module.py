@@ -38,6 +38,15 @@ from nexttoken.training.objectives import (
     pair_losses,
 )
 from nexttoken.training.optim import build_optimizer, group_name
+from nexttoken.training.optim import (
+    MUON_ADJUST_LR,
+    MUON_MOMENTUM,
+    MUON_ORIGINAL_LR,
+    MuonAdjustLR,
+    OptimizerName,
+    build_optimizer,
+    group_name,
+)
 
 # The fused linear+cross-entropy path pays once the vocabulary is much wider than the model
 # (the logits dominate memory); below that the plain matmul is cheaper (benchmarks/loss_memory.py).
@@ -102,6 +111,12 @@ class CausalLMModule(L.LightningModule):
             ``cached`` (the starting weights' log-probabilities of every training and validation pair,
             computed once before training and held with the pairs; no model held), or ``auto``
             (``base`` with LoRA, else ``copy``).
+        optimizer: ``adamw`` (everything), or ``muon``: Muon on the hidden matrices (attention and MLP
+            projections), AdamW on embeddings, the output head, norms, biases and LoRA adapters
+            (:mod:`nexttoken.training.optim`).
+        muon_lr, muon_momentum, muon_adjust_lr: Muon's peak learning rate (default: ``lr`` with
+            ``match_rms_adamw``, Moonlight's per-matrix scale; 0.02 with Keller Jordan's ``original``),
+            its Nesterov momentum, and the per-matrix scale of its learning rate (torch's ``adjust_lr_fn``).
     """
 
     def __init__(
@@ -134,9 +149,24 @@ class CausalLMModule(L.LightningModule):
         orpo_lambda: float = 0.1,
         label_smoothing: float = 0.0,
         reference: Reference = "auto",
+        optimizer: OptimizerName = "adamw",
+        muon_lr: float | None = None,
+        muon_momentum: float = MUON_MOMENTUM,
+        muon_adjust_lr: MuonAdjustLR = MUON_ADJUST_LR,
     ) -> None:
         super().__init__()
         check_schedule_settings(schedule, decay_fraction, decay_steps, ema, lora)
+        if optimizer not in OptimizerName.__args__:
+            raise UserError(f"{setting('model.optimizer')} must be adamw or muon, got {optimizer!r}")
+        if muon_adjust_lr not in MuonAdjustLR.__args__:
+            raise UserError(
+                f"{setting('model.muon_adjust_lr')} must be one of {', '.join(MuonAdjustLR.__args__)}, got "
+                f"{muon_adjust_lr!r}"
+            )
+        if muon_lr is not None and not muon_lr > 0:
+            raise UserError(f"{setting('model.muon_lr')} must be positive, got {muon_lr}")
+        if not 0 <= muon_momentum < 1:
+            raise UserError(f"{setting('model.muon_momentum')} must be in [0, 1), got {muon_momentum}")
         if fused_loss not in FusedLoss.__args__:
             raise UserError(
                 f"{setting('model.fused_loss')} must be one of {', '.join(FusedLoss.__args__)}, got "
@@ -703,6 +733,16 @@ class CausalLMModule(L.LightningModule):
             self.schedule_notes.append(
                 f"learning rate {lr:g}, the default for {what}; {setting('model.lr')} sets it"
             )
+        if hp.get("optimizer", "adamw") == "muon":
+            from lightning.pytorch.strategies import FSDPStrategy
+
+            strategy = self.trainer.strategy
+            if isinstance(strategy, FSDPStrategy) or type(strategy).__name__ == "ModelParallelStrategy":
+                # Muon orthogonalizes whole matrices; a process holds only a shard of each.
+                raise UserError(
+                    f"{setting('model.optimizer')} muon needs each matrix whole, and a sharded strategy splits "
+                    f"them; use {setting('trainer.strategy')} ddp, or {setting('model.optimizer')} adamw"
+                )
         optimizer, schedule = build_optimizer(
             self.model,
             lr=lr,
@@ -716,6 +756,7 @@ class CausalLMModule(L.LightningModule):
             # fp16's loss scaler must unscale before clipping, which Lightning cannot do for a fused
             # optimizer (it unscales inside its own step): use the foreach kernel there.
             fused=False if str(self.trainer.precision) in ("16-mixed", "16") else None,
+            **self._muon_settings(),
         )
         if hp.schedule == "wsd":
             schedule = self._warmup_stable_decay(optimizer, schedule, clock)
@@ -760,6 +801,34 @@ class CausalLMModule(L.LightningModule):
         )
         return schedule
 
+    def _muon_settings(self) -> dict:
+        hp = self.hparams
+        return {
+            "optimizer": hp.get("optimizer", "adamw"),
+            "muon_lr": hp.get("muon_lr"),
+            "muon_momentum": hp.get("muon_momentum", MUON_MOMENTUM),
+            "muon_adjust_lr": hp.get("muon_adjust_lr", MUON_ADJUST_LR),
+        }
+
+    def optimizer_summary(self, audit) -> str | None:
+        """The start summary's optimizer line for a Muon run (what each optimizer gets, with its settings
+        and the flags that set them); None for AdamW, which the weight-decay line covers."""
+        hp = self.hparams
+        if hp.get("optimizer", "adamw") != "muon":
+            return None
+        adjust = hp.get("muon_adjust_lr", MUON_ADJUST_LR)
+        muon_lr = hp.get("muon_lr")
+        if muon_lr is None:
+            muon_lr = MUON_ORIGINAL_LR if adjust == "original" else self.peak_lr()
+        scale = "0.2 sqrt(max(rows, cols))" if adjust == "match_rms_adamw" else "sqrt(max(1, rows/cols))"
+        return (
+            f"optimizer: muon (lr {muon_lr:g} [{setting('model.muon_lr')}] x {scale} per matrix "
+            f"[{setting('model.muon_adjust_lr')} {adjust}], Nesterov momentum "
+            f"{hp.get('muon_momentum', MUON_MOMENTUM):g} [{setting('model.muon_momentum')}], 5 Newton-Schulz "
+            f"steps, decoupled weight decay {hp.weight_decay:g}) beside adamw (lr {self.peak_lr():g}, betas "
+            f"{tuple(hp.betas)}): {audit.optimizer_split()}"
+        )
+
     def peak_lr(self) -> float:
         """``model.lr``, or the default for what trains (``DEFAULT_LR``)."""
         hp = self.hparams
@@ -803,6 +872,13 @@ class CausalLMModule(L.LightningModule):
             )
         if self.lora is not None:
             self._check_lora_checkpoint(checkpoint)
+        saved_optimizer = checkpoint.get("hyper_parameters", {}).get("optimizer", "adamw")
+        if saved_optimizer != self.hparams.get("optimizer", "adamw") and checkpoint.get("optimizer_states"):
+            raise UserError(
+                f"the checkpoint was trained with {setting('model.optimizer')} {saved_optimizer}, and its "
+                f"optimizer state fits no other; continue it with {saved_optimizer}, or start a new run without "
+                f"{setting('ckpt_path')}"
+            )
         self._tokens_seen = torch.tensor(int(checkpoint.get("tokens_seen", 0)), dtype=torch.int64)
         own = self.state_dict()
         for name, tensor in checkpoint["state_dict"].items():

@@ -181,7 +181,7 @@ def start_summary(
 ) -> list[str]:
     """The summary's lines for a :class:`~nexttoken.training.module.CausalLMModule` being trained on a
     :class:`~nexttoken.data.datamodule.TextDataModule` that is set up."""
-    audit = decay_audit(module.model)
+    audit = decay_audit(module.model, getattr(module, "hparams", {}).get("optimizer", "adamw"))
     notes = [*getattr(module, "schedule_notes", []), *([time_limit] if time_limit else [])]
     speed = next((c for c in trainer.callbacks if isinstance(c, ThroughputCallback)), None)
     peak = speed.describe_peak() if speed is not None and speed.resolve_peak(trainer, module) else None
@@ -195,6 +195,7 @@ def start_summary(
         *([f"MFU peak: {peak}"] if peak is not None else []),
         *([f"compile: on ({module.compile_reason})"] if getattr(module, "compiled", False) else []),
         f"weight decay: {audit.summary()}",
+        *([line] if (line := getattr(module, "optimizer_summary", lambda _: None)(audit)) else []),
         *[f"note: {note}" for note in notes],
     ]
     if trainer.logger is not None:
