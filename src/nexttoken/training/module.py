@@ -37,7 +37,6 @@ from nexttoken.training.objectives import (
     check_settings,
     pair_losses,
 )
-from nexttoken.training.optim import build_optimizer, group_name
 from nexttoken.training.optim import (
     MUON_ADJUST_LR,
     MUON_MOMENTUM,
