@@ -531,7 +531,8 @@ def describe_document_start(
     start = document_start(tokenizer)
     token = tokenizer.decode([start]) if start is not None else None
     bos = tokenizer.bos_token
-    rendered = _probe(template) if template is not None else None
+    # Rendering needs transformers (seconds to import): only where the answer depends on it.
+    rendered = _probe(template) if template is not None and (chat_examples or bos is not None) else None
     if chat_examples and rendered is not None:
         ids = tokenizer.encode_with_offsets(rendered, parse_special=True)[0]
         start = ids[0] if ids else None
