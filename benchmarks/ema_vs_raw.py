@@ -26,10 +26,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from time_to_quality import recipe_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-CONFIG = ROOT / "configs" / "shakespeare-10min.yaml"
 
 
 class RawAndExtraAverages(L.Callback):
@@ -86,27 +86,7 @@ def main() -> None:
         sys.exit(f"no corpus at {args.data}")
     extra = [float(d) for d in args.extra.split(",") if d]
     seconds = int(round(args.minutes * 60))
-    every = max(30, seconds // 10)
-    argv = [
-        "fit",
-        "--config",
-        str(CONFIG),
-        "--data.path",
-        args.data,
-        "--data.val_fraction",
-        "0.1",
-        "--trainer.max_time",
-        f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
-        "--trainer.max_steps",
-        "-1",
-        "--trainer.val_check_interval",
-        f"00:00:{every // 60:02d}:{every % 60:02d}",
-        "--model.ema",
-        str(args.ema),
-    ]
-    for item in args.set:
-        key, _, value = item.partition("=")
-        argv += [f"--{key}", value]
+    argv = recipe_argv(args.data, seconds, max(30, seconds // 10), args.set, "--model.ema", str(args.ema))
     from nexttoken.commands.average import validation_scores
     from nexttoken.commands.fit import run_lightning_cli
     from nexttoken.console import console

@@ -66,6 +66,33 @@ def read_curve(metrics_csv: Path) -> list[tuple[int, float, float]]:
     return curve
 
 
+def recipe_argv(data: str, seconds: int, val_every: int, sets: list[str], *extra: str) -> list[str]:
+    """``nexttoken fit`` arguments of the 10-minute recipe: ``configs/shakespeare-10min.yaml`` on
+    ``data`` for ``seconds`` of wall time (no step limit), validating every ``val_every`` seconds
+    (time-based validation, Lightning >= 2.6), then ``extra`` and each ``key=value`` of ``sets``."""
+    hh, mm, ss = seconds // 3600, seconds % 3600 // 60, seconds % 60
+    argv = [
+        "fit",
+        "--config",
+        str(CONFIG),
+        "--data.path",
+        data,
+        "--data.val_fraction",
+        "0.1",
+        "--trainer.max_time",
+        f"00:{hh:02d}:{mm:02d}:{ss:02d}",
+        "--trainer.max_steps",
+        "-1",
+        "--trainer.val_check_interval",
+        f"00:00:{val_every // 60:02d}:{val_every % 60:02d}",
+        *extra,
+    ]
+    for item in sets:
+        key, _, value = item.partition("=")
+        argv += [f"--{key}", value]
+    return argv
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,29 +123,9 @@ def main() -> None:
     if args.threads != "auto":
         os.environ["OMP_NUM_THREADS"] = args.threads  # nexttoken's AutoThreads then keeps it
         torch.set_num_threads(int(args.threads))
-    hh, mm, ss = seconds // 3600, seconds % 3600 // 60, seconds % 60
-    every = int(round(args.val_every))
-    argv = [
-        "fit",
-        "--config",
-        str(CONFIG),
-        "--data.path",
-        args.data,
-        "--data.val_fraction",
-        "0.1",
-        "--trainer.max_time",
-        f"00:{hh:02d}:{mm:02d}:{ss:02d}",
-        "--trainer.max_steps",
-        "-1",
-        # time-based validation (Lightning >= 2.6): every ~val_every seconds of wall time
-        "--trainer.val_check_interval",
-        f"00:00:{every // 60:02d}:{every % 60:02d}",
-        "--trainer.log_every_n_steps",
-        "10",
-    ]
-    for item in args.set:
-        key, _, value = item.partition("=")
-        argv += [f"--{key}", value]
+    argv = recipe_argv(
+        args.data, seconds, int(round(args.val_every)), args.set, "--trainer.log_every_n_steps", "10"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.root or tmp)
         argv += ["--trainer.default_root_dir", str(root)]

@@ -304,8 +304,25 @@ class SharedSpan:
         }
 
 
+class _WordShares:
+    """The covered shares of a document's or a whole evaluation's words (``eval_words``,
+    ``overlap_words`` in shared n-grams, ``partial_words`` in near copies only)."""
+
+    eval_words: int
+    overlap_words: int
+    partial_words: int
+
+    @property
+    def overlap_fraction(self) -> float:
+        return self.overlap_words / self.eval_words if self.eval_words else 0.0
+
+    @property
+    def partial_fraction(self) -> float:
+        return self.partial_words / self.eval_words if self.eval_words else 0.0
+
+
 @dataclass(frozen=True)
-class DocumentOverlap:
+class DocumentOverlap(_WordShares):
     """One evaluation document: its words, how many are covered by shared n-grams, its longest spans.
 
     ``partial_words``: words no shared n-gram covers but a near-copy one does (an n-gram that occurs
@@ -319,14 +336,6 @@ class DocumentOverlap:
     spans: list[SharedSpan] = field(default_factory=list)
     partial_words: int = 0
     covered: np.ndarray | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def overlap_fraction(self) -> float:
-        return self.overlap_words / self.eval_words if self.eval_words else 0.0
-
-    @property
-    def partial_fraction(self) -> float:
-        return self.partial_words / self.eval_words if self.eval_words else 0.0
 
     @property
     def kind(self) -> str:
@@ -350,7 +359,7 @@ class DocumentOverlap:
 
 
 @dataclass(frozen=True)
-class OverlapResult:
+class OverlapResult(_WordShares):
     n: int
     documents: list[DocumentOverlap]
     train_documents: int
@@ -367,14 +376,6 @@ class OverlapResult:
     @property
     def partial_words(self) -> int:
         return sum(d.partial_words for d in self.documents)
-
-    @property
-    def overlap_fraction(self) -> float:
-        return self.overlap_words / self.eval_words if self.eval_words else 0.0
-
-    @property
-    def partial_fraction(self) -> float:
-        return self.partial_words / self.eval_words if self.eval_words else 0.0
 
     def classes(self) -> dict[str, int]:
         """How many evaluation documents are copied, partial and clean."""
