@@ -10,6 +10,7 @@ from torch import nn
 
 from nexttoken.data.datamodule import TextDataModule
 from nexttoken.data.loaders import ResumableDataLoader, TrainBatches, ValBatches
+from nexttoken.data.packing import block_offset
 from nexttoken.errors import DataError, DataWarning
 from nexttoken.loss import IGNORE_INDEX
 from test_datamodule import CountingDataModule, make_dm, val_targets, write_corpus
@@ -46,9 +47,11 @@ def test_train_and_val_batches_of_a_stream_written_by_hand(tmp_path):
     assert n_bytes.tolist() == [int(byte_counts[5 * i + 1 : 5 * i + 6].sum()) for i in range(5)]
 
 
-def test_resumable_loader_continues_and_then_starts_the_next_epoch(tmp_path):
+@pytest.mark.parametrize("shift_blocks", [False, True])
+def test_resumable_loader_continues_and_then_starts_the_next_epoch(tmp_path, shift_blocks):
     np.save(tmp_path / "stream.npy", np.arange(41, dtype=np.uint16))
-    loader = ResumableDataLoader(TrainBatches(tmp_path / "stream.npy", block_size=4, batch_size=2, seed=3))
+    dataset = TrainBatches(tmp_path / "stream.npy", block_size=4, batch_size=2, seed=3, shift_blocks=shift_blocks)
+    loader = ResumableDataLoader(dataset)
     epoch0 = [x for x, _ in loader]
     assert len(epoch0) == 5 and loader.epoch == 0
     it = iter(loader)  # the next iterator starts epoch 1, in another order
@@ -59,8 +62,15 @@ def test_resumable_loader_continues_and_then_starts_the_next_epoch(tmp_path):
     epoch1 = [first, *rest]
     assert len(epoch1) == 5
     key = lambda batches: sorted(row for x in batches for row in map(tuple, x.tolist()))  # noqa: E731
-    assert key(epoch0) == key(epoch1)  # the same blocks ...
+    # Seed 3 cuts epoch 1 at offset 1: each block starts one position later (the last one's final
+    # target wraps to the stream's start).
+    offset = 1 if shift_blocks else 0
+    assert block_offset(3, 1, 4) == 1
+    assert key(epoch1) == sorted(tuple(x + offset for x in row) for row in key(epoch0))  # shifted blocks
     assert [x.tolist() for x in epoch0] != [x.tolist() for x in epoch1]  # ... in another order
+    assert dataset.layout() == {"num_blocks": 10, "block_size": 4, "seed": 3} | (
+        {} if shift_blocks else {"shift_blocks": False}
+    )
 
 
 # --------------------------------------------------------------------------- from a datamodule

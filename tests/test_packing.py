@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from nexttoken.data.packing import (
+    block_offset,
     concat_byte_counts,
     concat_documents,
     mask_documents,
@@ -95,6 +96,38 @@ def test_train_blocks_are_shifted_pairs_that_score_every_position_once():
         assert len(stream) - 1 - n * T < T
         with pytest.raises(IndexError):
             train_batch(stream, [n], T)
+
+
+def test_shifted_blocks_start_later_wrap_at_the_end_and_score_each_target_once():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        stream = concat_documents(random_documents(rng), [EOS])
+        T = int(rng.integers(1, 12))
+        n = num_train_blocks(len(stream), T)
+        if not n:
+            continue
+        offset = int(rng.integers(T))
+        circle = stream.tolist() * 2  # the stream, and again from its start
+        xs, ys = train_batch(stream, np.arange(n), T, offset)
+        for i in range(n):
+            start = offset + i * T
+            assert xs[i].tolist() == circle[start : start + T]
+            assert ys[i].tolist() == circle[start + 1 : start + T + 1]
+        # One epoch's targets: n * T consecutive positions of the circle from offset + 1, each once.
+        assert ys.ravel().tolist() == circle[offset + 1 : offset + 1 + n * T]
+        assert n * T <= len(stream) - 1
+    with pytest.raises(ValueError, match="offset"):
+        train_batch(np.arange(10), [0], 4, offset=4)
+
+
+def test_each_epoch_after_the_first_cuts_its_blocks_at_a_new_seeded_offset():
+    T = 64
+    offsets = [block_offset(seed=5, epoch=e, block_size=T) for e in range(40)]
+    assert offsets[0] == 0  # the first epoch's blocks are the plain ones
+    assert all(0 <= o < T for o in offsets)
+    assert len(set(offsets[1:])) > 20  # 39 draws from 64 values: most differ
+    assert offsets == [block_offset(seed=5, epoch=e, block_size=T) for e in range(40)]  # seeded
+    assert offsets != [block_offset(seed=6, epoch=e, block_size=T) for e in range(40)]
 
 
 def test_val_blocks_cover_every_target_exactly_once_with_bytes():

@@ -142,6 +142,9 @@ class TextDataModule(L.LightningDataModule):
             in its batch. (Plain text is always cut into full blocks.)
         document_mask: plain text: attention stops at document boundaries inside a block and
             positions restart at each document (chat examples are kept apart by ``packing``).
+        shift_blocks: plain text: every epoch after the first cuts the training blocks at a new
+            seeded offset (0 .. ``block_size`` - 1), so a run of many epochs over a small corpus
+            does not see the same windows each time; false: the same blocks every epoch.
         overlap_n: plain text: the held-out documents' overlap with the training split is measured in
             word n-grams of this length before tokenizing (:mod:`nexttoken.data.contamination`);
             0: not measured.
@@ -176,6 +179,7 @@ class TextDataModule(L.LightningDataModule):
         truncation: Truncation = "left",
         packing: bool = True,
         document_mask: bool = False,
+        shift_blocks: bool = True,
         overlap_n: int = DEFAULT_N,
         decontaminate: bool = False,
         dedup: bool = False,
@@ -609,6 +613,7 @@ class TextDataModule(L.LightningDataModule):
             world_size,
             document_mask=self._document_mask(),
             accumulate=accumulate,
+            shift_blocks=hp.shift_blocks,
         )
         return ResumableDataLoader(dataset, num_workers=hp.loader_workers)
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nexttoken.data.chat import Example
 from nexttoken.data.packing import (
+    block_offset,
     mask_documents,
     num_train_blocks,
     num_val_blocks,
@@ -135,7 +136,8 @@ class TrainBatches(EpochBatches):
 
     ``document_mask``: ``(start_id, end_id)`` of the stream's document framing
     (:func:`nexttoken.data.packing.mask_documents`): attention stays inside each document, and the
-    batches are ``(input_ids, targets, document_ids)``.
+    batches are ``(input_ids, targets, document_ids)``. ``shift_blocks``: every epoch after the
+    first cuts its blocks at a new seeded offset (:func:`nexttoken.data.packing.block_offset`).
     """
 
     def __init__(
@@ -148,7 +150,9 @@ class TrainBatches(EpochBatches):
         world_size: int = 1,
         document_mask: tuple[int | None, int] | None = None,
         accumulate: int = 1,
+        shift_blocks: bool = True,
     ) -> None:
+        self.shift_blocks = shift_blocks
         self.stream_file = str(stream_file)
         self.block_size = block_size
         self.batch_size = batch_size
@@ -173,7 +177,8 @@ class TrainBatches(EpochBatches):
         )
 
     def layout(self) -> dict[str, Any]:
-        return {"num_blocks": self.num_blocks, "block_size": self.block_size, "seed": self.seed}
+        layout = {"num_blocks": self.num_blocks, "block_size": self.block_size, "seed": self.seed}
+        return layout if self.shift_blocks else {**layout, "shift_blocks": False}
 
     def split(self) -> dict[str, int]:
         return {"world_size": self.world_size, "batch_size": self.rows, "accumulate": self.accumulate}
@@ -189,7 +194,8 @@ class TrainBatches(EpochBatches):
         return np.load(self.stream_file, mmap_mode="r")
 
     def make_batch(self, stream: np.ndarray, blocks: np.ndarray) -> tuple[torch.Tensor, ...]:
-        arrays = train_batch(stream, blocks, self.block_size)
+        offset = block_offset(self.seed, self.epoch, self.block_size) if self.shift_blocks else 0
+        arrays = train_batch(stream, blocks, self.block_size, offset)
         if self.document_mask is not None:
             arrays = mask_documents(*arrays, *self.document_mask)
         return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)

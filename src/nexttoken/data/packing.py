@@ -61,14 +61,29 @@ def num_train_blocks(num_tokens: int, block_size: int) -> int:
     return max(0, (num_tokens - 1) // block_size)
 
 
-def train_batch(stream: np.ndarray, blocks: Sequence[int], block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def block_offset(seed: int, epoch: int, block_size: int) -> int:
+    """Where epoch ``epoch`` starts cutting its training blocks: 0 for the first epoch, then one
+    seeded offset in ``[0, block_size)`` per epoch, so a run of many epochs does not see the same
+    windows (each token at the same position behind the same context) every time."""
+    if epoch == 0:
+        return 0
+    return int(np.random.default_rng([seed, epoch, 1]).integers(block_size))
+
+
+def train_batch(
+    stream: np.ndarray, blocks: Sequence[int], block_size: int, offset: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """``(input_ids, targets)``, each ``(len(blocks), block_size)`` int64, of the training blocks
-    numbered ``blocks``; every position is scored."""
+    numbered ``blocks``, cut from stream position ``offset`` on; every position is scored. A block
+    that runs past the stream's end goes on from its start (one seam an epoch at most: the offset is
+    below ``block_size``), so every offset has the same blocks and each target is scored once."""
     blocks = np.asarray(blocks, dtype=np.int64)
     n = num_train_blocks(len(stream), block_size)
     if blocks.size and (blocks.min() < 0 or blocks.max() >= n):
         raise IndexError(f"training blocks {blocks.min()}..{blocks.max()} out of range 0..{n - 1}")
-    positions = blocks[:, None] * block_size + np.arange(block_size + 1)
+    if not 0 <= offset < block_size:
+        raise ValueError(f"block offset {offset} is outside 0..{block_size - 1}")
+    positions = (offset + blocks[:, None] * block_size + np.arange(block_size + 1)) % len(stream)
     return shift(np.asarray(stream[positions], dtype=np.int64))
 
 
