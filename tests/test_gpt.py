@@ -39,6 +39,8 @@ def test_config_validation_messages():
             GPTConfig(**kwargs)
     with pytest.raises(ValueError, match="dropout"):
         GPTConfig(vocab_size=10, dropout=1.0)
+    with pytest.raises(ValueError, match="attn_dropout must be in"):
+        GPTConfig(vocab_size=10, attn_dropout=-0.1)
 
 
 def test_from_preset_and_unknown_name():
@@ -113,6 +115,16 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(model(x), model(x), atol=0, rtol=0)
     model.train()
     assert not torch.equal(model(x), model(x))
+
+
+def test_attn_dropout_drops_only_the_attention_weights():
+    x = torch.randint(0, 101, (2, 16))
+    for dropout, attn_dropout, attention_drops in ((0.0, 0.5, True), (0.5, 0.0, False), (0.5, None, True)):
+        model = make_model(dropout=dropout, attn_dropout=attn_dropout).train()
+        attention = model.blocks[0].attn
+        attention.resid_dropout.eval()  # only the attention weights' own dropout left in this module
+        h = torch.randn(2, 16, attention.c_attn.in_features)
+        assert torch.equal(attention(h), attention(h)) != attention_drops
 
 
 # ---------------------------------------------------------------------------------- tying and counting

@@ -8,6 +8,7 @@ import torch
 
 from nexttoken.cli import main
 from nexttoken.models.gpt import GPT, GPTConfig
+from nexttoken.training.muon import BatchedMuon
 from nexttoken.training.optim import (
     MUON_WHY,
     MuonWithAdamW,
@@ -171,6 +172,31 @@ def test_muon_update_is_the_newton_schulz_iteration_of_the_nesterov_momentum():
         ).norm() > 0.1 * expected.norm()
         u, _, v = torch.linalg.svd(expected, full_matrices=False)
         assert (u @ v - expected).norm() > 0.1 * expected.norm()
+
+
+@pytest.mark.parametrize("adjust", ["match_rms_adamw", "original"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_muon_gives_every_matrix_torchs_muon_update(adjust, nesterov):
+    torch.manual_seed(0)
+    shapes = [(24, 8), (8, 8), (8, 24), (24, 8), (8, 24), (16, 8)]  # tall, square, wide; repeated shapes
+    mine = [torch.randn(shape, requires_grad=True) for shape in shapes]
+    theirs = [p.detach().clone().requires_grad_() for p in mine]
+    settings = dict(lr=0.05, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust)
+    batched, reference = BatchedMuon(mine, **settings), torch.optim.Muon(theirs, **settings)
+    for step in range(3):
+        for a, b in zip(mine, theirs):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        if step == 2:  # a matrix without a gradient is left alone by both
+            mine[1].grad = theirs[1].grad = None
+        batched.step()
+        reference.step()
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # The same state: a checkpoint of one continues in the other.
+    assert batched.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
+    for key, value in reference.state_dict()["state"].items():
+        torch.testing.assert_close(batched.state_dict()["state"][key]["momentum_buffer"], value["momentum_buffer"])
 
 
 def test_muon_decay_is_decoupled_and_only_on_its_matrices():

@@ -41,6 +41,7 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 256
     dropout: float = 0.0
+    attn_dropout: float | None = None  # of the attention weights; None: dropout
     bias: bool = False  # biases in Linear and LayerNorm; GPT-2 had them, they barely matter
 
     def __post_init__(self) -> None:
@@ -50,8 +51,10 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "attn_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"GPTConfig.{name} must be in [0, 1), got {value!r}")
 
     @classmethod
     def from_preset(cls, name: str, vocab_size: int, **overrides) -> GPTConfig:
@@ -90,7 +93,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
-        self.dropout = config.dropout
+        self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
         # One matmul makes queries, keys and values for all heads at once.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)

@@ -64,7 +64,7 @@ GPT_SHAPE = ("block_size", "n_layer", "n_head", "n_embd")
 
 def build_network(settings: Mapping[str, Any]) -> CausalLM:
     """The network a run's model settings describe, as its source gives it: a GPT preset (random
-    weights; ``vocab_size``, ``dropout``, ``bias`` and any of ``block_size``/``n_layer``/``n_head``/
+    weights; ``vocab_size``, ``dropout``, ``attn_dropout``, ``bias`` and any of ``block_size``/``n_layer``/``n_head``/
     ``n_embd`` set), or a Hugging Face folder / GGUF file (its pretrained weights), in train mode.
     A nexttoken checkpoint as the source is :func:`load_checkpoint`'s."""
     model = settings["model"]
@@ -80,6 +80,7 @@ def build_network(settings: Mapping[str, Any]) -> CausalLM:
         model,
         settings["vocab_size"],
         dropout=settings.get("dropout", 0.0),
+        attn_dropout=settings.get("attn_dropout"),
         bias=settings.get("bias", False),
         **overrides,
     )

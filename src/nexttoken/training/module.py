@@ -80,6 +80,8 @@ class CausalLMModule(L.LightningModule):
             its weights and tokenizer are the start), or a local HF model folder / GGUF file.
         vocab_size: set from the data's tokenizer when left out.
         block_size, n_layer, n_head, n_embd, dropout, bias: override the preset's shape.
+        attn_dropout: the built-in GPT's dropout of the attention weights; default ``dropout``. On a
+            CPU it is the dearest dropout: the attention kernel that drops runs the whole score matrix.
         lr: the peak learning rate; by default 3e-3 for a model trained from scratch, 1e-4 to
             fine-tune a pretrained model's weights, 1e-3 for LoRA adapters (``DEFAULT_LR``).
         weight_decay, betas, warmup_steps, min_lr: AdamW and its warmup + cosine schedule;
@@ -127,6 +129,7 @@ class CausalLMModule(L.LightningModule):
         n_head: int | None = None,
         n_embd: int | None = None,
         dropout: float = 0.0,
+        attn_dropout: float | None = None,
         bias: bool = False,
         lr: float | None = None,
         weight_decay: float = 0.1,

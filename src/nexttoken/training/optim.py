@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from nexttoken.models.lora import LORA_WEIGHT_DECAY
+from nexttoken.training.muon import BatchedMuon
 from nexttoken.schedule import WarmupCosine
 
 DECAY = "matmul weight"
@@ -377,7 +378,8 @@ def build_optimizer(
     ``weight_decay`` applies to matmul weights only; ``lora_weight_decay`` is the adapters' own decay
     (LoRA runs). The schedule is stepped once per optimizer step.
 
-    ``optimizer="muon"``: the hidden matrices go to ``torch.optim.Muon`` (peak ``muon_lr``, by default
+    ``optimizer="muon"``: the hidden matrices go to ``torch.optim.Muon`` (batched by shape,
+    :class:`~nexttoken.training.muon.BatchedMuon`; peak ``muon_lr``, by default
     ``lr`` with Moonlight's per-matrix scale, or 0.02 with ``muon_adjust_lr="original"``; Nesterov
     momentum ``muon_momentum``; decoupled ``weight_decay`` as AdamW's) and the rest to AdamW, in one
     :class:`MuonWithAdamW`. The schedule scales both by the same factor. ``muon_adapters`` gives LoRA's
@@ -405,7 +407,7 @@ def build_optimizer(
         if muon_lr is None:
             muon_lr = MUON_ORIGINAL_LR if muon_adjust_lr == "original" else lr
         built.append(
-            torch.optim.Muon(
+            BatchedMuon(
                 muon_groups, lr=muon_lr, momentum=muon_momentum, nesterov=True, adjust_lr_fn=muon_adjust_lr
             )
         )
