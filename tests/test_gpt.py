@@ -118,7 +118,6 @@ def test_dropout_only_in_training():
 
 
 def test_attn_dropout_drops_only_the_attention_weights():
-    x = torch.randint(0, 101, (2, 16))
     for dropout, attn_dropout, attention_drops in ((0.0, 0.5, True), (0.5, 0.0, False), (0.5, None, True)):
         model = make_model(dropout=dropout, attn_dropout=attn_dropout).train()
         attention = model.blocks[0].attn

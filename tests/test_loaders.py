@@ -50,7 +50,9 @@ def test_train_and_val_batches_of_a_stream_written_by_hand(tmp_path):
 @pytest.mark.parametrize("shift_blocks", [False, True])
 def test_resumable_loader_continues_and_then_starts_the_next_epoch(tmp_path, shift_blocks):
     np.save(tmp_path / "stream.npy", np.arange(41, dtype=np.uint16))
-    dataset = TrainBatches(tmp_path / "stream.npy", block_size=4, batch_size=2, seed=3, shift_blocks=shift_blocks)
+    dataset = TrainBatches(
+        tmp_path / "stream.npy", block_size=4, batch_size=2, seed=3, shift_blocks=shift_blocks
+    )
     loader = ResumableDataLoader(dataset)
     epoch0 = [x for x, _ in loader]
     assert len(epoch0) == 5 and loader.epoch == 0

@@ -196,7 +196,9 @@ def test_batched_muon_gives_every_matrix_torchs_muon_update(adjust, nesterov):
     # The same state: a checkpoint of one continues in the other.
     assert batched.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
     for key, value in reference.state_dict()["state"].items():
-        torch.testing.assert_close(batched.state_dict()["state"][key]["momentum_buffer"], value["momentum_buffer"])
+        torch.testing.assert_close(
+            batched.state_dict()["state"][key]["momentum_buffer"], value["momentum_buffer"]
+        )
 
 
 def test_muon_decay_is_decoupled_and_only_on_its_matrices():

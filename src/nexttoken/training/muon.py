@@ -1,10 +1,10 @@
 """Muon with the Newton-Schulz iterations of same-shape matrices run as one batched product.
 
 Written by hand because ``torch.optim.Muon`` has no batched or foreach path (``foreach=True``
-raises): it orthogonalizes one matrix at a time, five small products each, and on a CPU that
-per-matrix overhead is most of its step. The 24 hidden matrices of a 6 x 192 GPT come in four
-shapes; stacking each shape into one batch took the optimizer step from ~69 ms to ~29 ms on this
-project's 2-core CPU (``benchmarks/muon_speed.py`` times the whole training step).
+raises): it orthogonalizes one matrix at a time, five rounds of small products each, and on a CPU
+small products waste much of their time. The 24 hidden matrices of a 6 x 192 GPT come in four
+shapes; stacking each shape into one batch took the optimizer step from 66 ms to 45 ms on this
+project's 2-core CPU (``benchmarks/muon_batched.py``).
 
 Everything else is ``torch.optim.Muon``'s own: its constructor and checks, its parameter groups, its
 state (``momentum_buffer``, so checkpoints are interchangeable), its Nesterov momentum, bf16
@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 
 
-def orthogonalize(updates: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> Tensor:
+def orthogonalize(
+    updates: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> Tensor:
     """The quintic Newton-Schulz iteration of ``torch.optim.Muon`` on a batch ``(n, rows, cols)`` of
     matrices of one shape, in bf16: ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, from ``X``
     scaled to Frobenius norm 1 (so its spectral norm is at most 1), on the wide orientation."""

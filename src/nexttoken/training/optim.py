@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from nexttoken.models.lora import LORA_WEIGHT_DECAY
-from nexttoken.training.muon import BatchedMuon
 from nexttoken.schedule import WarmupCosine
+from nexttoken.training.muon import BatchedMuon
 
 DECAY = "matmul weight"
 BIAS = "bias"
