@@ -12,6 +12,7 @@ and no document is ever read as the continuation of the previous one without a s
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import TypeVar
@@ -61,6 +62,7 @@ def num_train_blocks(num_tokens: int, block_size: int) -> int:
     return max(0, (num_tokens - 1) // block_size)
 
 
+@functools.lru_cache(maxsize=16)  # called for every batch; a seeded generator per batch is waste
 def block_offset(seed: int, epoch: int, block_size: int) -> int:
     """Where epoch ``epoch`` starts cutting its training blocks: 0 for the first epoch, then one
     seeded offset in ``[0, block_size)`` per epoch, so a run of many epochs does not see the same
